@@ -1,0 +1,66 @@
+"""One exception tree; the CLI maps each class to one documented exit code (see cli.py).
+
+Messages are one line: what was wrong, where, what to do.
+"""
+
+from __future__ import annotations
+
+
+class TorchwarmError(Exception):
+    """Base of every error torchwarm raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(TorchwarmError):
+    """The YAML file, an environment variable or a flag is invalid."""
+
+    exit_code = 2
+
+
+class StoreError(TorchwarmError):
+    """The store could not be reached or answered something unusable."""
+
+    exit_code = 3
+
+
+class ObjectNotFound(StoreError):
+    """A key the caller asked for does not exist in the store."""
+
+
+class IntegrityError(TorchwarmError):
+    """Downloaded bytes or a manifest failed verification; nothing was installed."""
+
+    exit_code = 4
+
+
+class ManifestError(IntegrityError):
+    """A manifest is malformed, of an unknown version, or for another fingerprint."""
+
+
+class ArchiveError(IntegrityError):
+    """An archive is malformed or holds a member that may not be installed."""
+
+
+class NoCacheForFingerprint(TorchwarmError):
+    """The store holds no manifest for this workload and fingerprint (fail-closed only)."""
+
+    exit_code = 5
+
+
+class InstallError(TorchwarmError):
+    """The cache could not be installed into the cache directory."""
+
+    exit_code = 6
+
+
+class WarmupError(TorchwarmError):
+    """The warm-up subprocess failed to compile or capture a workload."""
+
+    exit_code = 7
+
+
+class WaitTimeout(TorchwarmError):
+    """`torchwarm wait` gave up before the ready marker appeared."""
+
+    exit_code = 8
