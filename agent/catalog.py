@@ -1,0 +1,76 @@
+"""What the store holds, for `torchwarm ls`: one entry per manifest."""
+
+from __future__ import annotations
+
+import calendar
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from . import keys
+from . import manifest as mf
+from .errors import ManifestError
+from .stores import Store
+
+
+@dataclass(frozen=True)
+class Entry:
+    workload: str
+    fingerprint: str
+    format: str
+    size: int
+    created_at: str
+    age_s: float
+    input_sets: str  # e.g. "4x64(dyn 0) 1x64"
+    counters: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def entries(store: Store) -> list[Entry]:
+    out = []
+    for info in store.list(keys.MANIFESTS):
+        if keys.parse_manifest_key(info.key) is None:
+            continue
+        try:
+            m = mf.parse(store.read(info.key), info.key)
+        except ManifestError:
+            continue
+        out.append(
+            Entry(
+                m.workload,
+                m.fingerprint_digest,
+                m.format,
+                m.size,
+                m.created_at,
+                _age(m.created_at, info.modified),
+                _input_sets(m.warmup),
+                dict(m.warmup.get("counters", {})),
+            )  # fmt: skip
+        )
+    return sorted(out, key=lambda e: (e.workload, e.created_at))
+
+
+def _age(created_at: str, modified: float) -> float:
+    try:
+        created = calendar.timegm(datetime.strptime(created_at, "%Y-%m-%dT%H:%M:%SZ").timetuple())
+    except ValueError:
+        created = modified
+    return time.time() - created
+
+
+def _input_sets(warmup: dict[str, Any]) -> str:
+    sets = []
+    for s in warmup.get("input_sets", []) or []:
+        try:
+            parts = []
+            for t in s:
+                shape = "x".join(str(d) for d in t["shape"])
+                dyn = f"(dyn {','.join(map(str, t['dynamic']))})" if t.get("dynamic") else ""
+                parts.append(shape + dyn)
+            sets.append("+".join(parts))
+        except (TypeError, KeyError):
+            sets.append("?")
+    return " ".join(sets)

@@ -1,0 +1,289 @@
+"""`torchwarm`: the command line. Each command is a thin layer over one module.
+
+Exit codes (one place; README "Exit codes" mirrors this table):
+    0  success; also a fail-open pull that starts cold (it says why in one line)
+    1  internal error (a bug: please report it)
+    2  bad config, environment variable or command-line usage
+    3  store unreachable or answered something unusable
+    4  verification failed: digest, size or manifest refused; nothing installed
+    5  no cache for this workload and fingerprint (pull --require)
+    6  the cache could not be installed into the cache directory
+    7  a warm-up failed to compile or capture
+    8  wait: the ready marker did not appear in time
+  130  interrupted
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import __version__
+from . import config as cfgmod
+from .errors import TorchwarmError
+
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="torchwarm: %(levelname)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except TorchwarmError as e:
+        print(f"torchwarm: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("torchwarm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place a bug becomes one line
+        if args.verbose:
+            raise
+        print(
+            f"torchwarm: internal error: {type(e).__name__}: {e} "
+            "(run with -v for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="torchwarm",
+        description="Ship torch.compile caches from a warm seed machine to every new node.",
+        epilog="Exit codes: 0 ok (a fail-open pull that starts cold included), 1 internal "
+        "error, 2 bad config or usage, 3 store error, 4 verification failed, 5 no cache "
+        "for this fingerprint (--require), 6 install failed, 7 warm-up failed, "
+        "8 wait timed out.",
+    )
+    p.add_argument("--version", action="version", version=f"torchwarm {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, func: Callable[[argparse.Namespace], int], help: str, config: bool = True):
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        if config:
+            sp.add_argument("-c", "--config", required=True, help="the YAML config file")
+            sp.add_argument("--store", help="store URL (overrides the config and TORCHWARM_STORE)")
+        return sp
+
+    fp = cmd("fingerprint", _fingerprint, "print this machine's environment fingerprint",
+             config=False)  # fmt: skip
+    fp.add_argument("--json", action="store_true", help="print the fields as JSON")
+
+    wu = cmd("warmup", _warmup, "compile workloads in fresh subprocesses and capture their caches")
+    wu.add_argument("--workload", help="only this workload (default: all)")
+    wu.add_argument("--format", choices=cfgmod.FORMATS, help="capture format (default: config)")
+    wu.add_argument("--push", action="store_true", help="publish to the store right away")
+    wu.add_argument("--out", type=Path, help="keep the captures in this folder (for `push`)")
+
+    pu = cmd("push", _push, "publish warm-up captures kept with `warmup --out`")
+    pu.add_argument("--from", dest="source", type=Path, required=True, help="the --out folder")
+    pu.add_argument("--workload", help="only this workload (default: all in the folder)")
+
+    pl = cmd("pull", _pull, "install the verified cache for this node's fingerprint, then "
+             "write the ready marker")  # fmt: skip
+    pl.add_argument("--workload", help="only this workload (default: all)")
+    pl.add_argument("--cache-dir", type=Path, help="install here (overrides the config)")
+    pl.add_argument("--marker", type=Path, help="ready marker path (overrides the config)")
+    pl.add_argument("--require", action="store_true", default=None,
+                    help="fail-closed: exit non-zero instead of starting cold")  # fmt: skip
+    pl.add_argument("--json", action="store_true", help="print the pull report as JSON")
+
+    wt = cmd("wait", _wait, "block until the ready marker exists (main-process side)",
+             config=False)  # fmt: skip
+    wt.add_argument("--marker", type=Path, required=True, help="the ready marker path")
+    wt.add_argument("--timeout", type=float, default=600.0, help="seconds (default: 600)")
+
+    ls = cmd("ls", _ls, "list what the store holds: workload, fingerprint, format, size, age")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    pr = cmd("probe", _probe, "compile workloads in this process against the cache dir and "
+             "print first-call seconds and torch's cache hit/miss counters")  # fmt: skip
+    pr.add_argument("--workload", help="only this workload (default: all)")
+    pr.add_argument("--cache-dir", type=Path, help="use this cache dir (overrides the config)")
+    pr.add_argument("--json", action="store_true", help="print the reports as JSON")
+    return p
+
+
+def _load(args: argparse.Namespace, **extra: object) -> cfgmod.Config:
+    overrides = {"store": getattr(args, "store", None), **extra}
+    return cfgmod.load(args.config, overrides)
+
+
+def _fingerprint(args: argparse.Namespace) -> int:
+    from . import fingerprint
+
+    with tempfile.TemporaryDirectory(prefix="torchwarm-fp-") as scratch:
+        fields = fingerprint.collect(scratch=Path(scratch))
+    digest = fingerprint.digest(fields)
+    if args.json:
+        print(json.dumps({"digest": digest, "fields": fields}, indent=2, sort_keys=True))
+    else:
+        for k in sorted(fields):
+            print(f"{k:20} {json.dumps(fields[k])}")
+        print(f"{'digest':20} {digest}")
+    return 0
+
+
+def _warmup(args: argparse.Namespace) -> int:
+    from . import warmup as wu
+
+    cfg = _load(args, format=args.format)
+    if not args.push and args.out is None:
+        raise cfgmod.ConfigError("warmup needs --push, --out DIR, or both")
+    with tempfile.TemporaryDirectory(prefix="torchwarm-warmup-") as tmp:
+        root = args.out or Path(tmp)
+        for w in cfg.selected(args.workload):
+            t0 = time.perf_counter()
+            result = wu.warmup(cfg, w, root / w.name)
+            c = result.summary["counters"]
+            print(
+                f"warmed {w.name}: first call {result.summary['first_call_s']:.2f} s cold, "
+                f"fxgraph misses {c['fxgraph_cache_miss']}, "
+                f"{result.summary['so_files']} kernels compiled, "
+                f"{time.perf_counter() - t0:.1f} s in all"
+            )
+            if args.push:
+                _publish(cfg, result)
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from . import warmup as wu
+
+    cfg = _load(args)
+    dirs = [args.source / args.workload] if args.workload else sorted(
+        d for d in args.source.iterdir() if (d / wu.RESULT).is_file()
+    ) if args.source.is_dir() else []  # fmt: skip
+    if not dirs:
+        raise cfgmod.ConfigError(f"{args.source}: no warm-up results; run `warmup --out` first")
+    for d in dirs:
+        _publish(cfg, wu.WarmupResult.load(d))
+    return 0
+
+
+def _publish(cfg: cfgmod.Config, result: object) -> None:
+    from .publish import build_manifest, publish
+    from .stores import open_store
+
+    m, files = build_manifest(
+        result.workload,
+        result.fingerprint,
+        result.format,
+        result.captured,
+        result.summary,  # type: ignore[attr-defined]
+    )
+    rep = publish(open_store(cfg.store), m, files)
+    print(
+        f"pushed {m.workload} ({m.format}, {_size(m.size)}) as {rep.manifest_key}: "
+        f"{rep.outcome}, {rep.blobs_uploaded} blob(s) uploaded ({_size(rep.bytes_uploaded)}), "
+        f"{rep.blobs_present} already present"
+    )
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from . import node
+
+    cfg = _load(args, cache_dir=_s(args.cache_dir), marker=_s(args.marker))
+    report = node.pull(cfg, args.workload, args.require)
+    if args.json:
+        print(report.to_json().decode(), end="")
+        return 0
+    for o in report.workloads:
+        if o.status == "warm":
+            print(f"warm: {o.workload} ({o.format}, {_size(o.bytes)}) installed in "
+                  f"{report.cache_dir}")  # fmt: skip
+        else:
+            print(f"starting cold: {o.reason}")
+    print(f"ready ({report.status}) in {report.timings['total_s']:.1f} s; marker written")
+    return 0
+
+
+def _wait(args: argparse.Namespace) -> int:
+    from . import node
+
+    doc = node.wait(args.marker, args.timeout)
+    print(f"ready: {doc.get('status', '?')}")
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    from . import catalog
+    from .stores import open_store
+
+    cfg = _load(args)
+    entries = catalog.entries(open_store(cfg.store))
+    if args.json:
+        for e in entries:
+            print(json.dumps(e.to_dict(), sort_keys=True))
+        return 0
+    if not entries:
+        print(f"no manifests in {cfg.store}")
+        return 0
+    print(f"{'WORKLOAD':20} {'FINGERPRINT':12} {'FORMAT':10} {'SIZE':>9} {'AGE':>6}  INPUT SETS")
+    for e in entries:
+        print(
+            f"{e.workload:20} {e.fingerprint[:12]:12} {e.format:10} {_size(e.size):>9} "
+            f"{_age(e.age_s):>6}  {e.input_sets}"
+        )
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    import os
+
+    cfg = _load(args, cache_dir=_s(args.cache_dir))
+    # Before torch is imported: torch reads its cache dir from the environment.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cfg.cache_dir)
+    os.environ.pop("TRITON_CACHE_DIR", None)
+    from . import workload
+
+    for w in cfg.selected(args.workload):
+        r = workload.run(w)
+        if args.json:
+            print(json.dumps(r.to_dict(), sort_keys=True))
+        else:
+            c = r.counters
+            print(
+                f"{w.name}: first call {r.first_call_s:.2f} s; "
+                f"fxgraph hit {c['fxgraph_cache_hit']} "
+                f"miss {c['fxgraph_cache_miss']}; aot_autograd hit {c['autograd_cache_hit']} "
+                f"miss {c['autograd_cache_miss']}; kernels compiled {r.new_so_files}"
+            )
+    return 0
+
+
+def _s(p: Path | None) -> str | None:
+    return None if p is None else str(p.resolve())
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+def _age(seconds: float) -> str:
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

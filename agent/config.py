@@ -1,0 +1,313 @@
+"""The one typed settings object, built from YAML, then TORCHWARM_* environment, then flags.
+
+Precedence (later wins): built-in defaults < YAML file < environment < command-line flags.
+Every environment variable torchwarm reads is read here (torch's own TORCHINDUCTOR_*
+variables are read by fingerprint.py, because they are facts about the machine, not settings).
+Validation errors name the file and the key path, and say what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from .errors import ConfigError
+
+FORMATS = ("cachedir", "megacache")
+DEFAULT_FORMAT = "cachedir"  # measured faster on the node; see README "Measured"
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
+MODES = ("inference", "train")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    dynamic: tuple[int, ...] = ()  # dims passed to torch._dynamo.mark_dynamic
+    high: int = 2  # exclusive upper bound of random integers (int dtypes only)
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    backend: str = "inductor"
+    mode: str | None = None
+    fullgraph: bool = False
+    dynamic: bool | None = None
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "mode": self.mode,
+            "fullgraph": self.fullgraph,
+            "dynamic": self.dynamic,
+        }
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    model: str  # "package.module:callable", returning an nn.Module or a function
+    inputs: tuple[tuple[TensorSpec, ...], ...]  # one tuple of tensors per input set
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    mode: str = "inference"  # or "train": forward + backward
+    compile: CompileOptions = CompileOptions()
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    store: str
+    cache_dir: Path
+    format: str = DEFAULT_FORMAT
+    marker: Path | None = None  # default: <cache_dir's parent>/torchwarm-ready.json
+    require: bool = False
+    workloads: tuple[Workload, ...] = ()
+    source: str = "<defaults>"
+
+    @property
+    def marker_path(self) -> Path:
+        return self.marker or self.cache_dir.parent / "torchwarm-ready.json"
+
+    def workload(self, name: str) -> Workload:
+        for w in self.workloads:
+            if w.name == name:
+                return w
+        known = ", ".join(w.name for w in self.workloads) or "(none)"
+        raise ConfigError(f"{self.source}: no workload named {name!r}; known: {known}")
+
+    def selected(self, name: str | None) -> tuple[Workload, ...]:
+        """The workload `name`, or all of them when `name` is None."""
+        if name is not None:
+            return (self.workload(name),)
+        if not self.workloads:
+            raise ConfigError(f"{self.source}: 'workloads' is empty; add at least one workload")
+        return self.workloads
+
+
+# Environment variables, in one table: name -> Config field.
+ENV_VARS = {
+    "TORCHWARM_STORE": "store",
+    "TORCHWARM_CACHE_DIR": "cache_dir",
+    "TORCHWARM_FORMAT": "format",
+    "TORCHWARM_MARKER": "marker",
+    "TORCHWARM_REQUIRE": "require",
+}
+
+
+def load(
+    path: str | Path | None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the Config: YAML at `path` (optional), then environment, then `overrides` (flags)."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        base = p.resolve().parent
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read the config file: {e.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or "invalid YAML"
+            raise ConfigError(f"{p}{where}: {problem}; fix the YAML syntax") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping, got {_kind(loaded)}")
+        raw = loaded
+    for var, key in ENV_VARS.items():
+        if environ.get(var, "") != "":
+            raw[key] = environ[var]
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw[key] = value
+    return _parse(raw, source, base)
+
+
+def _parse(raw: dict[str, Any], source: str, base: Path) -> Config:
+    v = _Validator(source)
+    known = {"store", "cache_dir", "format", "marker", "require", "workloads"}
+    v.no_unknown(raw, known, "")
+    if "store" not in raw:
+        v.fail("store", "is required: a store URL such as file:///var/lib/torchwarm/store")
+    store = _store_url(v, raw["store"], base)
+    if "cache_dir" not in raw:
+        v.fail("cache_dir", "is required: the TORCHINDUCTOR_CACHE_DIR of the main process")
+    cache_dir = _path(v, "cache_dir", raw["cache_dir"], base)
+    fmt = v.choice("format", raw.get("format", DEFAULT_FORMAT), FORMATS)
+    marker = _path(v, "marker", raw["marker"], base) if raw.get("marker") is not None else None
+    require = v.boolean("require", raw.get("require", False))
+    workloads_raw = raw.get("workloads", [])
+    if not isinstance(workloads_raw, list):
+        v.fail("workloads", f"must be a list of workloads, got {_kind(workloads_raw)}")
+    workloads = tuple(_workload(v, f"workloads[{i}]", w) for i, w in enumerate(workloads_raw))
+    names = [w.name for w in workloads]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            v.fail(f"workloads[{i}].name", f"duplicate workload name {n!r}")
+    return Config(store, cache_dir, fmt, marker, require, workloads, source)
+
+
+def _store_url(v: _Validator, value: Any, base: Path) -> str:
+    if not isinstance(value, str) or not value:
+        v.fail("store", f"must be a URL string, got {_kind(value)}")
+    if "://" in value:
+        return value
+    # A bare path means a local folder, relative to the config file.
+    return (base / value).resolve().as_uri()
+
+
+def _path(v: _Validator, key: str, value: Any, base: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        v.fail(key, f"must be a path string, got {_kind(value)}")
+    return (base / os.path.expanduser(value)).resolve()
+
+
+def _workload(v: _Validator, at: str, w: Any) -> Workload:
+    if not isinstance(w, dict):
+        v.fail(at, f"must be a mapping, got {_kind(w)}")
+    known = {"name", "model", "model_kwargs", "inputs", "device", "mode", "compile", "seed"}
+    v.no_unknown(w, known, at)
+    for req in ("name", "model", "inputs"):
+        if req not in w:
+            v.fail(f"{at}.{req}", "is required")
+    name = w["name"]
+    if not isinstance(name, str) or not _NAME.match(name):
+        v.fail(f"{at}.name", "must be 1-64 characters of letters, digits, '.', '_', '-'")
+    model = w["model"]
+    if not isinstance(model, str) or not _FACTORY.match(model):
+        v.fail(f"{at}.model", "must be 'package.module:callable', e.g. agent.models:mlp")
+    kwargs = w.get("model_kwargs", {})
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        v.fail(f"{at}.model_kwargs", "must be a mapping of argument names to values")
+    inputs = w["inputs"]
+    if not isinstance(inputs, list) or not inputs:
+        v.fail(f"{at}.inputs", "must be a non-empty list of input sets (one per batch size)")
+    sets = tuple(_input_set(v, f"{at}.inputs[{i}]", s) for i, s in enumerate(inputs))
+    device = w.get("device", "cpu")
+    if not isinstance(device, str) or not re.match(r"^(cpu|cuda(:\d+)?|xpu(:\d+)?)$", device):
+        v.fail(f"{at}.device", "must be 'cpu', 'cuda' or 'cuda:N'")
+    mode = v.choice(f"{at}.mode", w.get("mode", "inference"), MODES)
+    seed = w.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        v.fail(f"{at}.seed", "must be an integer")
+    return Workload(
+        name=name,
+        model=model,
+        inputs=sets,
+        model_kwargs=dict(kwargs),
+        device=device,
+        mode=mode,
+        compile=_compile(v, f"{at}.compile", w.get("compile", {})),
+        seed=seed,
+    )
+
+
+def _compile(v: _Validator, at: str, c: Any) -> CompileOptions:
+    if c is None:
+        c = {}
+    if not isinstance(c, dict):
+        v.fail(at, f"must be a mapping, got {_kind(c)}")
+    v.no_unknown(c, {"backend", "mode", "fullgraph", "dynamic"}, at)
+    backend = c.get("backend", "inductor")
+    if not isinstance(backend, str) or not backend:
+        v.fail(f"{at}.backend", "must be a backend name such as inductor")
+    mode = v.choice(f"{at}.mode", c.get("mode"), COMPILE_MODES)
+    dynamic = c.get("dynamic")
+    if dynamic is not None and not isinstance(dynamic, bool):
+        v.fail(f"{at}.dynamic", "must be true, false or null")
+    return CompileOptions(
+        backend, mode, v.boolean(f"{at}.fullgraph", c.get("fullgraph", False)), dynamic
+    )
+
+
+def _input_set(v: _Validator, at: str, s: Any) -> tuple[TensorSpec, ...]:
+    if isinstance(s, dict):
+        s = [s]  # a single tensor may be written without the list
+    if not isinstance(s, list) or not s:
+        v.fail(at, "must be a non-empty list of tensors ({shape: [...], dtype: ...})")
+    return tuple(_tensor(v, f"{at}[{i}]", t) for i, t in enumerate(s))
+
+
+def _tensor(v: _Validator, at: str, t: Any) -> TensorSpec:
+    if not isinstance(t, dict):
+        v.fail(at, f"must be a mapping like {{shape: [4, 64], dtype: float32}}, got {_kind(t)}")
+    v.no_unknown(t, {"shape", "dtype", "dynamic", "high"}, at)
+    shape = t.get("shape")
+    if not isinstance(shape, list) or not all(_posint(d) for d in shape):
+        v.fail(f"{at}.shape", "must be a list of positive integers")
+    dtype = v.choice(f"{at}.dtype", t.get("dtype", "float32"), DTYPES)
+    dynamic = t.get("dynamic", [])
+    if not isinstance(dynamic, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < len(shape) for d in dynamic
+    ):
+        v.fail(f"{at}.dynamic", f"must be a list of dimension indexes below {len(shape)}")
+    high = t.get("high", 2)
+    if not _posint(high):
+        v.fail(f"{at}.high", "must be a positive integer")
+    return TensorSpec(tuple(shape), dtype, tuple(dynamic), high)
+
+
+def _posint(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _kind(x: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(
+        type(x), type(x).__name__
+    )
+
+
+class _Validator:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, what: str) -> NoReturn:
+        raise ConfigError(f"{self.source}: {key or '(top level)'} {what}")
+
+    def no_unknown(self, d: dict[str, Any], known: set[str], at: str) -> None:
+        for k in d:
+            if k not in known:
+                self.fail(
+                    f"{at}.{k}" if at else str(k),
+                    f"is not a known key; expected one of: {', '.join(sorted(known))}",
+                )
+
+    def choice(self, key: str, value: Any, allowed: tuple[Any, ...]) -> Any:
+        if value not in allowed:
+            shown = ", ".join("null" if a is None else str(a) for a in allowed)
+            self.fail(key, f"is {value!r}; expected one of: {shown}")
+        return value
+
+    def boolean(self, key: str, value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off", ""):
+            return False
+        self.fail(key, f"is {value!r}; expected true or false")
+
+
+def with_overrides(cfg: Config, **changes: Any) -> Config:
+    """A copy of `cfg` with some fields replaced (used by commands that redirect the cache dir)."""
+    return replace(cfg, **changes)

@@ -1,0 +1,33 @@
+"""Download a manifest's blobs to temp files, verifying each as it arrives."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from . import keys, verify
+from .manifest import BlobRef, Manifest
+from .stores import Store
+
+
+def fetch_blob(store: Store, blob: BlobRef, dest_dir: Path) -> Path:
+    """Download one blob into `dest_dir`; return its path only if size and sha256 match."""
+    key = keys.blob_key(blob.sha256)
+    fd, tmp = tempfile.mkstemp(prefix=f"{blob.sha256[:12]}.", suffix=".part", dir=dest_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            sink = verify.HashingSink(f)
+            store.download(key, sink)
+        verify.check(blob, sink, f"{store.url}/{key}")
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def fetch(store: Store, manifest: Manifest, dest_dir: Path) -> dict[str, Path]:
+    """Every blob of `manifest`, verified, by role. Raises on the first bad one."""
+    return {b.role: fetch_blob(store, b, dest_dir) for b in manifest.blobs}

@@ -1,0 +1,24 @@
+"""Capture formats: how a warm cache becomes blobs, and how blobs become a cache again.
+
+Every format implements the same three steps (see base.py); `get(name)` picks one.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .base import Captured, Format
+from .cachedir import CacheDirFormat
+from .megacache import MegaCacheFormat
+
+__all__ = ["Captured", "Format", "get", "FORMATS"]
+
+FORMATS: dict[str, Format] = {f.name: f for f in (CacheDirFormat(), MegaCacheFormat())}
+
+
+def get(name: str) -> Format:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown capture format {name!r}; expected one of: {', '.join(FORMATS)}"
+        ) from None

@@ -1,0 +1,27 @@
+"""`cachedir`: the whole TORCHINDUCTOR_CACHE_DIR (FX graphs, AOTAutograd entries, CPU
+kernel `.so` files, Triton kernels) as one deterministic tar+zstd archive.
+
+Needs no torch on the node to install: it is files in, files out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import archive
+from .base import Captured, cache_members
+
+
+class CacheDirFormat:
+    name = "cachedir"
+
+    def save_in_process(self, out_dir: Path) -> None:
+        """Nothing: the files on disk are the whole capture."""
+
+    def capture(self, cache_dir: Path, out_dir: Path) -> list[Captured]:
+        dest = out_dir / "cachedir.tar.zst"
+        archive.write(cache_dir, cache_members(cache_dir), dest)
+        return [Captured("cachedir", dest, archive.MEDIA_TYPE)]
+
+    def install(self, blobs: dict[str, Path], staging: Path) -> None:
+        archive.extract(blobs["cachedir"], staging)

@@ -1,0 +1,166 @@
+"""The manifest: a small JSON document naming a workload's blobs for one fingerprint.
+
+docs/format.md is the spec; this module and that page change together. Parsing is
+strict: manifests come from an untrusted store, so anything unexpected is a
+ManifestError with one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import fingerprint
+from .errors import ManifestError
+
+FORMAT_VERSION = 1
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_KNOWN_FORMATS = ("cachedir", "megacache")
+_ROLES = {"cachedir": {"cachedir"}, "megacache": {"megacache", "kernels"}}
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    role: str
+    sha256: str
+    size: int
+    media_type: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "sha256": self.sha256,
+            "size": self.size,
+            "media_type": self.media_type,
+        }
+
+
+@dataclass(frozen=True)
+class Manifest:
+    workload: str
+    fingerprint: dict[str, Any]
+    format: str
+    blobs: tuple[BlobRef, ...]
+    warmup: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    created_by: str = ""
+    signature: dict[str, Any] | None = None
+
+    @property
+    def fingerprint_digest(self) -> str:
+        return fingerprint.digest(self.fingerprint)
+
+    @property
+    def size(self) -> int:
+        return sum(b.size for b in self.blobs)
+
+    def body(self) -> dict[str, Any]:
+        """Everything but the signature: what a signature covers."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "workload": self.workload,
+            "fingerprint_digest": self.fingerprint_digest,
+            "fingerprint": self.fingerprint,
+            "format": self.format,
+            "blobs": [b.to_dict() for b in self.blobs],
+            "warmup": self.warmup,
+            "created_at": self.created_at,
+            "created_by": self.created_by,
+        }
+
+    def canonical_bytes(self) -> bytes:
+        return fingerprint.canonical_json(self.body())
+
+    def to_json(self) -> bytes:
+        doc = self.body()
+        doc["signature"] = self.signature
+        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+    def same_content(self, other: Manifest) -> bool:
+        """Whether two manifests install the same bytes for the same environment."""
+        return (
+            self.workload == other.workload
+            and self.fingerprint == other.fingerprint
+            and self.format == other.format
+            and set(self.blobs) == set(other.blobs)
+        )
+
+
+def parse(data: bytes, where: str) -> Manifest:
+    """Parse and validate manifest bytes read from `where` (a store key, for messages)."""
+
+    def bad(what: str) -> ManifestError:
+        return ManifestError(f"manifest {where}: {what}; refusing it (re-publish from the seed)")
+
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise bad(f"is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} limit")
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f"is not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise bad("is not a JSON object")
+    version = doc.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise bad("has no integer format_version")
+    if version > FORMAT_VERSION:
+        raise ManifestError(
+            f"manifest {where}: format_version {version} is newer than this torchwarm "
+            f"understands ({FORMAT_VERSION}); upgrade torchwarm on this node"
+        )
+    if version != FORMAT_VERSION:
+        raise bad(f"has unsupported format_version {version}")
+
+    def get(name: str, kind: type | tuple[type, ...]) -> Any:
+        value = doc.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise bad(f"field {name!r} is missing or not {_kind_name(kind)}")
+        return value
+
+    workload = get("workload", str)
+    fp = get("fingerprint", dict)
+    fmt = get("format", str)
+    if fmt not in _KNOWN_FORMATS:
+        raise bad(f"format {fmt!r} is unknown to this torchwarm")
+    raw_blobs = get("blobs", list)
+    blobs = tuple(_blob(b, i, bad) for i, b in enumerate(raw_blobs))
+    roles = [b.role for b in blobs]
+    if sorted(roles) != sorted(_ROLES[fmt]):
+        raise bad(f"format {fmt!r} needs blobs {sorted(_ROLES[fmt])}, got {sorted(roles)}")
+    claimed = get("fingerprint_digest", str)
+    if fingerprint.digest(fp) != claimed:
+        raise bad("fingerprint_digest does not match its fingerprint fields")
+    signature = doc.get("signature")
+    if signature is not None and not isinstance(signature, dict):
+        raise bad("field 'signature' is not an object")
+    return Manifest(
+        workload=workload,
+        fingerprint=fp,
+        format=fmt,
+        blobs=blobs,
+        warmup=get("warmup", dict),
+        created_at=get("created_at", str),
+        created_by=get("created_by", str),
+        signature=signature,
+    )
+
+
+def _blob(b: Any, i: int, bad: Any) -> BlobRef:
+    if not isinstance(b, dict):
+        raise bad(f"blobs[{i}] is not an object")
+    role, sha, size, media = b.get("role"), b.get("sha256"), b.get("size"), b.get("media_type")
+    if not isinstance(role, str) or not isinstance(media, str):
+        raise bad(f"blobs[{i}] needs string 'role' and 'media_type'")
+    if not isinstance(sha, str) or not _SHA256.match(sha):
+        raise bad(f"blobs[{i}].sha256 is not 64 lowercase hex digits")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise bad(f"blobs[{i}].size is not a non-negative integer")
+    return BlobRef(role, sha, size, media)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", dict: "an object", list: "a list", int: "an integer"}
+    return names.get(kind, str(kind)) if isinstance(kind, type) else "of the right type"

@@ -1,0 +1,83 @@
+"""Publish a warm-up: blobs first (skipping those already stored), the manifest last.
+
+The order is the store's one invariant: a manifest is written only after every blob it
+names exists, so a publisher killed at any point leaves at worst unreferenced blobs
+(which gc removes), never a manifest that names a missing blob.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__, keys, verify
+from . import manifest as mf
+from .formats import Captured
+from .manifest import BlobRef, Manifest
+from .stores import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PublishReport:
+    manifest_key: str
+    manifest: Manifest
+    bytes_uploaded: int
+    blobs_uploaded: int
+    blobs_present: int
+    outcome: str  # "published", "unchanged" (identical manifest already there), "replaced"
+
+
+def build_manifest(
+    workload: str, fingerprint: dict, fmt: str, captured: list[Captured], warmup: dict
+) -> tuple[Manifest, dict[BlobRef, Path]]:
+    """The manifest for captured blob files, and which file each BlobRef comes from."""
+    files: dict[BlobRef, Path] = {}
+    for c in captured:
+        sha, size = verify.file_sha256(c.path)
+        files[BlobRef(c.role, sha, size, c.media_type)] = c.path
+    m = Manifest(
+        workload=workload,
+        fingerprint=fingerprint,
+        format=fmt,
+        blobs=tuple(sorted(files, key=lambda b: b.role)),
+        warmup=warmup,
+        created_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        created_by=f"torchwarm {__version__} on {socket.gethostname()}",
+    )
+    return m, files
+
+
+def publish(store: Store, m: Manifest, files: dict[BlobRef, Path]) -> PublishReport:
+    uploaded = present = nbytes = 0
+    for blob, path in files.items():
+        key = keys.blob_key(blob.sha256)
+        if store.exists(key):
+            present += 1
+            log.info("blob %s already in the store; not uploading", key)
+            continue
+        store.put_file(key, path)
+        uploaded += 1
+        nbytes += blob.size
+    key = keys.manifest_key(m.workload, m.fingerprint_digest)
+    data = m.to_json()
+    outcome = "published"
+    if not store.put_if_absent(key, data):
+        existing = _existing(store, key)
+        if existing is not None and existing.same_content(m):
+            outcome = "unchanged"  # same bytes already published: keep the older manifest
+        else:
+            store.put(key, data)  # a newer warm-up of the same workload replaces the old one
+            outcome = "replaced"
+    return PublishReport(key, m, nbytes, uploaded, present, outcome)
+
+
+def _existing(store: Store, key: str) -> Manifest | None:
+    try:
+        return mf.parse(store.read(key), key)
+    except mf.ManifestError:
+        return None  # unreadable: replace it

@@ -1,0 +1,159 @@
+"""Compile and run one workload in this process, and report what torch's caches did.
+
+Used by the warm-up child (to fill a fresh cache dir) and by `torchwarm probe` (to
+show that a node starts warm). The cache dir is whatever TORCHINDUCTOR_CACHE_DIR
+says: callers set it before calling run().
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import TensorSpec, Workload
+from .errors import ConfigError, WarmupError
+
+# torch._dynamo.utils.counters groups and the names that prove a hit or a miss.
+COUNTERS = {
+    "inductor": ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass"),
+    "aot_autograd": ("autograd_cache_hit", "autograd_cache_miss", "autograd_cache_bypass"),
+}
+
+
+@dataclass
+class InputSetReport:
+    shapes: list[list[int]]
+    dynamic: list[list[int]]
+    first_call_s: float
+    max_abs_diff: float  # compiled vs eager on the same inputs
+
+
+@dataclass
+class RunReport:
+    workload: str
+    cache_dir: str
+    first_call_s: float  # all input sets, compile included: time until fully warm
+    input_sets: list[InputSetReport]
+    counters: dict[str, int]
+    new_so_files: int  # CPU kernels compiled (not loaded from the cache) during this run
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cache_dir() -> Path:
+    value = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not value:
+        raise WarmupError(
+            "TORCHINDUCTOR_CACHE_DIR is not set; the caller must choose the cache dir"
+        )
+    return Path(value)
+
+
+def count_so(root: Path) -> int:
+    return sum(1 for _ in root.rglob("*.so")) if root.exists() else 0
+
+
+def load_factory(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"model {spec!r}: cannot import {module_name!r}: {e}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"model {spec!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"model {spec!r}: {attr!r} is not callable")
+    return obj
+
+
+def make_inputs(specs: tuple[TensorSpec, ...], device: str, seed: int) -> list[Any]:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = []
+    for s in specs:
+        dtype = getattr(torch, s.dtype)
+        if dtype.is_floating_point:
+            t = torch.randn(s.shape, generator=gen).to(dtype)
+        elif dtype == torch.bool:
+            t = torch.randint(0, 2, s.shape, generator=gen).bool()
+        else:
+            t = torch.randint(0, s.high, s.shape, generator=gen, dtype=dtype)
+        tensors.append(t.to(device))
+    return tensors
+
+
+def build(workload: Workload) -> Any:
+    """The model (or function) the workload names, on its device, in its mode."""
+    import torch
+
+    factory = load_factory(workload.model)
+    torch.manual_seed(workload.seed)
+    made = factory(**workload.model_kwargs)
+    if isinstance(made, torch.nn.Module):
+        made = made.to(workload.device)
+        made.train(workload.mode == "train")
+        return made
+    if callable(made):
+        return made
+    if not workload.model_kwargs and callable(factory):
+        return factory  # a plain function named directly
+    raise ConfigError(f"model {workload.model!r} returned {type(made).__name__}, not a module")
+
+
+def _call(fn: Any, inputs: list[Any], train: bool) -> Any:
+    import torch
+
+    if train:
+        out = fn(*inputs)
+        out.float().sum().backward()
+        return out.detach()
+    with torch.no_grad():
+        return fn(*inputs)
+
+
+def run(workload: Workload) -> RunReport:
+    """Compile the workload and call it once per input set; return timings and counters."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    root = cache_dir()
+    so_before = count_so(root)
+    model = build(workload)
+    compiled = torch.compile(model, **workload.compile.as_kwargs())
+    train = workload.mode == "train"
+    sync = torch.cuda.synchronize if workload.device.startswith("cuda") else (lambda: None)
+    reports = []
+    for i, specs in enumerate(workload.inputs):
+        inputs = make_inputs(specs, workload.device, workload.seed + i)
+        for t, s in zip(inputs, specs, strict=True):
+            for d in s.dynamic:
+                torch._dynamo.mark_dynamic(t, d)
+        start = time.perf_counter()
+        out = _call(compiled, inputs, train)
+        sync()
+        elapsed = time.perf_counter() - start
+        ref = _call(model, inputs, train)
+        diff = (out.float() - ref.float()).abs().max().item() if out.numel() else 0.0
+        reports.append(
+            InputSetReport(
+                [list(s.shape) for s in specs], [list(s.dynamic) for s in specs], elapsed, diff
+            )
+        )
+    flat = {name: int(counters[group][name]) for group, names in COUNTERS.items() for name in names}
+    return RunReport(
+        workload=workload.name,
+        cache_dir=str(root),
+        first_call_s=sum(r.first_call_s for r in reports),
+        input_sets=reports,
+        counters=flat,
+        new_so_files=count_so(root) - so_before,
+    )
