@@ -21,6 +21,7 @@ import logging
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -33,6 +34,9 @@ EXIT_USAGE = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # torch warns at import when numpy is absent; torchwarm needs no numpy, so that
+    # line is noise in a tool whose errors must be one line.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

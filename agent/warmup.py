@@ -17,6 +17,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,7 @@ def _child(argv: list[str]) -> int:
     p.add_argument("--format", required=True)
     p.add_argument("--out", required=True, type=Path)
     a = p.parse_args(argv)
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     from . import fingerprint, workload
 
     try:

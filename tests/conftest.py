@@ -1,3 +1,111 @@
-"""Shared fixtures. Object-store servers live in servers.py; the compile seed in seed.py."""
+"""Shared fixtures. Object-store servers live in servers.py; the compile seed is here.
+
+The seed compiles once per test session (CPU compiles are slow) and keeps its captures
+on disk; every test that needs a store pushes those captures into a store of its own.
+Claims about what a new node sees are checked in fresh subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
 
 pytest_plugins = ("servers",)
+
+WORKLOAD = {
+    "name": "mlp",
+    "model": "agent.models:mlp",
+    "model_kwargs": {"d_in": 32, "hidden": 64, "d_out": 32},
+    "inputs": [
+        [{"shape": [4, 32], "dtype": "float32", "dynamic": [0]}],
+        [{"shape": [1, 32], "dtype": "float32"}],
+    ],
+}
+
+
+def torchwarm(
+    *args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a new process, as a node or a seed would."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"torchwarm {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+def write_config(path: Path, store: str, cache_dir: Path, fmt: str = "cachedir") -> Path:
+    doc = {"store": store, "cache_dir": str(cache_dir), "format": fmt, "workloads": [WORKLOAD]}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@dataclass
+class Seed:
+    root: Path
+    cold: dict[str, dict]  # format -> warm-up summary (counters, first-call seconds)
+
+    def out(self, fmt: str) -> Path:
+        return self.root / fmt
+
+
+@pytest.fixture(scope="session")
+def seed(tmp_path_factory: pytest.TempPathFactory) -> Seed:
+    """One warm-up per capture format, kept on disk for every test to push."""
+    root = tmp_path_factory.mktemp("seed")
+    cold = {}
+    for fmt in ("cachedir", "megacache"):
+        cfg = write_config(root / f"{fmt}.yaml", (root / "unused").as_uri(), root / "c", fmt)
+        torchwarm("warmup", "-c", str(cfg), "--out", str(root / fmt))
+        cold[fmt] = json.loads((root / fmt / "mlp" / "warmup.json").read_text())["summary"]
+    return Seed(root, cold)
+
+
+@dataclass
+class Node:
+    """A store with the seed pushed into it, and an empty cache dir for a new node."""
+
+    config: Path
+    store: Path
+    cache_dir: Path
+    marker: Path
+
+    def pull(self, *extra: str, env: dict[str, str] | None = None, check: bool = True):
+        return torchwarm("pull", "-c", str(self.config), *extra, env=env, check=check)
+
+    def probe(self, env: dict[str, str] | None = None) -> dict:
+        proc = torchwarm("probe", "-c", str(self.config), "--json", env=env)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def node_factory(seed: Seed, tmp_path: Path) -> Callable[..., Node]:
+    """Make a store holding the seed's capture (pushed in a subprocess) and a node config."""
+
+    def make(fmt: str = "cachedir", push: bool = True, name: str = "node") -> Node:
+        base = tmp_path / name
+        store = base / "store"
+        base.mkdir(parents=True, exist_ok=True)
+        cfg = write_config(base / "config.yaml", store.as_uri(), base / "cache" / "inductor", fmt)
+        if push:
+            torchwarm("push", "-c", str(cfg), "--from", str(seed.out(fmt)))
+        return Node(
+            cfg, store, base / "cache" / "inductor", base / "cache" / "torchwarm-ready.json"
+        )
+
+    return make
