@@ -1,0 +1,259 @@
+"""Google Cloud Storage: `gs://bucket/prefix`.
+
+Only adapts google-cloud-storage calls to the Store protocol. Every call passes
+retry=None (RetryingStore is the one retry policy) and explicit timeouts.
+Credentials come only from Application Default Credentials (workload identity,
+GOOGLE_APPLICATION_CREDENTIALS, gcloud); STORAGE_EMULATOR_HOST selects an emulator.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import google_crc32c
+import requests
+from google.api_core import exceptions as gexc
+from google.auth import exceptions as auth_exc
+from google.cloud import storage
+from google.cloud.storage import exceptions as media_exc
+
+from ..errors import ObjectNotFound, StoreError
+from .base import ObjectInfo, check_key
+from .retry import TransientStoreError, one_line
+from .s3 import write_ranges_in_order
+
+if TYPE_CHECKING:
+    from . import StoreOptions
+
+_GCS_CHUNK_UNIT = 256 << 10  # resumable upload chunks are multiples of 256 KiB
+_TRANSIENT = (
+    gexc.TooManyRequests,
+    gexc.InternalServerError,
+    gexc.BadGateway,
+    gexc.ServiceUnavailable,
+    gexc.GatewayTimeout,
+    auth_exc.TransportError,
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    media_exc.DataCorruption,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+class _CrcSink:
+    """Passes bytes through to the sink while computing their CRC32C."""
+
+    def __init__(self, sink: BinaryIO) -> None:
+        self.sink = sink
+        self.crc = google_crc32c.Checksum()
+
+    def write(self, data: bytes) -> int:
+        self.crc.update(data)
+        return self.sink.write(data)
+
+
+class GCSStore:
+    """Objects are blobs under `prefix` in `bucket`."""
+
+    resumable_download = True  # download() takes an offset (see retry.py)
+
+    def __init__(self, bucket: str, prefix: str, options: StoreOptions) -> None:
+        self.bucket_name = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"gs://{bucket}/{self.prefix}" if self.prefix else f"gs://{bucket}"
+        self.options = options
+        self._timeout = (options.connect_timeout_s, options.read_timeout_s)
+        client_options = {"api_endpoint": options.endpoint_url} if options.endpoint_url else None
+        with self._mapped(None):
+            self._client = storage.Client(
+                project=options.gcs_project, client_options=client_options
+            )
+        self._bucket = self._client.bucket(bucket)
+        self.endpoint = self._client._connection.API_BASE_URL
+        # More pooled connections than parallel ranges, or requests discards them.
+        adapter = requests.adapters.HTTPAdapter(
+            pool_connections=4, pool_maxsize=options.concurrency + 4, max_retries=0
+        )
+        with contextlib.suppress(AttributeError):
+            self._client._http.mount("https://", adapter)
+            self._client._http.mount("http://", adapter)
+
+    # -- keys and errors ----------------------------------------------------------
+
+    def _key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _where(self, key: str | None) -> str:
+        return f"gs://{self.bucket_name}/{self._key(key)}" if key else self.url
+
+    def _identity(self) -> str:
+        creds = getattr(self._client, "_credentials", None)
+        email = getattr(creds, "service_account_email", None)
+        if email and email != "default":
+            return email
+        return f"the {type(creds).__name__} credentials" if creds else "no credentials"
+
+    def _error(self, e: Exception, key: str | None) -> StoreError:
+        where = self._where(key)
+        if isinstance(e, auth_exc.DefaultCredentialsError):
+            return StoreError(
+                f"{where}: no Google Cloud credentials found: use workload identity, set "
+                "GOOGLE_APPLICATION_CREDENTIALS, or run `gcloud auth application-default login`"
+            )
+        if isinstance(e, (requests.ConnectionError, ConnectionError)) and not isinstance(
+            e, requests.exceptions.ChunkedEncodingError
+        ):
+            return TransientStoreError(
+                f"{where}: cannot reach the GCS endpoint {self.endpoint}: "
+                "check endpoint_url / STORAGE_EMULATOR_HOST and the network path to it"
+            )
+        if isinstance(e, _TRANSIENT):
+            code = getattr(e, "code", None)
+            what = f"HTTP {code}" if code else type(e).__name__
+            return TransientStoreError(f"{where}: {what} from {self.endpoint}: {_first_line(e)}")
+        if isinstance(e, gexc.NotFound):
+            if "bucket" in str(e.message).lower() or key is None:
+                return StoreError(
+                    f"{where}: bucket {self.bucket_name!r} does not exist: "
+                    "create it or fix the store URL"
+                )
+            return ObjectNotFound(f"{where} does not exist")
+        if isinstance(e, (gexc.Forbidden, gexc.Unauthorized, auth_exc.RefreshError)):
+            return StoreError(
+                f"{where}: access denied for {self._identity()}: grant it "
+                "roles/storage.objectUser on the bucket, or use other credentials"
+            )
+        if isinstance(e, media_exc.InvalidResponse):
+            status = getattr(getattr(e, "response", None), "status_code", 0)
+            if status == 404:
+                return ObjectNotFound(f"{where} does not exist")
+            if status == 429 or status >= 500:
+                return TransientStoreError(f"{where}: HTTP {status} from {self.endpoint}")
+            return StoreError(f"{where}: GCS answered HTTP {status}: {_first_line(e)}")
+        return StoreError(f"{where}: GCS request failed: {_first_line(e)}")
+
+    @contextlib.contextmanager
+    def _mapped(self, key: str | None) -> Iterator[None]:
+        try:
+            yield
+        except StoreError:
+            raise
+        except Exception as e:  # the SDK raises from several trees; none may escape
+            if isinstance(e, (ValueError, TypeError)) and not isinstance(
+                e, (gexc.GoogleAPIError, media_exc.InvalidResponse)
+            ):
+                raise  # our own bug or a bad key: not a store error
+            if isinstance(e, OSError) and not isinstance(
+                e, (requests.RequestException, ConnectionError, TimeoutError)
+            ):
+                raise  # the caller's file or sink (missing file, disk full)
+            raise self._error(e, key) from e
+
+    def _blob(self, key: str, generation: int | None = None) -> Any:
+        return self._bucket.blob(self._key(key), generation=generation)
+
+    # -- the Store protocol --------------------------------------------------------
+
+    def read(self, key: str) -> bytes:
+        with self._mapped(key):
+            return self._blob(key).download_as_bytes(
+                raw_download=True, checksum="crc32c", retry=None, timeout=self._timeout
+            )
+
+    def download(self, key: str, sink: BinaryIO, offset: int = 0) -> int:
+        """Write the object (from byte `offset`) to `sink`; ranges in parallel when large.
+
+        One metadata GET gives size, generation and CRC32C; every range is pinned to
+        that generation. A whole download (offset 0) is checked against the CRC32C.
+        """
+        with self._mapped(key):
+            meta = self._bucket.get_blob(self._key(key), retry=None, timeout=self._timeout)
+            if meta is None:
+                raise ObjectNotFound(f"{self._where(key)} does not exist")
+            size = int(meta.size or 0)
+            if offset >= size:
+                return 0
+            blob = self._blob(key, generation=meta.generation)
+            out = _CrcSink(sink) if offset == 0 and meta.crc32c else None
+
+            def fetch(lo: int, hi: int) -> bytes:
+                with self._mapped(key):
+                    data = blob.download_as_bytes(
+                        start=lo,
+                        end=hi - 1,
+                        raw_download=True,
+                        checksum=None,
+                        retry=None,
+                        timeout=self._timeout,
+                    )
+                if len(data) != hi - lo:
+                    raise TransientStoreError(
+                        f"{self._where(key)}: short read ({len(data)} of {hi - lo} bytes)"
+                    )
+                return data
+
+            target: Any = out or sink
+            if size - offset <= self.options.chunk_size:
+                target.write(fetch(offset, size))  # small: one GET
+            else:
+                write_ranges_in_order(
+                    fetch, offset, size, self.options.chunk_size, self.options.concurrency, target
+                )
+            if out is not None and out.crc.digest() != base64.b64decode(meta.crc32c):
+                raise TransientStoreError(
+                    f"{self._where(key)}: CRC32C mismatch after download (corrupted in transit)"
+                )
+            return size - offset
+
+    def put(self, key: str, data: bytes) -> None:
+        with self._mapped(key):
+            self._blob(key).upload_from_string(data, retry=None, timeout=self._timeout)
+
+    def put_file(self, key: str, path: Path) -> None:
+        size = path.stat().st_size
+        with self._mapped(key):
+            blob = self._blob(key)
+            if size > self.options.multipart_threshold:
+                unit = _GCS_CHUNK_UNIT
+                blob.chunk_size = max(unit, self.options.chunk_size // unit * unit)
+            blob.upload_from_filename(str(path), retry=None, timeout=self._timeout)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        with self._mapped(key):
+            try:
+                self._blob(key).upload_from_string(
+                    data, if_generation_match=0, retry=None, timeout=self._timeout
+                )
+            except gexc.PreconditionFailed:
+                return False
+            return True
+
+    def exists(self, key: str) -> bool:
+        with self._mapped(key):
+            return bool(self._blob(key).exists(retry=None, timeout=self._timeout))
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        with self._mapped(None):
+            blobs = self._client.list_blobs(
+                self._bucket, prefix=base + prefix, retry=None, timeout=self._timeout
+            )
+            for blob in blobs:
+                modified = blob.updated.timestamp() if blob.updated else 0.0
+                yield ObjectInfo(blob.name[len(base) :], int(blob.size or 0), modified)
+
+    def delete(self, key: str) -> None:
+        with self._mapped(key), contextlib.suppress(gexc.NotFound):
+            self._blob(key).delete(retry=None, timeout=self._timeout)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "message", None) or e).strip()
+    return one_line(text.splitlines()[0]) if text else type(e).__name__

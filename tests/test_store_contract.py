@@ -1,0 +1,203 @@
+"""The Store contract (agent/stores/base.py), run against every backend on real servers."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from servers import StoreFactory
+
+from agent.errors import ObjectNotFound
+
+MiB = 1 << 20
+LARGE = os.urandom(40 * MiB)
+# Small chunks so 40 MiB takes several parallel ranges and multipart parts.
+TRANSFER: dict[str, Any] = {"chunk_size": 8 * MiB, "multipart_threshold": 8 * MiB, "concurrency": 4}
+
+
+class HashingSink:
+    """A sink that is not a file: it only hashes, so bytes must arrive in order."""
+
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return len(data)
+
+
+def test_put_then_read(store_factory: StoreFactory) -> None:
+    """What put stored, read returns."""
+    store = store_factory()
+    store.put("a/b.json", b'{"x": 1}')
+    assert store.read("a/b.json") == b'{"x": 1}'
+
+
+def test_put_replaces(store_factory: StoreFactory) -> None:
+    """A second put replaces the object."""
+    store = store_factory()
+    store.put("k", b"old")
+    store.put("k", b"new")
+    assert store.read("k") == b"new"
+
+
+def test_read_missing_raises_object_not_found(store_factory: StoreFactory) -> None:
+    """Reading a missing key raises ObjectNotFound."""
+    with pytest.raises(ObjectNotFound):
+        store_factory().read("nope/missing")
+
+
+def test_download_missing_raises_object_not_found(store_factory: StoreFactory) -> None:
+    """Downloading a missing key raises ObjectNotFound and writes nothing."""
+    sink = io.BytesIO()
+    with pytest.raises(ObjectNotFound):
+        store_factory().download("missing", sink)
+    assert sink.getvalue() == b""
+
+
+def test_exists(store_factory: StoreFactory) -> None:
+    """exists is true for a stored key only, not for its prefix."""
+    store = store_factory()
+    store.put("dir/obj", b"1")
+    assert store.exists("dir/obj")
+    assert not store.exists("dir/ob")
+    assert not store.exists("dir")
+
+
+def test_list_gives_relative_keys_and_sizes(store_factory: StoreFactory) -> None:
+    """list yields keys relative to the store's prefix, with sizes, filtered by prefix."""
+    store = store_factory()
+    store.put("blobs/aa/1", b"x" * 3)
+    store.put("blobs/ab/2", b"y" * 5)
+    store.put("manifests/m", b"z")
+    found = {(o.key, o.size) for o in store.list("blobs/")}
+    assert found == {("blobs/aa/1", 3), ("blobs/ab/2", 5)}
+    assert {o.key for o in store.list("blobs/a")} == {"blobs/aa/1", "blobs/ab/2"}
+    assert {o.key for o in store.list("")} == {"blobs/aa/1", "blobs/ab/2", "manifests/m"}
+
+
+def test_list_ignores_sibling_prefixes(store_factory: StoreFactory) -> None:
+    """A store never lists objects of a store whose prefix merely starts the same."""
+    store_factory(prefix="p-sib/a").put("k", b"1")
+    store_factory(prefix="p-sib/ab").put("k", b"2")
+    assert [o.key for o in store_factory(prefix="p-sib/a").list("")] == ["k"]
+
+
+def test_delete(store_factory: StoreFactory) -> None:
+    """A deleted object is gone."""
+    store = store_factory()
+    store.put("k", b"1")
+    store.delete("k")
+    assert not store.exists("k")
+    with pytest.raises(ObjectNotFound):
+        store.read("k")
+
+
+def test_delete_missing_is_not_an_error(store_factory: StoreFactory) -> None:
+    """Deleting a missing key succeeds."""
+    store_factory().delete("never/was")
+
+
+def test_put_if_absent_creates_once(store_factory: StoreFactory) -> None:
+    """The first put_if_absent creates; the second returns False and keeps the original."""
+    store = store_factory()
+    assert store.put_if_absent("m", b"first") is True
+    assert store.put_if_absent("m", b"second") is False
+    assert store.read("m") == b"first"
+
+
+def test_put_if_absent_race_has_one_winner(store_factory: StoreFactory) -> None:
+    """Of 8 threads racing put_if_absent on one key, exactly one wins, and its data stays."""
+    store = store_factory()
+    barrier = threading.Barrier(8)
+    results: dict[int, bool] = {}
+
+    def race(i: int) -> None:
+        barrier.wait()
+        results[i] = store.put_if_absent("race", f"writer {i}".encode())
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, won in results.items() if won]
+    assert len(results) == 8 and len(winners) == 1
+    assert store.read("race") == f"writer {winners[0]}".encode()
+
+
+def test_download_small_object(store_factory: StoreFactory) -> None:
+    """A small object downloads whole, and download returns its size."""
+    store = store_factory()
+    store.put("small", b"hello world")
+    sink = io.BytesIO()
+    assert store.download("small", sink) == 11
+    assert sink.getvalue() == b"hello world"
+
+
+def test_download_empty_object(store_factory: StoreFactory) -> None:
+    """An empty object downloads as zero bytes."""
+    store = store_factory()
+    store.put("empty", b"")
+    sink = io.BytesIO()
+    assert store.download("empty", sink) == 0
+    assert sink.getvalue() == b""
+
+
+def test_download_large_in_order(store_factory: StoreFactory) -> None:
+    """A 40 MiB object, fetched in parallel ranges, reaches a non-seekable sink in order."""
+    store = store_factory(**TRANSFER)
+    store.put("large", LARGE)
+    sink = HashingSink()
+    assert store.download("large", sink) == len(LARGE)  # type: ignore[arg-type]
+    assert sink.size == len(LARGE)
+    assert sink.sha.hexdigest() == hashlib.sha256(LARGE).hexdigest()
+
+
+def test_put_file_multipart(store_factory: StoreFactory, tmp_path: Path) -> None:
+    """A 40 MiB file uploaded in parts reads back byte-exact."""
+    src = tmp_path / "blob"
+    src.write_bytes(LARGE)
+    store = store_factory(**TRANSFER)
+    store.put_file("blobs/large", src)
+    assert store.read("blobs/large") == LARGE
+    assert [o.size for o in store.list("blobs/")] == [len(LARGE)]
+
+
+def test_put_file_small(store_factory: StoreFactory, tmp_path: Path) -> None:
+    """A small file uploads in one request and reads back byte-exact."""
+    src = tmp_path / "small"
+    src.write_bytes(b"abc" * 1000)
+    store = store_factory()
+    store.put_file("s", src)
+    assert store.read("s") == b"abc" * 1000
+
+
+def test_rejects_keys_that_escape(store_factory: StoreFactory) -> None:
+    """Keys with '..', empty segments or a leading '/' are refused."""
+    store = store_factory()
+    for bad in ("../x", "a//b", "/abs", "a/./b"):
+        with pytest.raises(ValueError):
+            store.put(bad, b"1")
+
+
+def test_sink_errors_reach_the_caller(store_factory: StoreFactory) -> None:
+    """A sink that fails (disk full) raises its own OSError, not a store error."""
+
+    class FullDisk:
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    store = store_factory()
+    store.put("k", b"data")
+    with pytest.raises(OSError) as info:
+        store.download("k", FullDisk())  # type: ignore[arg-type]
+    assert info.value.errno == errno.ENOSPC

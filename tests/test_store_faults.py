@@ -1,0 +1,298 @@
+"""Faults from a real loopback proxy in front of SeaweedFS, and the one-line errors users see."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import io
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from servers import BUCKET, S3Server, fake_aws_env, free_port, s3_options
+
+from agent.errors import ObjectNotFound, StoreError
+from agent.stores import open_store
+from agent.stores.retry import RetryingStore, TransientStoreError
+from agent.stores.s3 import S3Store
+
+MiB = 1 << 20
+BLOB = os.urandom(24 * MiB)
+SLOWDOWN = (
+    b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection"}
+
+
+class FaultProxy(ThreadingHTTPServer):
+    """Forwards HTTP to `upstream`; answers 503 SlowDown to a fraction `fail_rate` of requests.
+
+    With `cut_rate`, a fraction of successful answers is cut off half-way through
+    the body (the connection closes), as a reset mid-download would.
+    The Host header is forwarded as sent, so signatures still verify upstream.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, upstream_port: int, seed: int = 1) -> None:
+        super().__init__(("127.0.0.1", free_port()), _ProxyHandler)
+        self.upstream_port = upstream_port
+        self.fail_rate = 0.0
+        self.cut_rate = 0.0
+        self.failed = 0
+        self.cut = 0
+        self.fail_once: Callable[[str, str], bool] | None = None  # (method, path) to fail once
+        self.seen: list[tuple[str, str]] = []
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def draw(self, method: str, path: str) -> tuple[bool, bool]:
+        """Decide (answer 503, cut the body) for the next request."""
+        with self._lock:
+            self.seen.append((method, path))
+            fail = self._rng.random() < self.fail_rate
+            if self.fail_once and self.fail_once(method, path):
+                fail, self.fail_once = True, None
+            cut = not fail and self._rng.random() < self.cut_rate
+            self.failed += fail
+            self.cut += cut
+            return fail, cut
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FaultProxy
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                chunk = self.rfile.read(size + 2)[:size]
+                if not size:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return bytes(out)
+                out += chunk
+        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+    def _forward(self) -> None:
+        body = self._body()
+        fail, cut = self.server.draw(self.command, self.path)
+        if fail:
+            self.send_response(503)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(SLOWDOWN)))
+            self.end_headers()
+            self.wfile.write(SLOWDOWN)
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+        if "Transfer-Encoding" in self.headers:
+            headers["Content-Length"] = str(len(body))
+        upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=30)
+        try:
+            upstream.request(self.command, self.path, body=body, headers=headers)
+            resp = upstream.getresponse()
+            data = resp.read()
+            self.send_response(resp.status, resp.reason)
+            for k, v in resp.getheaders():
+                if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
+                    self.send_header(k, v)
+            length = resp.getheader("Content-Length") if self.command == "HEAD" else len(data)
+            self.send_header("Content-Length", str(length or 0))
+            self.end_headers()
+            if cut and len(data) > 1:
+                self.wfile.write(data[: len(data) // 2])
+                self.close_connection = True
+                return
+            self.wfile.write(data)
+        finally:
+            upstream.close()
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+
+@pytest.fixture(scope="module")
+def proxy(seaweedfs_server: S3Server) -> Iterator[FaultProxy]:
+    port = int(seaweedfs_server.endpoint.rsplit(":", 1)[1])
+    server = FaultProxy(port)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def faulty(proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
+    """The proxy with fault rates reset after the test."""
+    fake_aws_env(monkeypatch)
+    proxy.seen.clear()
+    yield proxy
+    proxy.fail_rate = proxy.cut_rate = 0.0
+    proxy.fail_once = None
+
+
+def retrying(endpoint: str, attempts: int = 25, deadline_s: float = 30.0) -> RetryingStore:
+    """An S3 store behind `endpoint` with fast backoff (the policy, not the timing, is tested)."""
+    options = s3_options(endpoint, chunk_size=5 * MiB, multipart_threshold=5 * MiB, concurrency=4)
+    inner = S3Store(BUCKET, f"faults-{os.urandom(4).hex()}", options)
+    return RetryingStore(inner, attempts, deadline_s, backoff_s=0.01, max_backoff_s=0.2)
+
+
+def test_put_survives_30_percent_503(faulty: FaultProxy) -> None:
+    """With 30 % of requests answered 503, put and read succeed."""
+    store = retrying(faulty.endpoint)
+    faulty.fail_rate = 0.3
+    for i in range(10):
+        store.put(f"k{i}", b"v%d" % i)
+    assert [store.read(f"k{i}") for i in range(10)] == [b"v%d" % i for i in range(10)]
+    assert faulty.failed > 0
+
+
+def test_put_file_multipart_survives_30_percent_503(faulty: FaultProxy, tmp_path: Path) -> None:
+    """With 30 % of requests answered 503, a 24 MiB multipart put_file stores the exact bytes."""
+    src = tmp_path / "blob"
+    src.write_bytes(BLOB)
+    store = retrying(faulty.endpoint)
+    faulty.fail_rate = 0.3
+    store.put_file("blob", src)
+    faulty.fail_rate = 0.0
+    assert hashlib.sha256(store.read("blob")).digest() == hashlib.sha256(BLOB).digest()
+
+
+def test_put_file_retry_sends_only_missing_parts(faulty: FaultProxy, tmp_path: Path) -> None:
+    """When completing a multipart upload fails once, the retry re-sends no part."""
+    src = tmp_path / "blob"
+    src.write_bytes(BLOB)
+    store = retrying(faulty.endpoint)
+    faulty.fail_once = lambda method, path: method == "POST" and "uploadId=" in path
+    store.put_file("blob", src)
+    part_puts = [p for m, p in faulty.seen if m == "PUT" and "partNumber=" in p]
+    completes = [p for m, p in faulty.seen if m == "POST" and "uploadId=" in p]
+    assert len(part_puts) == 5 and len(completes) == 2  # 24 MiB in 5 MiB parts
+    assert store.read("blob") == BLOB
+
+
+def test_download_survives_30_percent_503(faulty: FaultProxy) -> None:
+    """With 30 % of requests answered 503, a ranged download is byte-exact."""
+    store = retrying(faulty.endpoint)
+    store.put("blob", BLOB)
+    faulty.fail_rate = 0.3
+    sink = io.BytesIO()
+    assert store.download("blob", sink) == len(BLOB)
+    assert sink.getvalue() == BLOB
+
+
+def test_download_resumes_after_cut_bodies(faulty: FaultProxy) -> None:
+    """Bodies cut off mid-transfer are resumed at the right offset: no byte twice or missing."""
+    store = retrying(faulty.endpoint)
+    store.put("blob", BLOB)
+    faulty.cut_rate = 0.3
+    sink = io.BytesIO()
+    assert store.download("blob", sink) == len(BLOB)
+    assert faulty.cut > 0
+    assert sink.getvalue() == BLOB
+
+
+def test_all_503_fails_within_deadline_with_one_line(faulty: FaultProxy, tmp_path: Path) -> None:
+    """With every request answered 503, each call gives up by its deadline with one line."""
+    store = retrying(faulty.endpoint, attempts=1000, deadline_s=2.0)
+    src = tmp_path / "f"
+    src.write_bytes(b"x" * 100)
+    faulty.fail_rate = 1.0
+    calls = [
+        lambda: store.put("k", b"v"),
+        lambda: store.put_file("k", src),
+        lambda: store.download("k", io.BytesIO()),
+    ]
+    for call in calls:
+        start = time.monotonic()
+        with pytest.raises(StoreError) as info:
+            call()
+        assert time.monotonic() - start < 2.0 + 1.0
+        message = str(info.value)
+        assert "\n" not in message
+        assert "503" in message and "try again later" in message
+        assert not isinstance(info.value, TransientStoreError)
+
+
+def test_no_retry_on_not_found(faulty: FaultProxy) -> None:
+    """A missing key is answered at once, not retried."""
+    store = retrying(faulty.endpoint)
+    start = time.monotonic()
+    with pytest.raises(ObjectNotFound):
+        store.read("missing")
+    assert time.monotonic() - start < 1.0
+
+
+def test_access_denied_names_identity_and_is_not_retried(
+    seaweedfs_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unknown credentials fail at once, with one line that names the access key."""
+    fake_aws_env(monkeypatch)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "intruderkey")
+    store = open_store(f"s3://{BUCKET}/p", seaweedfs_server.options)
+    start = time.monotonic()
+    with pytest.raises(StoreError) as info:
+        store.put("k", b"v")
+    assert time.monotonic() - start < 2.0
+    assert "intruderkey" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_bucket_says_create_it(
+    seaweedfs_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing bucket is a StoreError that says to create it, not ObjectNotFound."""
+    fake_aws_env(monkeypatch)
+    store = open_store("s3://no-such-bucket/p", seaweedfs_server.options)
+    with pytest.raises(StoreError, match="does not exist.*create it") as info:
+        store.read("k")
+    assert not isinstance(info.value, ObjectNotFound)
+
+
+def test_no_credentials_says_where_to_put_them(
+    moto_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without any AWS credentials the error names the places the SDK looks."""
+    fake_aws_env(monkeypatch)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    store = open_store(f"s3://{BUCKET}/p", moto_server.options)
+    with pytest.raises(StoreError, match="no AWS credentials.*AWS_PROFILE"):
+        store.read("k")
+
+
+def test_unreachable_endpoint_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A closed port gives one line naming the endpoint, after a bounded retry."""
+    fake_aws_env(monkeypatch)
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    options = replace(s3_options(endpoint), attempts=2, deadline_s=5.0)
+    with pytest.raises(StoreError, match="cannot reach the S3 endpoint") as info:
+        open_store(f"s3://{BUCKET}/p", options).exists("k")
+    assert endpoint in str(info.value) and "\n" not in str(info.value)
+
+
+def test_gcs_missing_bucket_says_create_it(
+    gcs_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On GCS, listing a missing bucket is a StoreError that says to create it."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.emulator_host)
+    store = open_store("gs://no-such-bucket/p")
+    with pytest.raises(StoreError, match="create it"):
+        list(store.list(""))
