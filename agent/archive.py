@@ -62,7 +62,7 @@ def extract(src: Path, dest: Path, limits: Limits = Limits()) -> list[str]:
     through: `dest` may hold hard links shared with a live cache tree.
     """
     names: list[str] = []
-    total = 0
+    total = count = 0
     try:
         with (
             src.open("rb") as raw,
@@ -71,23 +71,30 @@ def extract(src: Path, dest: Path, limits: Limits = Limits()) -> list[str]:
         ):
             for member in tar:
                 rel = _check_member(member, src)
-                if member.isdir():
-                    (dest / rel).mkdir(parents=True, exist_ok=True)
-                    continue
-                names.append(rel)
-                total += member.size
-                if len(names) > limits.max_members:
+                count += 1
+                if count > limits.max_members:
                     raise ArchiveError(
                         f"{src.name}: more than {limits.max_members} members; refusing"
                     )
+                total += member.size
                 if member.size > limits.max_member_bytes or total > limits.max_total_bytes:
                     raise ArchiveError(
                         f"{src.name}: uncompressed size exceeds the limit "
                         f"({limits.max_total_bytes} bytes in all); refusing"
                     )
-                fileobj = tar.extractfile(member)
-                assert fileobj is not None  # regular file, checked above
-                _write_member(dest / rel, fileobj, member.size, member.mode & 0o111 != 0)
+                try:
+                    if member.isdir():
+                        (dest / rel).mkdir(parents=True, exist_ok=True)
+                        continue
+                    fileobj = tar.extractfile(member)
+                    assert fileobj is not None  # regular file, checked above
+                    _write_member(dest / rel, fileobj, member.size, member.mode & 0o111 != 0)
+                except OSError as e:
+                    raise ArchiveError(
+                        f"{src.name}: member {rel!r} cannot be written ({e.strerror}); "
+                        "the archive clashes with itself or the cache tree"
+                    ) from None
+                names.append(rel)
     except (tarfile.TarError, zstandard.ZstdError, EOFError) as e:
         raise ArchiveError(f"{src.name}: not a valid tar+zstd archive ({e})") from None
     return names

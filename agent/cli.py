@@ -181,7 +181,6 @@ def _push(args: argparse.Namespace) -> int:
 
 def _publish(cfg: cfgmod.Config, result: object) -> None:
     from .publish import build_manifest, publish
-    from .stores import open_store
 
     m, files = build_manifest(
         result.workload,
@@ -190,7 +189,7 @@ def _publish(cfg: cfgmod.Config, result: object) -> None:
         result.captured,
         result.summary,  # type: ignore[attr-defined]
     )
-    rep = publish(open_store(cfg.store), m, files)
+    rep = publish(cfg.open_store(), m, files)
     print(
         f"pushed {m.workload} ({m.format}, {_size(m.size)}) as {rep.manifest_key}: "
         f"{rep.outcome}, {rep.blobs_uploaded} blob(s) uploaded ({_size(rep.bytes_uploaded)}), "
@@ -226,10 +225,9 @@ def _wait(args: argparse.Namespace) -> int:
 
 def _ls(args: argparse.Namespace) -> int:
     from . import catalog
-    from .stores import open_store
 
     cfg = _load(args)
-    entries = catalog.entries(open_store(cfg.store))
+    entries = catalog.entries(cfg.open_store())
     if args.json:
         for e in entries:
             print(json.dumps(e.to_dict(), sort_keys=True))

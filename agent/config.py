@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 
 from .errors import ConfigError
+from .stores import Store, StoreOptions, open_store
 
 FORMATS = ("cachedir", "megacache")
 DEFAULT_FORMAT = "cachedir"  # measured faster on the node; see README "Measured"
@@ -73,6 +74,10 @@ class Config:
     require: bool = False
     workloads: tuple[Workload, ...] = ()
     source: str = "<defaults>"
+    store_options: StoreOptions = StoreOptions()
+
+    def open_store(self) -> Store:
+        return open_store(self.store, self.store_options)
 
     @property
     def marker_path(self) -> Path:
@@ -122,6 +127,8 @@ def load(
             text = p.read_text()
         except OSError as e:
             raise ConfigError(f"{p}: cannot read the config file: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: is not UTF-8 text; save the config as UTF-8") from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -134,22 +141,35 @@ def load(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping, got {_kind(loaded)}")
         raw = loaded
+    origins: dict[str, str] = {}
     for var, key in ENV_VARS.items():
         if environ.get(var, "") != "":
-            raw[key] = environ[var]
+            raw[key] = _from_cwd(key, environ[var])
+            origins[key] = f"{key} (from ${var})"
     for key, value in (overrides or {}).items():
         if value is not None:
-            raw[key] = value
-    return _parse(raw, source, base)
+            raw[key] = _from_cwd(key, value)
+            origins[key] = f"{key} (from the command line)"
+    return _parse(raw, source, base, origins)
 
 
-def _parse(raw: dict[str, Any], source: str, base: Path) -> Config:
-    v = _Validator(source)
-    known = {"store", "cache_dir", "format", "marker", "require", "workloads"}
+def _from_cwd(key: str, value: Any) -> Any:
+    """Relative paths given in the environment or on the command line mean the working dir."""
+    if key in ("store", "cache_dir", "marker") and isinstance(value, str) and "://" not in value:
+        return os.path.abspath(value) if value and "\0" not in value else value
+    return value
+
+
+def _parse(
+    raw: dict[str, Any], source: str, base: Path, origins: dict[str, str] | None = None
+) -> Config:
+    v = _Validator(source, origins or {})
+    known = {"store", "store_options", "cache_dir", "format", "marker", "require", "workloads"}
     v.no_unknown(raw, known, "")
     if "store" not in raw:
         v.fail("store", "is required: a store URL such as file:///var/lib/torchwarm/store")
     store = _store_url(v, raw["store"], base)
+    store_options = _store_options(v, raw.get("store_options"))
     if "cache_dir" not in raw:
         v.fail("cache_dir", "is required: the TORCHINDUCTOR_CACHE_DIR of the main process")
     cache_dir = _path(v, "cache_dir", raw["cache_dir"], base)
@@ -164,11 +184,11 @@ def _parse(raw: dict[str, Any], source: str, base: Path) -> Config:
     for i, n in enumerate(names):
         if n in names[:i]:
             v.fail(f"workloads[{i}].name", f"duplicate workload name {n!r}")
-    return Config(store, cache_dir, fmt, marker, require, workloads, source)
+    return Config(store, cache_dir, fmt, marker, require, workloads, source, store_options)
 
 
 def _store_url(v: _Validator, value: Any, base: Path) -> str:
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or "\0" in value:
         v.fail("store", f"must be a URL string, got {_kind(value)}")
     if "://" in value:
         return value
@@ -176,9 +196,22 @@ def _store_url(v: _Validator, value: Any, base: Path) -> str:
     return (base / value).resolve().as_uri()
 
 
+def _store_options(v: _Validator, value: Any) -> StoreOptions:
+    if value is None:
+        return StoreOptions()
+    if not isinstance(value, dict):
+        v.fail("store_options", f"must be a mapping, got {_kind(value)}")
+    known = {f.name: f for f in fields(StoreOptions)}
+    v.no_unknown(value, set(known), "store_options")
+    try:
+        return StoreOptions(**value)
+    except (TypeError, ValueError, ConfigError) as e:
+        v.fail("store_options", f"is invalid: {e}")
+
+
 def _path(v: _Validator, key: str, value: Any, base: Path) -> Path:
-    if not isinstance(value, str) or not value:
-        v.fail(key, f"must be a path string, got {_kind(value)}")
+    if not isinstance(value, str) or not value or "\0" in value:
+        v.fail(key, f"must be a path string without NUL characters, got {_kind(value)}")
     return (base / os.path.expanduser(value)).resolve()
 
 
@@ -191,10 +224,10 @@ def _workload(v: _Validator, at: str, w: Any) -> Workload:
         if req not in w:
             v.fail(f"{at}.{req}", "is required")
     name = w["name"]
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         v.fail(f"{at}.name", "must be 1-64 characters of letters, digits, '.', '_', '-'")
     model = w["model"]
-    if not isinstance(model, str) or not _FACTORY.match(model):
+    if not isinstance(model, str) or not _FACTORY.fullmatch(model):
         v.fail(f"{at}.model", "must be 'package.module:callable', e.g. agent.models:mlp")
     kwargs = w.get("model_kwargs", {})
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
@@ -204,7 +237,7 @@ def _workload(v: _Validator, at: str, w: Any) -> Workload:
         v.fail(f"{at}.inputs", "must be a non-empty list of input sets (one per batch size)")
     sets = tuple(_input_set(v, f"{at}.inputs[{i}]", s) for i, s in enumerate(inputs))
     device = w.get("device", "cpu")
-    if not isinstance(device, str) or not re.match(r"^(cpu|cuda(:\d+)?|xpu(:\d+)?)$", device):
+    if not isinstance(device, str) or not re.fullmatch(r"(cpu|cuda(:\d+)?|xpu(:\d+)?)", device):
         v.fail(f"{at}.device", "must be 'cpu', 'cuda' or 'cuda:N'")
     mode = v.choice(f"{at}.mode", w.get("mode", "inference"), MODES)
     seed = w.get("seed", 0)
@@ -267,6 +300,12 @@ def _tensor(v: _Validator, at: str, t: Any) -> TensorSpec:
     return TensorSpec(tuple(shape), dtype, tuple(dynamic), high)
 
 
+def _show(key: Any) -> str:
+    """A key as written, or quoted when it would not read as one plain word."""
+    s = str(key)
+    return s if re.fullmatch(r"[\w.-]+", s) else repr(key)
+
+
 def _posint(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
@@ -278,17 +317,18 @@ def _kind(x: Any) -> str:
 
 
 class _Validator:
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, origins: dict[str, str]) -> None:
         self.source = source
+        self.origins = origins
 
     def fail(self, key: str, what: str) -> NoReturn:
-        raise ConfigError(f"{self.source}: {key or '(top level)'} {what}")
+        raise ConfigError(f"{self.source}: {self.origins.get(key, key) or '(top level)'} {what}")
 
     def no_unknown(self, d: dict[str, Any], known: set[str], at: str) -> None:
         for k in d:
             if k not in known:
                 self.fail(
-                    f"{at}.{k}" if at else str(k),
+                    f"{at}.{_show(k)}" if at else _show(k),
                     f"is not a known key; expected one of: {', '.join(sorted(known))}",
                 )
 

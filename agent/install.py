@@ -73,6 +73,9 @@ def install(cache_dir: Path, fill: Callable[[Path], None]) -> None:
             _link_tree(cache_dir, staging)
         fill(staging)
         fsync_tree(staging)
+    except OSError as e:
+        _rmtree(staging)
+        raise InstallError(f"cannot build the new cache tree in {staging}: {e}") from None
     except BaseException:
         _rmtree(staging)
         raise

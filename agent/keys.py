@@ -11,18 +11,21 @@ import re
 BLOBS = "blobs/sha256/"
 MANIFESTS = "manifests/v1/"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_WORKLOAD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _FP = re.compile(r"^[0-9a-f]{32}$")
 _MANIFEST = re.compile(r"^manifests/v1/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/([0-9a-f]{32})\.json$")
 
 
 def blob_key(sha256: str) -> str:
-    if not _SHA256.match(sha256):
+    if not _SHA256.fullmatch(sha256):
         raise ValueError(f"not a sha256 hex digest: {sha256!r}")
     return f"{BLOBS}{sha256[:2]}/{sha256}"
 
 
 def manifest_key(workload: str, fingerprint_digest: str) -> str:
-    if not _FP.match(fingerprint_digest):
+    if not _WORKLOAD.fullmatch(workload):
+        raise ValueError(f"not a workload name: {workload!r}")
+    if not _FP.fullmatch(fingerprint_digest):
         raise ValueError(f"not a fingerprint digest: {fingerprint_digest!r}")
     return f"{MANIFESTS}{workload}/{fingerprint_digest}.json"
 
@@ -33,7 +36,7 @@ def workload_prefix(workload: str) -> str:
 
 def parse_manifest_key(key: str) -> tuple[str, str] | None:
     """(workload, fingerprint digest) for a manifest key; None for any other key."""
-    m = _MANIFEST.match(key)
+    m = _MANIFEST.fullmatch(key)
     return (m.group(1), m.group(2)) if m else None
 
 
@@ -43,4 +46,4 @@ def parse_blob_key(key: str) -> str | None:
         return None
     rest = key[len(BLOBS) :]
     head, _, digest = rest.partition("/")
-    return digest if _SHA256.match(digest) and head == digest[:2] else None
+    return digest if _SHA256.fullmatch(digest) and head == digest[:2] else None

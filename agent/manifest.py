@@ -99,8 +99,8 @@ def parse(data: bytes, where: str) -> Manifest:
         raise bad(f"is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} limit")
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise bad(f"is not valid JSON ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise bad(f"is not valid JSON ({type(e).__name__})") from None
     if not isinstance(doc, dict):
         raise bad("is not a JSON object")
     version = doc.get("format_version")
@@ -154,7 +154,7 @@ def _blob(b: Any, i: int, bad: Any) -> BlobRef:
     role, sha, size, media = b.get("role"), b.get("sha256"), b.get("size"), b.get("media_type")
     if not isinstance(role, str) or not isinstance(media, str):
         raise bad(f"blobs[{i}] needs string 'role' and 'media_type'")
-    if not isinstance(sha, str) or not _SHA256.match(sha):
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
         raise bad(f"blobs[{i}].sha256 is not 64 lowercase hex digits")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise bad(f"blobs[{i}].size is not a non-negative integer")

@@ -24,7 +24,7 @@ from .errors import IntegrityError, NoCacheForFingerprint, StoreError, Torchwarm
 from .fsutil import atomic_write_bytes
 from .manifest import Manifest
 from .resolve import Miss, resolve
-from .stores import Store, open_store
+from .stores import Store
 
 
 @dataclass
@@ -65,7 +65,7 @@ def pull(cfg: Config, names: str | None = None, require: bool | None = None) -> 
         fields = fingerprint.collect(scratch=work / "fingerprint-scratch")
         timings["fingerprint_s"] = time.perf_counter() - t0
         fp = fingerprint.digest(fields)
-        store = open_store(cfg.store)
+        store = cfg.open_store()
         downloads = work / f"downloads-{os.getpid()}"
         downloads.mkdir(parents=True, exist_ok=True)
         try:

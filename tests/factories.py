@@ -1,0 +1,166 @@
+"""Small factories for the spine tests: manifests, configs, cache trees, archives, stores."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from agent import archive
+from agent.formats import Captured
+from agent.manifest import BlobRef, Manifest
+from agent.stores.local import LocalStore
+
+FIELDS: dict[str, Any] = {
+    "fingerprint_version": 1,
+    "machine": "x86_64",
+    "os": "Linux",
+    "torch": "2.7.0+cpu",
+    "torch_key": "ab" * 16,
+    "cpu_vec_isa": "avx2",
+    "threads": 8,
+    "gpus": [],
+    "compile_env": {},
+}
+
+
+def fields(**changes: Any) -> dict[str, Any]:
+    """A made-up fingerprint dict; keyword arguments replace fields."""
+    return {**FIELDS, **changes}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def blob(role: str = "cachedir", data: bytes = b"blob", media_type: str = archive.MEDIA_TYPE):
+    return BlobRef(role, sha256(data), len(data), media_type)
+
+
+def manifest(
+    workload: str = "mlp",
+    fmt: str = "cachedir",
+    fingerprint: dict[str, Any] | None = None,
+    blobs: tuple[BlobRef, ...] | None = None,
+    **extra: Any,
+) -> Manifest:
+    """A valid Manifest; `blobs` defaults to one blob per role the format needs."""
+    if blobs is None:
+        roles = ("cachedir",) if fmt == "cachedir" else ("kernels", "megacache")
+        blobs = tuple(blob(r, r.encode()) for r in roles)
+    extra.setdefault("created_at", "2024-01-02T03:04:05Z")
+    extra.setdefault("created_by", "torchwarm test")
+    extra.setdefault("warmup", {"input_sets": [[{"shape": [4, 64], "dynamic": [0]}]]})
+    return Manifest(workload, fingerprint or fields(), fmt, blobs, **extra)
+
+
+def write_config(folder: Path, text: str, name: str = "torchwarm.yaml") -> Path:
+    """Write YAML `text` (dedented) to `folder/name` and return the path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def minimal_config(folder: Path, extra: str = "", store: str = "store") -> Path:
+    """A valid config with one CPU workload, relative paths, and `extra` YAML appended."""
+    text = textwrap.dedent(f"""\
+        store: {store}
+        cache_dir: node/inductor
+        workloads:
+          - name: mlp
+            model: agent.models:mlp
+            inputs:
+              - [{{shape: [4, 64]}}]
+        """)
+    return write_config(folder, text + textwrap.dedent(extra))
+
+
+def make_tree(root: Path, files: dict[str, bytes], mtime: float | None = None) -> Path:
+    """Create `files` (relative path -> bytes) under `root`; optionally set every mtime."""
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        if mtime is not None:
+            os.utime(path, (mtime, mtime))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def read_tree(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under `root`: relative path -> (bytes, permission bits)."""
+    out = {}
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            p = Path(dirpath, name)
+            out[p.relative_to(root).as_posix()] = (p.read_bytes(), p.stat().st_mode & 0o7777)
+    return out
+
+
+@dataclass
+class Member:
+    """One hand-made tar member: name, type, mode, data, link target."""
+
+    name: str
+    data: bytes = b"x"
+    type: bytes = tarfile.REGTYPE
+    mode: int = 0o644
+    linkname: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def hand_archive(dest: Path, members: list[Member]) -> Path:
+    """Write a tar+zstd archive member by member, with no safety checks (for hostile ones)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for m in members:
+            info = tarfile.TarInfo(m.name)
+            info.type = m.type
+            info.mode = m.mode
+            info.linkname = m.linkname
+            for k, v in m.extra.items():
+                setattr(info, k, v)
+            if m.type == tarfile.REGTYPE:
+                info.size = len(m.data)
+                tar.addfile(info, io.BytesIO(m.data))
+            else:
+                tar.addfile(info)
+    dest.write_bytes(zstandard.ZstdCompressor().compress(buf.getvalue()))
+    return dest
+
+
+def captured(folder: Path, role: str, data: bytes) -> Captured:
+    """A Captured blob file holding `data`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{role}.bin"
+    path.write_bytes(data)
+    return Captured(role, path, archive.MEDIA_TYPE)
+
+
+class RecordingStore:
+    """Wraps a store and logs (method, key) for every call, in order."""
+
+    def __init__(self, inner: LocalStore) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.calls: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+
+        def recorded(key: str, *args: Any, **kwargs: Any) -> Any:
+            self.calls.append((name, key))
+            return method(key, *args, **kwargs)
+
+        return recorded
+
+    def writes(self) -> list[tuple[str, str]]:
+        return [c for c in self.calls if c[0] in ("put", "put_file", "put_if_absent")]

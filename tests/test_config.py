@@ -1,0 +1,267 @@
+"""config.load: the shipped example, one-line errors naming file and key path, precedence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from factories import minimal_config, write_config
+from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import strategies as st
+
+from agent import config
+from agent.errors import ConfigError
+
+# No explain phase: it re-runs a failing example hundreds of times (~20 s).
+PHASES = (Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_error(path: Path, **kwargs) -> str:
+    """The message of the ConfigError that loading `path` raises, checked to be one line."""
+    kwargs.setdefault("environ", {})
+    with pytest.raises(ConfigError) as e:
+        config.load(path, **kwargs)
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def test_example_config_parses():
+    """The shipped configs/example.yaml loads into a Config with its one workload."""
+    cfg = config.load(REPO / "configs" / "example.yaml", environ={})
+    assert cfg.store.startswith("file:///")
+    assert cfg.format == "cachedir"
+    assert [w.name for w in cfg.workloads] == ["mlp"]
+    assert cfg.workloads[0].inputs[0][0].dynamic == (0,)
+
+
+def test_missing_store_names_file_and_key(tmp_path):
+    """A config without `store` is a one-line error naming the file and the key."""
+    path = write_config(tmp_path, "cache_dir: x\n")
+    msg = load_error(path)
+    assert msg.startswith(f"{path}: store is required")
+
+
+def test_bad_dtype_names_its_key_path(tmp_path):
+    """A bad dtype deep in a workload names its full key path and the allowed dtypes."""
+    path = minimal_config(tmp_path)
+    text = path.read_text().replace(
+        "- [{shape: [4, 64]}]", "- [{shape: [4, 64]}]\n      - [{shape: [1, 64], dtype: f32}]"
+    )
+    path.write_text(text)
+    msg = load_error(path)
+    assert str(path) in msg
+    assert "workloads[0].inputs[1][0].dtype" in msg
+    assert "'f32'" in msg and "bfloat16" in msg
+
+
+def test_unknown_key_lists_the_known_ones(tmp_path):
+    """An unknown top-level key is named, with the list of known keys."""
+    msg = load_error(minimal_config(tmp_path, "colour: blue\n"))
+    assert "colour is not a known key" in msg
+    assert "cache_dir, format, marker, require, store, store_options, workloads" in msg
+
+
+def test_unknown_nested_key_names_its_path(tmp_path):
+    """An unknown key inside a workload's compile options names its dotted path."""
+    path = minimal_config(tmp_path)
+    path.write_text(path.read_text() + "    compile: {backnd: inductor}\n")
+    assert "workloads[0].compile.backnd is not a known key" in load_error(path)
+
+
+def test_yaml_syntax_error_has_line_number(tmp_path):
+    """A YAML syntax error names the file and the line it was found on."""
+    path = write_config(tmp_path, "store: s\ncache_dir: c\nworkloads: [\n  {name: a\n")
+    msg = load_error(path)
+    assert msg.startswith(f"{path} at line ")
+    assert "fix the YAML syntax" in msg
+
+
+def test_duplicate_workload_names_refused(tmp_path):
+    """Two workloads with one name are refused, naming the second one's key."""
+    path = minimal_config(tmp_path)
+    body = path.read_text().split("workloads:\n", 1)[1]
+    path.write_text(path.read_text() + body)
+    msg = load_error(path)
+    assert "workloads[1].name duplicate workload name 'mlp'" in msg
+
+
+def test_workload_name_with_trailing_newline_refused(tmp_path):
+    """A workload name ending in a newline is not a valid name (it would end up in store keys)."""
+    path = minimal_config(tmp_path)
+    path.write_text(path.read_text().replace("name: mlp", 'name: "mlp\\n"'))
+    assert "workloads[0].name must be" in load_error(path)
+
+
+def test_inputs_not_a_list_refused(tmp_path):
+    """`inputs` given as a string is refused, naming the key."""
+    path = minimal_config(tmp_path)
+    path.write_text(path.read_text().replace("inputs:\n      - [{shape: [4, 64]}]", "inputs: x"))
+    assert "workloads[0].inputs must be a non-empty list" in load_error(path)
+
+
+def test_top_level_not_a_mapping_refused(tmp_path):
+    """A YAML list at the top level is a ConfigError, not a crash."""
+    assert "top level must be a mapping" in load_error(write_config(tmp_path, "- a\n- b\n"))
+
+
+def test_missing_file_is_config_error(tmp_path):
+    """A config path that does not exist is a ConfigError naming it."""
+    assert "cannot read the config file" in load_error(tmp_path / "nope.yaml")
+
+
+def test_file_not_utf8_is_config_error(tmp_path):
+    """A config file that is not UTF-8 text is a ConfigError, not a UnicodeDecodeError."""
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"store: \xff\xfe\n")
+    assert str(path) in load_error(path)
+
+
+def test_null_byte_in_path_is_config_error(tmp_path):
+    """A cache_dir with a NUL character is a ConfigError naming the key, not a ValueError."""
+    path = minimal_config(tmp_path)
+    path.write_text(path.read_text().replace("cache_dir: node/inductor", 'cache_dir: "a\\0b"'))
+    assert "cache_dir" in load_error(path)
+
+
+def test_unknown_key_with_newline_is_one_line(tmp_path):
+    """An unknown key holding a line break is quoted, so the error stays one line."""
+    load_error(minimal_config(tmp_path, '"a\\nb": 1\n'))
+
+
+def test_default_format_when_yaml_says_nothing(tmp_path):
+    """Without a `format` key anywhere, the built-in default applies."""
+    cfg = config.load(minimal_config(tmp_path), environ={})
+    assert cfg.format == config.DEFAULT_FORMAT
+    assert cfg.require is False
+
+
+def test_yaml_beats_defaults(tmp_path):
+    """A `format` in the YAML replaces the default."""
+    cfg = config.load(minimal_config(tmp_path, "format: megacache\n"), environ={})
+    assert cfg.format == "megacache"
+
+
+def test_environment_beats_yaml(tmp_path):
+    """TORCHWARM_FORMAT and TORCHWARM_REQUIRE replace the YAML values."""
+    path = minimal_config(tmp_path, "format: megacache\nrequire: false\n")
+    cfg = config.load(path, environ={"TORCHWARM_FORMAT": "cachedir", "TORCHWARM_REQUIRE": "yes"})
+    assert (cfg.format, cfg.require) == ("cachedir", True)
+
+
+def test_empty_environment_variable_is_ignored(tmp_path):
+    """An empty TORCHWARM_FORMAT leaves the YAML value in place."""
+    cfg = config.load(
+        minimal_config(tmp_path, "format: megacache\n"), environ={"TORCHWARM_FORMAT": ""}
+    )
+    assert cfg.format == "megacache"
+
+
+def test_overrides_beat_environment(tmp_path):
+    """A flag override replaces the environment value; a None override changes nothing."""
+    path = minimal_config(tmp_path, "format: cachedir\n")
+    env = {"TORCHWARM_FORMAT": "megacache", "TORCHWARM_STORE": "file:///env"}
+    cfg = config.load(path, overrides={"format": "cachedir", "store": None}, environ=env)
+    assert cfg.format == "cachedir"
+    assert cfg.store == "file:///env"
+
+
+def test_bad_environment_value_is_config_error(tmp_path):
+    """A TORCHWARM_REQUIRE that is not a boolean is a ConfigError naming `require`."""
+    msg = load_error(minimal_config(tmp_path), environ={"TORCHWARM_REQUIRE": "maybe"})
+    assert "require (from $TORCHWARM_REQUIRE) is 'maybe'" in msg
+
+
+def test_relative_paths_resolve_against_config_folder(tmp_path, monkeypatch):
+    """cache_dir and marker are relative to the config file's folder, not the cwd."""
+    folder = tmp_path / "etc"
+    path = minimal_config(folder, "marker: run/ready.json\n")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = config.load(Path("..") / "etc" / path.name, environ={})
+    assert cfg.cache_dir == (folder / "node" / "inductor").resolve()
+    assert cfg.marker_path == (folder / "run" / "ready.json").resolve()
+
+
+def test_default_marker_beside_cache_dir(tmp_path):
+    """Without `marker`, the ready marker lives in the cache dir's parent."""
+    cfg = config.load(minimal_config(tmp_path), environ={})
+    assert cfg.marker_path == cfg.cache_dir.parent / "torchwarm-ready.json"
+
+
+def test_bare_store_path_becomes_file_url(tmp_path):
+    """A store given as a relative path becomes a file:// URL under the config's folder."""
+    cfg = config.load(minimal_config(tmp_path, store="../shared/store"), environ={})
+    assert cfg.store == (tmp_path.parent / "shared" / "store").resolve().as_uri()
+
+
+def test_store_url_kept_as_is(tmp_path):
+    """A store given as a URL is not rewritten."""
+    cfg = config.load(minimal_config(tmp_path, store="s3://bucket/prefix"), environ={})
+    assert cfg.store == "s3://bucket/prefix"
+
+
+def test_unknown_workload_lists_known(tmp_path):
+    """Config.workload on an unknown name says which names exist."""
+    cfg = config.load(minimal_config(tmp_path), environ={})
+    with pytest.raises(ConfigError, match="no workload named 'x'; known: mlp"):
+        cfg.workload("x")
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    return tmp_path_factory.mktemp("property")
+
+
+# Values YAML can represent; keys biased towards the ones config.py knows.
+_KEYS = st.sampled_from(
+    ["store", "cache_dir", "format", "marker", "require", "workloads", "name", "model",
+     "inputs", "shape", "dtype", "dynamic", "high", "compile", "mode", "seed", "device",
+     "model_kwargs", "backend", "fullgraph"]
+) | st.text(max_size=8)  # fmt: skip
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=12)
+    | st.sampled_from(
+        ["cpu", "float32", "agent.models:mlp", "mlp", "file:///tmp/s", "a/b", "a\x00b"]
+    )
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_KEYS, inner, max_size=5),
+    max_leaves=25,
+)
+_WORKLOAD = st.fixed_dictionaries(
+    {"name": st.text(max_size=6), "model": _SCALARS, "inputs": _VALUES},
+    optional={"compile": _VALUES, "device": _SCALARS, "seed": _SCALARS, "mode": _SCALARS},
+)
+_CONFIGS = st.dictionaries(_KEYS, _VALUES, max_size=7) | st.fixed_dictionaries(
+    {"store": _SCALARS, "cache_dir": _SCALARS, "workloads": st.lists(_WORKLOAD, max_size=2)},
+    optional={"format": _SCALARS, "marker": _SCALARS, "require": _SCALARS},
+)
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    database=None,
+    phases=PHASES,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(doc=_CONFIGS)
+@example(doc={"store": "a\x00b", "cache_dir": "c"})  # found by this test; see the NUL test
+def test_any_yaml_mapping_gives_config_or_config_error(scratch, doc):
+    """Whatever mapping the YAML holds, load returns a Config or raises ConfigError only."""
+    path = scratch / "c.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    try:
+        result = config.load(path, environ={})
+    except ConfigError:
+        return
+    assert isinstance(result, config.Config)

@@ -1,0 +1,169 @@
+"""install swaps a complete new tree into the cache dir, or leaves it exactly as it was."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from factories import Member, hand_archive, make_tree, read_tree
+
+from agent import archive, install
+from agent.errors import InstallError
+
+OLD = {"fxgraph/aa/old": b"old entry", "shared": b"old shared"}
+
+
+def run_install(cache_dir, fill):
+    with install.locked(cache_dir):
+        install.install(cache_dir, fill)
+
+
+def writer(files):
+    """A fill that writes `files` into the staging folder, replacing (never writing through)."""
+
+    def fill(staging):
+        for rel, data in files.items():
+            p = staging / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.unlink(missing_ok=True)
+            p.write_bytes(data)
+
+    return fill
+
+
+def leftovers(cache_dir):
+    """Whatever staging/previous/download folders remain in the workdir."""
+    work = install.workdir(cache_dir)
+    return sorted(p.name for p in work.iterdir() if p.name != "lock") if work.exists() else []
+
+
+def test_install_creates_missing_cache_dir(tmp_path):
+    """Installing into a cache dir that does not exist creates it with the content."""
+    cache = tmp_path / "node" / "inductor"
+    run_install(cache, writer({"fxgraph/x": b"new"}))
+    assert read_tree(cache) == {"fxgraph/x": (b"new", 0o644)}
+    assert leftovers(cache) == []
+
+
+def test_install_keeps_old_entries_and_adds_new(tmp_path):
+    """Installing over an existing tree keeps what was there, adds and replaces files."""
+    cache = make_tree(tmp_path / "inductor", OLD)
+    run_install(cache, writer({"fxgraph/bb/new": b"new entry", "shared": b"new shared"}))
+    got = {k: v[0] for k, v in read_tree(cache).items()}
+    assert got == {"fxgraph/aa/old": b"old entry", "fxgraph/bb/new": b"new entry",
+                   "shared": b"new shared"}  # fmt: skip
+    assert leftovers(cache) == []
+
+
+def test_install_with_archive_does_not_touch_old_inode(tmp_path):
+    """A file the archive replaces is a new inode: an old open reader still sees the old bytes."""
+    cache = make_tree(tmp_path / "inductor", OLD)
+    blob = hand_archive(tmp_path / "a.tzst", [Member("shared", b"from archive")])
+    with (cache / "shared").open("rb") as reader:
+        run_install(cache, lambda staging: archive.extract(blob, staging))
+        assert reader.read() == b"old shared"
+    assert (cache / "shared").read_bytes() == b"from archive"
+
+
+def test_failing_fill_leaves_cache_dir_untouched(tmp_path):
+    """A fill that raises leaves the cache dir byte-for-byte as it was, and no staging folder."""
+    cache = make_tree(tmp_path / "inductor", OLD)
+    before = read_tree(cache)
+    blob = hand_archive(tmp_path / "a.tzst", [Member("shared", b"overwritten?")])
+
+    def fill(staging):
+        archive.extract(blob, staging)
+        (staging / "fxgraph/aa/old").unlink()
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_install(cache, fill)
+    assert read_tree(cache) == before
+    assert leftovers(cache) == []
+
+
+def test_failing_fill_on_missing_cache_dir_creates_nothing(tmp_path):
+    """A fill that raises when there was no cache dir leaves no cache dir."""
+    cache = tmp_path / "inductor"
+
+    def fill(staging):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        run_install(cache, fill)
+    assert not cache.exists()
+    assert leftovers(cache) == []
+
+
+def test_two_rename_fallback_installs(tmp_path, monkeypatch):
+    """Where renameat2 is unavailable, the two-rename swap installs and leaves no previous tree."""
+    monkeypatch.setattr(install, "_exchange", lambda a, b: False)
+    cache = make_tree(tmp_path / "inductor", OLD)
+    run_install(cache, writer({"new": b"n"}))
+    assert set(read_tree(cache)) == {*OLD, "new"}
+    assert leftovers(cache) == []
+
+
+def test_recover_restores_previous_tree_after_crash(tmp_path):
+    """A `previous-*` tree with no cache dir (crash between the two renames) is put back."""
+    cache = tmp_path / "inductor"
+    work = install.workdir(cache)
+    make_tree(work / "previous-4242", OLD)
+    with install.locked(cache):
+        pass
+    assert read_tree(cache) == read_tree(make_tree(tmp_path / "expected", OLD))
+    assert leftovers(cache) == []
+
+
+def test_recover_keeps_newest_previous_tree(tmp_path):
+    """With two `previous-*` trees and no cache dir, the most recent one is restored."""
+    cache = tmp_path / "inductor"
+    work = install.workdir(cache)
+    older = make_tree(work / "previous-1", {"v": b"older"})
+    make_tree(work / "previous-2", {"v": b"newer"})
+    os.utime(older, (1_000_000, 1_000_000))
+    with install.locked(cache):
+        pass
+    assert (cache / "v").read_bytes() == b"newer"
+    assert leftovers(cache) == []
+
+
+def test_recover_drops_previous_when_cache_dir_exists(tmp_path):
+    """A `previous-*` tree beside an existing cache dir (crash after the swap) is deleted."""
+    cache = make_tree(tmp_path / "inductor", {"current": b"c"})
+    make_tree(install.workdir(cache) / "previous-7", OLD)
+    with install.locked(cache):
+        pass
+    assert read_tree(cache) == {"current": (b"c", 0o644)}
+    assert leftovers(cache) == []
+
+
+def test_recover_deletes_stale_staging(tmp_path):
+    """A `staging-*` folder left by a killed installer is removed; the cache dir is kept."""
+    cache = make_tree(tmp_path / "inductor", OLD)
+    make_tree(install.workdir(cache) / "staging-999", {"half": b"installed"})
+    make_tree(install.workdir(cache) / "downloads-999", {"blob.part": b"x"})
+    with install.locked(cache):
+        pass
+    assert set(read_tree(cache)) == set(OLD)
+    assert leftovers(cache) == []
+
+
+def test_mount_point_cache_dir_refused(tmp_path, monkeypatch):
+    """A cache dir that is a mount point is refused with InstallError, before anything is made."""
+    cache = make_tree(tmp_path / "inductor", OLD)
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == str(cache) or real(p))
+    with pytest.raises(InstallError, match="is a mount point"), install.locked(cache):
+        pass
+    assert not install.workdir(cache).exists()
+
+
+def test_unusable_parent_is_install_error(tmp_path):
+    """A cache dir whose parent is a regular file is an InstallError, not an OSError."""
+    (tmp_path / "file").write_bytes(b"")
+    with (
+        pytest.raises(InstallError, match="cannot create"),
+        install.locked(tmp_path / "file" / "inductor"),
+    ):
+        pass
