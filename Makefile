@@ -1,0 +1,40 @@
+# The two commands of the quick start, and a few more. Each installs what it needs
+# into .venv/ in this checkout (torch 2.13.0 CPU build pinned for dev and tests only).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench bench-transfer clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+## demo: seed warm-up → local-folder store → fresh node pull; prints cold / node / local-warm
+demo: $(STAMP)
+	$(BIN)/python bench/first_call.py --formats config --repeat 1
+
+## test: lint, then the whole suite (real S3/GCS servers on 127.0.0.1, real compiles)
+test: $(STAMP)
+	$(BIN)/ruff check agent tests bench
+	$(BIN)/ruff format --check agent tests bench
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
+
+lint: $(STAMP)
+	$(BIN)/ruff check agent tests bench
+	$(BIN)/ruff format --check agent tests bench
+
+## bench: first-call seconds per format (3 fresh nodes each), and zstd vs gzip
+bench: $(STAMP)
+	$(BIN)/python bench/first_call.py --repeat 3
+	$(BIN)/python bench/compression.py
+
+bench-transfer: $(STAMP)
+	$(BIN)/python bench/transfer.py
+
+clean:
+	rm -rf $(VENV) .torchwarm
