@@ -19,6 +19,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .torchenv import torch_cache_dir
 
 # Bump when the set or meaning of fields changes: old and new agents then never share.
@@ -57,7 +58,13 @@ def collect(scratch: Path | None = None) -> dict[str, Any]:
     if scratch is not None:
         with torch_cache_dir(scratch):
             return collect()
-    import torch
+    try:
+        import torch
+    except ImportError as e:
+        raise ConfigError(
+            f"cannot import torch ({e}); the fingerprint is read from the app's own torch: "
+            "run torchwarm in the app's image or virtualenv"
+        ) from None
     from torch._inductor.codecache import torch_key
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
