@@ -99,7 +99,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(SLOWDOWN)))
             self.end_headers()
-            self.wfile.write(SLOWDOWN)
+            if self.command != "HEAD":  # a HEAD answer has no body (RFC 9110)
+                self.wfile.write(SLOWDOWN)
             return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         if "Transfer-Encoding" in self.headers:

@@ -1,0 +1,200 @@
+"""End to end over S3 (SeaweedFS): seed capture → CLI push → a fresh node process pulls and hits.
+
+The config names the endpoint and addressing options only; credentials reach each CLI
+process through its environment, never through the config or this process's environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import yaml
+from botocore.config import Config as BotoConfig
+from conftest import WORKLOAD, Seed, torchwarm, write_config
+from servers import AWS_ENV_TO_HIDE, BUCKET, FAKE_AWS_ENV, S3Server
+from test_store_faults import FaultProxy
+
+pytestmark = pytest.mark.compile
+
+N_SETS = len(WORKLOAD["inputs"])
+S3_OPTIONS = {"path_style": True, "request_checksum_calculation": "when_required",
+              "region": "us-east-1"}  # fmt: skip
+
+
+@dataclass
+class S3Node:
+    """A node config whose store is s3://BUCKET/<prefix> at `endpoint`, and its empty cache dir."""
+
+    config: Path
+    endpoint: str
+    prefix: str
+    cache_dir: Path
+
+    def push(self, seed: Seed, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return torchwarm(
+            "push", "-c", str(self.config), "--from", str(seed.out("cachedir")),
+            env=FAKE_AWS_ENV, check=check,
+        )  # fmt: skip
+
+    def pull(self, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return torchwarm("pull", "-c", str(self.config), *extra, env=FAKE_AWS_ENV, check=check)
+
+    def probe(self) -> dict[str, Any]:
+        proc = torchwarm("probe", "-c", str(self.config), "--json", env=FAKE_AWS_ENV)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def keys(self, under: str) -> list[str]:
+        """Keys below `under` in this node's store, read with a client of the test's own."""
+        client = _client(self.endpoint)
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=BUCKET, Prefix=f"{self.prefix}/{under}"
+        )
+        return [o["Key"][len(self.prefix) + 1 :] for p in pages for o in p.get("Contents", [])]
+
+    def read(self, key: str) -> bytes:
+        obj = _client(self.endpoint).get_object(Bucket=BUCKET, Key=f"{self.prefix}/{key}")
+        return obj["Body"].read()
+
+
+def _client(endpoint: str) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=FAKE_AWS_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=FAKE_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        config=BotoConfig(s3={"addressing_style": "path"}),
+    )
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_aws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing AWS in this process's environment: the CLI gets credentials only via `env`."""
+    for name in (*AWS_ENV_TO_HIDE, *FAKE_AWS_ENV):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def s3_node(tmp_path: Path) -> Callable[..., S3Node]:
+    """Make a node config for a fresh prefix at `endpoint`, with extra store_options."""
+
+    def make(endpoint: str, name: str = "node", **options: Any) -> S3Node:
+        base = tmp_path / name
+        base.mkdir(parents=True, exist_ok=True)
+        prefix = f"node-{uuid.uuid4().hex[:12]}"
+        cfg = write_config(
+            base / "config.yaml", f"s3://{BUCKET}/{prefix}", base / "cache" / "inductor"
+        )
+        doc = yaml.safe_load(cfg.read_text())
+        doc["store_options"] = {"endpoint_url": endpoint, **S3_OPTIONS, **options}
+        cfg.write_text(yaml.safe_dump(doc))
+        return S3Node(cfg, endpoint, prefix, base / "cache" / "inductor")
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def proxy(seaweedfs_server: S3Server) -> Iterator[FaultProxy]:
+    """The 503 fault proxy of test_store_faults.py, in front of SeaweedFS."""
+    server = FaultProxy(int(seaweedfs_server.endpoint.rsplit(":", 1)[1]))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def faulty(proxy: FaultProxy) -> Iterator[FaultProxy]:
+    """The proxy, its fault rate reset after the test."""
+    proxy.failed = 0
+    yield proxy
+    proxy.fail_rate = 0.0
+
+
+def _assert_warm(report: dict[str, Any]) -> None:
+    c = report["counters"]
+    assert c["fxgraph_cache_hit"] == N_SETS and c["fxgraph_cache_miss"] == 0
+    assert report["new_so_files"] == 0
+
+
+def test_fresh_node_pulls_from_seaweedfs_and_hits(seed, seaweedfs_server, s3_node):
+    """Push to S3 on SeaweedFS, pull --require into an empty cache dir: a new process hits."""
+    node = s3_node(seaweedfs_server.endpoint)
+    node.push(seed)
+    assert not node.cache_dir.exists()
+    assert "warm: mlp" in node.pull("--require").stdout
+    _assert_warm(node.probe())
+
+
+def test_eight_concurrent_publishers_leave_one_manifest(seed, seaweedfs_server, s3_node):
+    """Eight pushes of one workload and fingerprint at once: all exit 0, one manifest, one wins."""
+    node = s3_node(seaweedfs_server.endpoint)
+    cmd = [sys.executable, "-m", "agent.cli", "push", "-c", str(node.config),
+           "--from", str(seed.out("cachedir"))]  # fmt: skip
+    env = {**os.environ, **FAKE_AWS_ENV}
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(8)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, outs
+    stdout = "".join(out for out, _ in outs)
+    assert stdout.count(": published,") == 1 and stdout.count(": unchanged,") == 7, stdout
+    (key,) = node.keys("manifests/")
+    blobs = json.loads(node.read(key))["blobs"]
+    stored = set(node.keys("blobs/"))
+    assert blobs and {f"blobs/sha256/{b['sha256'][:2]}/{b['sha256']}" for b in blobs} <= stored
+
+
+def test_push_and_pull_survive_30_percent_503(seed, faulty, s3_node):
+    """With 30 % of requests answered 503, CLI push and pull --require succeed and the node hits."""
+    node = s3_node(faulty.endpoint)
+    faulty.fail_rate = 0.3
+    node.push(seed)
+    assert "warm: mlp" in node.pull("--require").stdout
+    assert faulty.failed > 0
+    faulty.fail_rate = 0.0
+    _assert_warm(node.probe())
+
+
+def test_all_503_pull_require_exits_3_by_the_deadline(seed, faulty, s3_node):
+    """With every request answered 503, pull --require gives up by deadline_s with one line."""
+    node = s3_node(faulty.endpoint, deadline_s=3, attempts=50)
+    node.push(seed)
+    faulty.fail_rate = 1.0
+    start = time.monotonic()
+    out = node.pull("--require", check=False)
+    wall = time.monotonic() - start
+    assert out.returncode == 3, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert "503" in line and "try again later" in line
+    gave_up = re.search(r"gave up after (\d+) attempts? in ([\d.]+) s", line)
+    assert gave_up and int(gave_up[1]) < 50 and float(gave_up[2]) <= 3 + 1, line
+    # The rest of the wall time is process start and the fingerprint (~10 s on 2 cores).
+    assert wall < 30, wall
+    assert not node.cache_dir.exists()
+
+
+def test_all_503_plain_pull_starts_cold(seed, faulty, s3_node):
+    """With every request answered 503, a fail-open pull exits 0 and says it starts cold."""
+    node = s3_node(faulty.endpoint, deadline_s=3, attempts=50)
+    faulty.fail_rate = 1.0
+    out = node.pull(check=False)
+    assert out.returncode == 0, out.stderr
+    (cold,) = [ln for ln in out.stdout.splitlines() if ln.startswith("starting cold:")]
+    assert "503" in cold
+    assert not node.cache_dir.exists()
