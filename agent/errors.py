@@ -24,8 +24,20 @@ class StoreError(TorchwarmError):
     exit_code = 3
 
 
+class TransientStoreError(StoreError):
+    """The store failed in a way that may pass: throttled, 5xx, reset, timed out.
+
+    Backends raise it; stores/retry.py retries it; the CLI maps it like any StoreError.
+    """
+
+
 class ObjectNotFound(StoreError):
     """A key the caller asked for does not exist in the store."""
+
+
+def one_line(text: str) -> str:
+    """Collapse whitespace (SDK messages hold newlines) so an error stays one line."""
+    return " ".join(text.split())
 
 
 class IntegrityError(TorchwarmError):

@@ -181,6 +181,14 @@ def test_put_file_small(store_factory: StoreFactory, tmp_path: Path) -> None:
     assert store.read("s") == b"abc" * 1000
 
 
+def test_put_file_missing_source_is_os_error(store_factory: StoreFactory, tmp_path: Path) -> None:
+    """A missing source file surfaces as FileNotFoundError, and no object appears."""
+    store = store_factory()
+    with pytest.raises(FileNotFoundError):
+        store.put_file("s", tmp_path / "absent")
+    assert not store.exists("s")
+
+
 def test_rejects_keys_that_escape(store_factory: StoreFactory) -> None:
     """Keys with '..', empty segments or a leading '/' are refused."""
     store = store_factory()

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from servers import BUCKET, S3Server, fake_aws_env, free_port, s3_options
 
-from agent.errors import ObjectNotFound, StoreError
+from agent.errors import ObjectNotFound, StoreError, TransientStoreError
 from agent.stores import open_store
-from agent.stores.retry import RetryingStore, TransientStoreError
+from agent.stores.retry import RetryingStore
 from agent.stores.s3 import S3Store
 
 MiB = 1 << 20

@@ -40,6 +40,9 @@ class Store(Protocol):
 
         The caller hashes what arrives and owns `sink` (a temp file): on error
         it discards whatever was written. Raises ObjectNotFound / StoreError.
+        Cloud backends also take `offset=N` (start at byte N) and set
+        `resumable_download = True`, so that RetryingStore can resume a broken
+        download without writing a byte twice.
         """
         ...
 

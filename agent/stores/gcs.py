@@ -21,10 +21,9 @@ from google.auth import exceptions as auth_exc
 from google.cloud import storage
 from google.cloud.storage import exceptions as media_exc
 
-from ..errors import ObjectNotFound, StoreError
+from ..errors import ObjectNotFound, StoreError, TransientStoreError, one_line
 from .base import ObjectInfo, check_key
-from .retry import TransientStoreError, one_line
-from .s3 import write_ranges_in_order
+from .transfer import write_ranges_in_order
 
 if TYPE_CHECKING:
     from . import StoreOptions

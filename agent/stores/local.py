@@ -54,7 +54,7 @@ class LocalStore:
             f.write(data)
 
     def put_file(self, key: str, path: Path) -> None:
-        with self._writing(key) as f, path.open("rb") as src:
+        with path.open("rb") as src, self._writing(key) as f:  # a bad source: OSError, as S3/GCS
             shutil.copyfileobj(src, f, _CHUNK)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:

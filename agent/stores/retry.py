@@ -30,21 +30,12 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from ..errors import StoreError
+from ..errors import StoreError, TransientStoreError, one_line
 from .base import ObjectInfo, Store
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class TransientStoreError(StoreError):
-    """The store failed in a way that may pass: throttled, 5xx, reset, timed out."""
-
-
-def one_line(text: str) -> str:
-    """Collapse whitespace (SDK messages hold newlines) so an error stays one line."""
-    return " ".join(text.split())
 
 
 class _CountingSink:

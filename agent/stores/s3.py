@@ -11,9 +11,8 @@ import contextlib
 import os
 import re
 import threading
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -34,9 +33,9 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from ..errors import ObjectNotFound, StoreError
+from ..errors import ObjectNotFound, StoreError, TransientStoreError, one_line
 from .base import ObjectInfo, check_key
-from .retry import TransientStoreError, one_line
+from .transfer import write_ranges_in_order
 
 if TYPE_CHECKING:
     from . import StoreOptions
@@ -81,40 +80,6 @@ def _new_session() -> boto3.session.Session:
         else:
             core.register_component("data_loader", _LOADER)
         return boto3.session.Session(botocore_session=core)
-
-
-def write_ranges_in_order(
-    fetch: Callable[[int, int], bytes],
-    start: int,
-    end: int,
-    chunk: int,
-    concurrency: int,
-    sink: BinaryIO,
-) -> int:
-    """Fetch bytes [start, end) as ranges on a thread pool and write them to `sink` in order.
-
-    At most `concurrency` ranges are in flight or waiting, so memory stays near
-    concurrency * chunk; the caller hashes while later ranges still download.
-    """
-    ranges = iter([(o, min(o + chunk, end)) for o in range(start, end, chunk)])
-    written = 0
-    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="torchwarm-range")
-    pending: deque[Future[bytes]] = deque()
-    try:
-        for lo, hi in ranges:
-            pending.append(pool.submit(fetch, lo, hi))
-            if len(pending) >= concurrency:
-                break
-        while pending:
-            data = pending.popleft().result()
-            sink.write(data)
-            written += len(data)
-            nxt = next(ranges, None)
-            if nxt is not None:
-                pending.append(pool.submit(fetch, *nxt))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return written
 
 
 @dataclass
