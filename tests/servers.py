@@ -29,6 +29,7 @@ from typing import Any
 
 import boto3
 import pytest
+from faultproxy import FaultProxy
 
 from agent.stores import Store, StoreOptions, open_store
 
@@ -258,3 +259,14 @@ def store_factory(
         return StoreFactory(backend, f"gs://{gcs.bucket}", StoreOptions())
     s3: S3Server = request.getfixturevalue(f"{backend}_server")
     return StoreFactory(backend, f"s3://{s3.bucket}", s3.options)
+
+
+@pytest.fixture(scope="session")
+def fault_proxy(seaweedfs_server: S3Server) -> Iterator[FaultProxy]:
+    """A FaultProxy in front of the session's SeaweedFS; tests set its fault rates."""
+    server = FaultProxy(int(seaweedfs_server.endpoint.rsplit(":", 1)[1]))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()

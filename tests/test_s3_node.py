@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,8 +23,8 @@ import pytest
 import yaml
 from botocore.config import Config as BotoConfig
 from conftest import WORKLOAD, Seed, torchwarm, write_config
-from servers import AWS_ENV_TO_HIDE, BUCKET, FAKE_AWS_ENV, S3Server
-from test_store_faults import FaultProxy
+from faultproxy import FaultProxy
+from servers import AWS_ENV_TO_HIDE, BUCKET, FAKE_AWS_ENV
 
 pytestmark = pytest.mark.compile
 
@@ -106,23 +105,12 @@ def s3_node(tmp_path: Path) -> Callable[..., S3Node]:
     return make
 
 
-@pytest.fixture(scope="module")
-def proxy(seaweedfs_server: S3Server) -> Iterator[FaultProxy]:
-    """The 503 fault proxy of test_store_faults.py, in front of SeaweedFS."""
-    server = FaultProxy(int(seaweedfs_server.endpoint.rsplit(":", 1)[1]))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.fixture
-def faulty(proxy: FaultProxy) -> Iterator[FaultProxy]:
-    """The proxy, its fault rate reset after the test."""
-    proxy.failed = 0
-    yield proxy
-    proxy.fail_rate = 0.0
+def faulty(fault_proxy: FaultProxy) -> Iterator[FaultProxy]:
+    """The fault_proxy, its fault rate reset after the test."""
+    fault_proxy.failed = 0
+    yield fault_proxy
+    fault_proxy.fail_rate = 0.0
 
 
 def _assert_warm(report: dict[str, Any]) -> None:

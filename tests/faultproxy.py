@@ -1,0 +1,116 @@
+"""A real loopback HTTP proxy that answers 503 SlowDown to a share of requests or cuts bodies.
+
+It sits between a store client and a real S3 server (the fixture `fault_proxy` in
+servers.py puts it in front of SeaweedFS); nothing in the client is mocked.
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+SLOWDOWN = (
+    b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection"}
+
+
+class FaultProxy(ThreadingHTTPServer):
+    """Forwards HTTP to `upstream`; answers 503 SlowDown to a fraction `fail_rate` of requests.
+
+    With `cut_rate`, a fraction of successful answers is cut off half-way through
+    the body (the connection closes), as a reset mid-download would.
+    The Host header is forwarded as sent, so signatures still verify upstream.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, upstream_port: int, seed: int = 1) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)  # the kernel picks a free port
+        self.upstream_port = upstream_port
+        self.fail_rate = 0.0
+        self.cut_rate = 0.0
+        self.failed = 0
+        self.cut = 0
+        self.fail_once: Callable[[str, str], bool] | None = None  # (method, path) to fail once
+        self.seen: list[tuple[str, str]] = []
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def draw(self, method: str, path: str) -> tuple[bool, bool]:
+        """Decide (answer 503, cut the body) for the next request."""
+        with self._lock:
+            self.seen.append((method, path))
+            fail = self._rng.random() < self.fail_rate
+            if self.fail_once and self.fail_once(method, path):
+                fail, self.fail_once = True, None
+            cut = not fail and self._rng.random() < self.cut_rate
+            self.failed += fail
+            self.cut += cut
+            return fail, cut
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FaultProxy
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                chunk = self.rfile.read(size + 2)[:size]
+                if not size:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return bytes(out)
+                out += chunk
+        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+    def _forward(self) -> None:
+        body = self._body()
+        fail, cut = self.server.draw(self.command, self.path)
+        if fail:
+            self.send_response(503)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(SLOWDOWN)))
+            self.end_headers()
+            if self.command != "HEAD":  # a HEAD answer has no body (RFC 9110)
+                self.wfile.write(SLOWDOWN)
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+        if "Transfer-Encoding" in self.headers:
+            headers["Content-Length"] = str(len(body))
+        upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=30)
+        try:
+            upstream.request(self.command, self.path, body=body, headers=headers)
+            resp = upstream.getresponse()
+            data = resp.read()
+            self.send_response(resp.status, resp.reason)
+            for k, v in resp.getheaders():
+                if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
+                    self.send_header(k, v)
+            length = resp.getheader("Content-Length") if self.command == "HEAD" else len(data)
+            self.send_header("Content-Length", str(length or 0))
+            self.end_headers()
+            if cut and len(data) > 1:
+                self.wfile.write(data[: len(data) // 2])
+                self.close_connection = True
+                return
+            self.wfile.write(data)
+        finally:
+            upstream.close()
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
