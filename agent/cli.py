@@ -10,6 +10,7 @@ Exit codes (one place; README "Exit codes" mirrors this table):
     6  the cache could not be installed into the cache directory
     7  a warm-up failed to compile or capture
     8  wait: the ready marker did not appear in time
+    9  the pull did not finish within its deadline (--require)
   130  interrupted
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -69,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok (a fail-open pull that starts cold included), 1 internal "
         "error, 2 bad config or usage, 3 store error, 4 verification failed, 5 no cache "
         "for this fingerprint (--require), 6 install failed, 7 warm-up failed, "
-        "8 wait timed out.",
+        "8 wait timed out, 9 pull deadline passed (--require).",
     )
     p.add_argument("--version", action="version", version=f"torchwarm {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
@@ -100,11 +102,20 @@ def _parser() -> argparse.ArgumentParser:
     pl = cmd("pull", _pull, "install the verified cache for this node's fingerprint, then "
              "write the ready marker")  # fmt: skip
     pl.add_argument("--workload", help="only this workload (default: all)")
-    pl.add_argument("--cache-dir", type=Path, help="install here (overrides the config)")
-    pl.add_argument("--marker", type=Path, help="ready marker path (overrides the config)")
-    pl.add_argument("--require", action="store_true", default=None,
-                    help="fail-closed: exit non-zero instead of starting cold")  # fmt: skip
     pl.add_argument("--json", action="store_true", help="print the pull report as JSON")
+    _pull_options(pl)
+
+    rn = cmd("run", _run, "pull, then exec COMMAND (same PID) with TORCHINDUCTOR_CACHE_DIR set")
+    rn.add_argument("--workload", help="only this workload (default: all)")
+    _pull_options(rn)
+    rn.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]",
+                    help="the main process to exec after the pull")  # fmt: skip
+
+    sv = cmd("serve", _serve, "native-sidecar mode: pull in the background, serve /readyz "
+             "(503 until installed, then 200), /healthz and /metrics until SIGTERM")  # fmt: skip
+    sv.add_argument("--workload", help="only this workload (default: all)")
+    sv.add_argument("--listen", default="0.0.0.0:8477", help="HOST:PORT (default: 0.0.0.0:8477)")
+    _pull_options(sv)
 
     wt = cmd("wait", _wait, "block until the ready marker exists (main-process side)",
              config=False)  # fmt: skip
@@ -120,6 +131,15 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--cache-dir", type=Path, help="use this cache dir (overrides the config)")
     pr.add_argument("--json", action="store_true", help="print the reports as JSON")
     return p
+
+
+def _pull_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--cache-dir", type=Path, help="install here (overrides the config)")
+    sp.add_argument("--marker", type=Path, help="ready marker path (overrides the config)")
+    sp.add_argument("--require", action="store_true", default=None,
+                    help="fail-closed: exit non-zero instead of starting cold")  # fmt: skip
+    sp.add_argument("--deadline", type=float, metavar="SECONDS",
+                    help="bound the whole pull (default: config deadline_s, 300)")  # fmt: skip
 
 
 def _load(args: argparse.Namespace, **extra: object) -> cfgmod.Config:
@@ -200,19 +220,43 @@ def _publish(cfg: cfgmod.Config, result: object) -> None:
 def _pull(args: argparse.Namespace) -> int:
     from . import node
 
-    cfg = _load(args, cache_dir=_s(args.cache_dir), marker=_s(args.marker))
+    cfg = _load(args, cache_dir=_s(args.cache_dir), marker=_s(args.marker),
+                deadline_s=args.deadline)  # fmt: skip
     report = node.pull(cfg, args.workload, args.require)
-    if args.json:
-        print(report.to_json().decode(), end="")
-        return 0
-    for o in report.workloads:
-        if o.status == "warm":
-            print(f"warm: {o.workload} ({o.format}, {_size(o.bytes)}) installed in "
-                  f"{report.cache_dir}")  # fmt: skip
-        else:
-            print(f"starting cold: {o.reason}")
-    print(f"ready ({report.status}) in {report.timings['total_s']:.1f} s; marker written")
+    print(report.to_json().decode() if args.json else "\n".join(node.describe(report)))
+    if report.timed_out:
+        # A worker may still be blocked on the store: do not wait for it at exit.
+        sys.stdout.flush()
+        os._exit(0)
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import node, torchenv
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise cfgmod.ConfigError("run needs the main process after '--', e.g. -- python serve.py")
+    cfg = _load(args, cache_dir=_s(args.cache_dir), marker=_s(args.marker),
+                deadline_s=args.deadline)  # fmt: skip
+    report = node.pull(cfg, args.workload, args.require)
+    for line in node.describe(report):
+        print(f"torchwarm: {line}", file=sys.stderr)  # the app owns stdout
+    sys.stderr.flush()
+    sys.stdout.flush()
+    try:
+        os.execvpe(argv[0], argv, torchenv.cache_env(cfg.cache_dir))
+    except OSError as e:
+        raise cfgmod.ConfigError(f"cannot exec {argv[0]!r}: {e.strerror}") from None
+    return 0  # not reached: exec replaced this process
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from . import sidecar
+
+    cfg = _load(args, cache_dir=_s(args.cache_dir), marker=_s(args.marker),
+                deadline_s=args.deadline)  # fmt: skip
+    return sidecar.serve(cfg, args.listen, args.workload, args.require, None)
 
 
 def _wait(args: argparse.Namespace) -> int:
@@ -245,8 +289,6 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    import os
-
     cfg = _load(args, cache_dir=_s(args.cache_dir))
     # Before torch is imported: torch reads its cache dir from the environment.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cfg.cache_dir)

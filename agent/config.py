@@ -22,6 +22,7 @@ from .stores import Store, StoreOptions, open_store
 
 FORMATS = ("cachedir", "megacache")
 DEFAULT_FORMAT = "cachedir"  # measured faster on the node; see README "Measured"
+DEFAULT_DEADLINE_S = 300.0  # a node never waits longer than this on a sick store
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
 MODES = ("inference", "train")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -72,6 +73,7 @@ class Config:
     format: str = DEFAULT_FORMAT
     marker: Path | None = None  # default: <cache_dir's parent>/torchwarm-ready.json
     require: bool = False
+    deadline_s: float = DEFAULT_DEADLINE_S
     workloads: tuple[Workload, ...] = ()
     source: str = "<defaults>"
     store_options: StoreOptions = StoreOptions()
@@ -106,6 +108,7 @@ ENV_VARS = {
     "TORCHWARM_FORMAT": "format",
     "TORCHWARM_MARKER": "marker",
     "TORCHWARM_REQUIRE": "require",
+    "TORCHWARM_DEADLINE_S": "deadline_s",
 }
 
 
@@ -164,7 +167,10 @@ def _parse(
     raw: dict[str, Any], source: str, base: Path, origins: dict[str, str] | None = None
 ) -> Config:
     v = _Validator(source, origins or {})
-    known = {"store", "store_options", "cache_dir", "format", "marker", "require", "workloads"}
+    known = {
+        "store", "store_options", "cache_dir", "format", "marker", "require", "deadline_s",
+        "workloads",
+    }  # fmt: skip
     v.no_unknown(raw, known, "")
     if "store" not in raw:
         v.fail("store", "is required: a store URL such as file:///var/lib/torchwarm/store")
@@ -176,6 +182,7 @@ def _parse(
     fmt = v.choice("format", raw.get("format", DEFAULT_FORMAT), FORMATS)
     marker = _path(v, "marker", raw["marker"], base) if raw.get("marker") is not None else None
     require = v.boolean("require", raw.get("require", False))
+    deadline_s = v.positive("deadline_s", raw.get("deadline_s", DEFAULT_DEADLINE_S))
     workloads_raw = raw.get("workloads", [])
     if not isinstance(workloads_raw, list):
         v.fail("workloads", f"must be a list of workloads, got {_kind(workloads_raw)}")
@@ -184,7 +191,9 @@ def _parse(
     for i, n in enumerate(names):
         if n in names[:i]:
             v.fail(f"workloads[{i}].name", f"duplicate workload name {n!r}")
-    return Config(store, cache_dir, fmt, marker, require, workloads, source, store_options)
+    return Config(
+        store, cache_dir, fmt, marker, require, deadline_s, workloads, source, store_options
+    )
 
 
 def _store_url(v: _Validator, value: Any, base: Path) -> str:
@@ -337,6 +346,15 @@ class _Validator:
             shown = ", ".join("null" if a is None else str(a) for a in allowed)
             self.fail(key, f"is {value!r}; expected one of: {shown}")
         return value
+
+    def positive(self, key: str, value: Any) -> float:
+        try:
+            number = float(value) if not isinstance(value, bool) else -1.0
+        except (TypeError, ValueError):
+            number = -1.0
+        if not number > 0 or number == float("inf"):
+            self.fail(key, f"is {value!r}; expected a positive number of seconds")
+        return number
 
     def boolean(self, key: str, value: Any) -> bool:
         if isinstance(value, bool):

@@ -72,6 +72,12 @@ class WarmupError(TorchwarmError):
     exit_code = 7
 
 
+class DeadlineExceeded(TorchwarmError):
+    """The pull did not finish within its deadline (fail-closed only; fail-open starts cold)."""
+
+    exit_code = 9
+
+
 class WaitTimeout(TorchwarmError):
     """`torchwarm wait` gave up before the ready marker appeared."""
 

