@@ -78,6 +78,12 @@ class DeadlineExceeded(TorchwarmError):
     exit_code = 9
 
 
+class Cancelled(TorchwarmError):
+    """Work was stopped on request (the daemon is shutting down); nothing was published."""
+
+    exit_code = 130
+
+
 class WaitTimeout(TorchwarmError):
     """`torchwarm wait` gave up before the ready marker appeared."""
 

@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import keys, verify
+from . import keys, progress, verify
 from .manifest import BlobRef, Manifest
 from .stores import Store
 
@@ -17,8 +17,11 @@ def fetch_blob(store: Store, blob: BlobRef, dest_dir: Path) -> Path:
     key = keys.blob_key(blob.sha256)
     fd, tmp = tempfile.mkstemp(prefix=f"{blob.sha256[:12]}.", suffix=".part", dir=dest_dir)
     try:
-        with os.fdopen(fd, "wb") as f:
-            sink = verify.HashingSink(f)
+        with (
+            os.fdopen(fd, "wb") as f,
+            progress.Progress(f"downloading {blob.role} {blob.sha256[:12]}", blob.size) as bar,
+        ):
+            sink = verify.HashingSink(f, on_write=bar.update)
             store.download(key, sink)
         verify.check(blob, sink, f"{store.url}/{key}")
     except BaseException:

@@ -80,12 +80,14 @@ class Manifest:
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
     def same_content(self, other: Manifest) -> bool:
-        """Whether two manifests install the same bytes for the same environment."""
+        """Whether two manifests install the same bytes for the same environment and
+        the same warm-up (so that a publisher may keep the older one)."""
         return (
             self.workload == other.workload
             and self.fingerprint == other.fingerprint
             and self.format == other.format
             and set(self.blobs) == set(other.blobs)
+            and self.warmup.get("warmup_key") == other.warmup.get("warmup_key")
         )
 
 

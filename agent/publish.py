@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__, keys, verify
+from . import __version__, keys, progress, verify
 from . import manifest as mf
+from .errors import Cancelled
 from .formats import Captured
 from .manifest import BlobRef, Manifest
 from .stores import Store
@@ -52,7 +54,14 @@ def build_manifest(
     return m, files
 
 
-def publish(store: Store, m: Manifest, files: dict[BlobRef, Path]) -> PublishReport:
+def publish(
+    store: Store,
+    m: Manifest,
+    files: dict[BlobRef, Path],
+    should_stop: Callable[[], bool] = lambda: False,
+) -> PublishReport:
+    """Upload missing blobs, then the manifest; `should_stop()` true before the manifest
+    is written cancels the publish (the blobs stay, unreferenced, for gc)."""
     uploaded = present = nbytes = 0
     for blob, path in files.items():
         key = keys.blob_key(blob.sha256)
@@ -60,9 +69,13 @@ def publish(store: Store, m: Manifest, files: dict[BlobRef, Path]) -> PublishRep
             present += 1
             log.info("blob %s already in the store; not uploading", key)
             continue
-        store.put_file(key, path)
+        with progress.Progress(f"uploading {m.workload} {blob.role}", blob.size) as bar:
+            store.put_file(key, path)
+            bar.update(blob.size)
         uploaded += 1
         nbytes += blob.size
+    if should_stop():
+        raise Cancelled(f"publish of {m.workload!r} stopped before its manifest was written")
     key = keys.manifest_key(m.workload, m.fingerprint_digest)
     data = m.to_json()
     outcome = "published"
@@ -73,6 +86,14 @@ def publish(store: Store, m: Manifest, files: dict[BlobRef, Path]) -> PublishRep
         else:
             store.put(key, data)  # a newer warm-up of the same workload replaces the old one
             outcome = "replaced"
+    # A blob that existed when checked may have been swept by a concurrent gc (it was
+    # unreferenced and old) before this manifest landed: put back whatever is missing.
+    for blob, path in files.items():
+        if not store.exists(keys.blob_key(blob.sha256)):
+            log.warning("blob %s vanished during publish (a concurrent gc?); re-uploading",
+                        blob.sha256)  # fmt: skip
+            store.put_file(keys.blob_key(blob.sha256), path)
+            nbytes += blob.size
     return PublishReport(key, m, nbytes, uploaded, present, outcome)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -15,14 +16,17 @@ _CHUNK = 1 << 20
 class HashingSink:
     """A write-only file wrapper that counts and sha256-hashes what passes through."""
 
-    def __init__(self, inner: BinaryIO) -> None:
+    def __init__(self, inner: BinaryIO, on_write: Callable[[int], None] | None = None) -> None:
         self.inner = inner
         self.size = 0
         self._h = hashlib.sha256()
+        self._on_write = on_write
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self._h.update(data)
         self.size += len(data)
+        if self._on_write is not None:
+            self._on_write(len(data))
         return self.inner.write(data)
 
     def flush(self) -> None:

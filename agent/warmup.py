@@ -13,19 +13,22 @@ Output folder layout (what `torchwarm push --from DIR` reads):
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
 import json
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from . import config as cfgmod
-from . import formats, torchenv
+from . import fingerprint, formats, manifest, torchenv
 from .config import Config, Workload
-from .errors import TorchwarmError, WarmupError
+from .errors import Cancelled, ConfigError, TorchwarmError, WarmupError
 from .formats import Captured
 
 RESULT = "warmup.json"
@@ -65,8 +68,42 @@ class WarmupResult:
             ) from None
 
 
-def warmup(cfg: Config, w: Workload, out_dir: Path) -> WarmupResult:
-    """Warm `w` up in a child process with an empty cache dir and capture it into `out_dir`."""
+def warmup_key(w: Workload, fmt: str, fingerprint_digest: str) -> str:
+    """What decides whether a stored warm-up is still current: the workload's config, the
+    source of the module that defines its model, the capture format and the environment.
+
+    The seed daemon skips a workload whose manifest carries this key. Only the factory's
+    own module file is hashed: a change in a module it imports needs a config change
+    (or a new torch, which changes the fingerprint) to be noticed.
+    """
+    doc = {
+        "workload": asdict(w),
+        "model_source_sha256": _model_source_digest(w.model),
+        "format": fmt,
+        "fingerprint": fingerprint_digest,
+        "torchwarm_format_version": manifest.FORMAT_VERSION,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _model_source_digest(spec: str) -> str:
+    module = spec.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"model {spec!r}: cannot find module {module!r}: {e}") from None
+    if found is None or not found.origin or not Path(found.origin).is_file():
+        raise ConfigError(f"model {spec!r}: module {module!r} has no source file to hash")
+    return hashlib.sha256(Path(found.origin).read_bytes()).hexdigest()
+
+
+def warmup(
+    cfg: Config, w: Workload, out_dir: Path, stop: threading.Event | None = None
+) -> WarmupResult:
+    """Warm `w` up in a child process with an empty cache dir and capture it into `out_dir`.
+
+    With `stop`, setting it terminates the child and raises Cancelled.
+    """
     fmt = formats.get(cfg.format)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -78,7 +115,16 @@ def warmup(cfg: Config, w: Workload, out_dir: Path) -> WarmupResult:
         "--config", cfg.source, "--workload", w.name, "--format", fmt.name, "--out", str(out_dir),
     ]  # fmt: skip
     with log_path.open("wb") as log:
-        proc = subprocess.run(cmd, env=torchenv.cache_env(cache), stdout=log, stderr=log)
+        proc = subprocess.Popen(cmd, env=torchenv.cache_env(cache), stdout=log, stderr=log)
+        while True:
+            try:
+                proc.wait(timeout=None if stop is None else 0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if stop is not None and stop.is_set():
+                    proc.terminate()
+                    proc.wait()
+                    raise Cancelled(f"warm-up of {w.name!r} cancelled") from None
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
         raise WarmupError(
@@ -99,6 +145,7 @@ def warmup(cfg: Config, w: Workload, out_dir: Path) -> WarmupResult:
         "counters": child["report"]["counters"],
         "first_call_s": round(child["report"]["first_call_s"], 3),
         "so_files": child["report"]["new_so_files"],
+        "warmup_key": warmup_key(w, fmt.name, fingerprint.digest(child["fingerprint"])),
     }
     result = WarmupResult(w.name, fmt.name, child["fingerprint"], summary, captured)
     result.save(out_dir)
@@ -114,7 +161,7 @@ def _child(argv: list[str]) -> int:
     p.add_argument("--out", required=True, type=Path)
     a = p.parse_args(argv)
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
-    from . import fingerprint, workload
+    from . import workload
 
     try:
         w = cfgmod.load(a.config).workload(a.workload)
