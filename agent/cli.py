@@ -122,6 +122,19 @@ def _parser() -> argparse.ArgumentParser:
     wt.add_argument("--marker", type=Path, required=True, help="the ready marker path")
     wt.add_argument("--timeout", type=float, default=600.0, help="seconds (default: 600)")
 
+    dm = cmd("daemon", _daemon, "keep the store warm: warm up and publish every workload whose "
+             "manifest is missing or stale, on an interval")  # fmt: skip
+    dm.add_argument("--once", action="store_true", help="one pass, then exit (Jobs, CronJobs)")
+    dm.add_argument("--workload", help="only this workload (default: all)")
+    dm.add_argument("--listen", help="HOST:PORT for /metrics and /healthz (default: config)")
+
+    gc = cmd("gc", _gc, "keep the newest N manifests per workload; delete blobs no kept "
+             "manifest names once older than the grace period")  # fmt: skip
+    gc.add_argument("--keep", type=int, required=True, help="manifests to keep per workload")
+    gc.add_argument("--grace", type=float, default=6 * 3600.0, metavar="SECONDS",
+                    help="never delete a blob younger than this (default: 21600)")  # fmt: skip
+    gc.add_argument("--dry-run", action="store_true", help="print what would go; delete nothing")
+
     ls = cmd("ls", _ls, "list what the store holds: workload, fingerprint, format, size, age")
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
 
@@ -267,6 +280,37 @@ def _wait(args: argparse.Namespace) -> int:
     return 0
 
 
+def _daemon(args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+
+    overrides = {"store": args.store}
+    return Daemon(args.config, overrides, args.workload).run(args.once, args.listen)
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from .retention import gc
+
+    if args.keep < 1:
+        raise cfgmod.ConfigError("--keep must be at least 1")
+    if args.grace < 0:
+        raise cfgmod.ConfigError("--grace must not be negative")
+    cfg = _load(args)
+    rep = gc(cfg.open_store(), args.keep, args.grace, args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for key in rep.deleted_manifests:
+        print(f"{verb} manifest {key}")
+    for key in rep.deleted_blobs:
+        print(f"{verb} blob {key}")
+    print(
+        f"kept {len(rep.kept_manifests)} manifest(s); {verb} {len(rep.deleted_manifests)} "
+        f"manifest(s) and {len(rep.deleted_blobs)} blob(s) ({_size(rep.freed_bytes)}); "
+        f"{rep.young_blobs} unreferenced blob(s) inside the grace period kept"
+    )
+    if rep.sweep_skipped:
+        print(f"blob sweep skipped: {rep.sweep_skipped}")
+    return 0
+
+
 def _ls(args: argparse.Namespace) -> int:
     from . import catalog
 
@@ -279,11 +323,13 @@ def _ls(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no manifests in {cfg.store}")
         return 0
-    print(f"{'WORKLOAD':20} {'FINGERPRINT':12} {'FORMAT':10} {'SIZE':>9} {'AGE':>6}  INPUT SETS")
+    print(f"{'WORKLOAD':20} {'FINGERPRINT':12} {'FORMAT':10} {'SIZE':>9} {'AGE':>6} "
+          f"{'GRAPHS':>6}  INPUT SETS")  # fmt: skip
     for e in entries:
+        graphs = e.counters.get("fxgraph_cache_miss", 0) + e.counters.get("fxgraph_cache_hit", 0)
         print(
             f"{e.workload:20} {e.fingerprint[:12]:12} {e.format:10} {_size(e.size):>9} "
-            f"{_age(e.age_s):>6}  {e.input_sets}"
+            f"{_age(e.age_s):>6} {graphs:>6}  {e.input_sets}"
         )
     return 0
 

@@ -67,6 +67,14 @@ class Workload:
 
 
 @dataclass(frozen=True)
+class DaemonOptions:
+    interval_s: float = 3600.0  # between passes; each wait is jittered by ±jitter
+    jitter: float = 0.1
+    listen: str | None = None  # HOST:PORT for /metrics and /healthz; None: no HTTP
+    backoff_max_s: float = 3600.0  # a failing workload is retried after 60 s, doubling to this
+
+
+@dataclass(frozen=True)
 class Config:
     store: str
     cache_dir: Path
@@ -77,6 +85,7 @@ class Config:
     workloads: tuple[Workload, ...] = ()
     source: str = "<defaults>"
     store_options: StoreOptions = StoreOptions()
+    daemon: DaemonOptions = DaemonOptions()
 
     def open_store(self) -> Store:
         return open_store(self.store, self.store_options)
@@ -169,7 +178,7 @@ def _parse(
     v = _Validator(source, origins or {})
     known = {
         "store", "store_options", "cache_dir", "format", "marker", "require", "deadline_s",
-        "workloads",
+        "daemon", "workloads",
     }  # fmt: skip
     v.no_unknown(raw, known, "")
     if "store" not in raw:
@@ -192,8 +201,9 @@ def _parse(
         if n in names[:i]:
             v.fail(f"workloads[{i}].name", f"duplicate workload name {n!r}")
     return Config(
-        store, cache_dir, fmt, marker, require, deadline_s, workloads, source, store_options
-    )
+        store, cache_dir, fmt, marker, require, deadline_s, workloads, source, store_options,
+        _daemon(v, raw.get("daemon")),
+    )  # fmt: skip
 
 
 def _store_url(v: _Validator, value: Any, base: Path) -> str:
@@ -216,6 +226,27 @@ def _store_options(v: _Validator, value: Any) -> StoreOptions:
         return StoreOptions(**value)
     except (TypeError, ValueError, ConfigError) as e:
         v.fail("store_options", f"is invalid: {e}")
+
+
+def _daemon(v: _Validator, value: Any) -> DaemonOptions:
+    if value is None:
+        return DaemonOptions()
+    if not isinstance(value, dict):
+        v.fail("daemon", f"must be a mapping, got {_kind(value)}")
+    v.no_unknown(value, {"interval_s", "jitter", "listen", "backoff_max_s"}, "daemon")
+    d = DaemonOptions()
+    jitter = value.get("jitter", d.jitter)
+    if isinstance(jitter, bool) or not isinstance(jitter, int | float) or not 0 <= jitter < 1:
+        v.fail("daemon.jitter", f"is {jitter!r}; expected a fraction from 0 to below 1")
+    listen = value.get("listen")
+    if listen is not None and (not isinstance(listen, str) or ":" not in listen):
+        v.fail("daemon.listen", f"is {listen!r}; expected HOST:PORT, e.g. 0.0.0.0:8478")
+    return DaemonOptions(
+        v.positive("daemon.interval_s", value.get("interval_s", d.interval_s)),
+        float(jitter),
+        listen,
+        v.positive("daemon.backoff_max_s", value.get("backoff_max_s", d.backoff_max_s)),
+    )
 
 
 def _path(v: _Validator, key: str, value: Any, base: Path) -> Path:
