@@ -89,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
              config=False)  # fmt: skip
     fp.add_argument("--json", action="store_true", help="print the fields as JSON")
 
+    kg = cmd("keygen", _keygen, "write an ed25519 key pair for signing manifests",
+             config=False)  # fmt: skip
+    kg.add_argument("name", help="key name, e.g. seed-1 (bump the number when rotating)")
+    kg.add_argument("--out", type=Path, default=Path("."), help="folder (default: here)")
+
     wu = cmd("warmup", _warmup, "compile workloads in fresh subprocesses and capture their caches")
     wu.add_argument("--workload", help="only this workload (default: all)")
     wu.add_argument("--format", choices=cfgmod.FORMATS, help="capture format (default: config)")
@@ -175,6 +180,28 @@ def _fingerprint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    from . import signing
+    from .fsutil import atomic_writer
+
+    secret, public = signing.generate(args.name)
+    secret_path, public_path = args.out / f"{args.name}.secret", args.out / f"{args.name}.pub"
+    for path in (secret_path, public_path):
+        if path.exists():
+            raise cfgmod.ConfigError(f"{path} exists; choose another key name or folder")
+    try:
+        with atomic_writer(secret_path, mode=0o600) as f:
+            f.write(secret.encode() + b"\n")
+        with atomic_writer(public_path) as f:
+            f.write(public.encode() + b"\n")
+    except OSError as e:
+        raise cfgmod.ConfigError(f"cannot write the key pair into {args.out}: {e}") from None
+    print(f"secret key: {secret_path} (seed: signing_key_file, or ${cfgmod.SIGNING_KEY_VAR})")
+    print(f"public key: {public_path} (nodes: add to trusted_keys)")
+    print(public)
+    return 0
+
+
 def _warmup(args: argparse.Namespace) -> int:
     from . import warmup as wu
 
@@ -221,6 +248,7 @@ def _publish(cfg: cfgmod.Config, result: object) -> None:
         result.format,
         result.captured,
         result.summary,  # type: ignore[attr-defined]
+        cfg.signing_key,
     )
     rep = publish(cfg.open_store(), m, files)
     print(

@@ -17,7 +17,9 @@ from typing import Any, NoReturn
 
 import yaml
 
+from . import signing
 from .errors import ConfigError
+from .signing import SigningKey, TrustedKeys
 from .stores import Store, StoreOptions, open_store
 
 FORMATS = ("cachedir", "megacache")
@@ -86,6 +88,8 @@ class Config:
     source: str = "<defaults>"
     store_options: StoreOptions = StoreOptions()
     daemon: DaemonOptions = DaemonOptions()
+    signing_key: SigningKey | None = field(default=None, repr=False)  # seeds sign with it
+    trusted_keys: TrustedKeys = TrustedKeys({})  # nodes accept only manifests they signed
 
     def open_store(self) -> Store:
         return open_store(self.store, self.store_options)
@@ -118,7 +122,12 @@ ENV_VARS = {
     "TORCHWARM_MARKER": "marker",
     "TORCHWARM_REQUIRE": "require",
     "TORCHWARM_DEADLINE_S": "deadline_s",
+    "TORCHWARM_SIGNING_KEY_FILE": "signing_key_file",
+    "TORCHWARM_TRUSTED_KEYS": "trusted_keys",  # space- or comma-separated public keys
 }
+# The secret key itself may come from the environment (a Kubernetes Secret as env),
+# never from the YAML file.
+SIGNING_KEY_VAR = "TORCHWARM_SIGNING_KEY"
 
 
 def load(
@@ -156,18 +165,30 @@ def load(
     origins: dict[str, str] = {}
     for var, key in ENV_VARS.items():
         if environ.get(var, "") != "":
-            raw[key] = _from_cwd(key, environ[var])
+            value = environ[var]
+            raw[key] = value.replace(",", " ").split() if key == "trusted_keys" else value
+            raw[key] = _from_cwd(key, raw[key])
             origins[key] = f"{key} (from ${var})"
     for key, value in (overrides or {}).items():
         if value is not None:
             raw[key] = _from_cwd(key, value)
             origins[key] = f"{key} (from the command line)"
-    return _parse(raw, source, base, origins)
+    cfg = _parse(raw, source, base, origins)
+    secret = environ.get(SIGNING_KEY_VAR, "")
+    if secret:
+        if cfg.signing_key is not None:
+            raise ConfigError(f"both ${SIGNING_KEY_VAR} and signing_key_file are set; keep one")
+        cfg = replace(cfg, signing_key=signing.load_secret(secret, f"${SIGNING_KEY_VAR}"))
+    return cfg
 
 
 def _from_cwd(key: str, value: Any) -> Any:
     """Relative paths given in the environment or on the command line mean the working dir."""
-    if key in ("store", "cache_dir", "marker") and isinstance(value, str) and "://" not in value:
+    if (
+        key in ("store", "cache_dir", "marker", "signing_key_file")
+        and isinstance(value, str)
+        and "://" not in value
+    ):
         return os.path.abspath(value) if value and "\0" not in value else value
     return value
 
@@ -178,7 +199,7 @@ def _parse(
     v = _Validator(source, origins or {})
     known = {
         "store", "store_options", "cache_dir", "format", "marker", "require", "deadline_s",
-        "daemon", "workloads",
+        "daemon", "signing_key_file", "trusted_keys", "workloads",
     }  # fmt: skip
     v.no_unknown(raw, known, "")
     if "store" not in raw:
@@ -200,9 +221,18 @@ def _parse(
     for i, n in enumerate(names):
         if n in names[:i]:
             v.fail(f"workloads[{i}].name", f"duplicate workload name {n!r}")
+    signing_key = None
+    if raw.get("signing_key_file") is not None:
+        signing_key = signing.load_secret_file(
+            _path(v, "signing_key_file", raw["signing_key_file"], base)
+        )
+    trusted = raw.get("trusted_keys", [])
+    if not isinstance(trusted, list) or not all(isinstance(t, str) for t in trusted):
+        v.fail("trusted_keys", "must be a list of public keys like 'seed-1:base64…'")
     return Config(
         store, cache_dir, fmt, marker, require, deadline_s, workloads, source, store_options,
-        _daemon(v, raw.get("daemon")),
+        _daemon(v, raw.get("daemon")), signing_key,
+        signing.load_trusted(trusted, f"{source}: {v.origins.get('trusted_keys', 'trusted_keys')}"),
     )  # fmt: skip
 
 

@@ -174,7 +174,8 @@ class Daemon:
                      warmup=fingerprint.digest(result.fingerprint),
                      differs=fingerprint.differences(self.fields, result.fingerprint))  # fmt: skip
             m, files = build_manifest(w.name, result.fingerprint, result.format,
-                                      result.captured, result.summary)  # fmt: skip
+                                      result.captured, result.summary,
+                                      self.cfg.signing_key)  # fmt: skip
             rep = publish(store, m, files, should_stop=self.stop.is_set)
         stats = self.m[w.name]
         stats["warmups_total"] += 1

@@ -47,6 +47,7 @@ class Manifest:
     warmup: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     created_by: str = ""
+    serial: int = 0  # publish time in microseconds: nodes refuse one older than they installed
     signature: dict[str, Any] | None = None
 
     @property
@@ -69,6 +70,7 @@ class Manifest:
             "warmup": self.warmup,
             "created_at": self.created_at,
             "created_by": self.created_by,
+            "serial": self.serial,
         }
 
     def canonical_bytes(self) -> bytes:
@@ -135,6 +137,9 @@ def parse(data: bytes, where: str) -> Manifest:
     claimed = get("fingerprint_digest", str)
     if fingerprint.digest(fp) != claimed:
         raise bad("fingerprint_digest does not match its fingerprint fields")
+    serial = get("serial", int)
+    if serial < 0:
+        raise bad("field 'serial' is negative")
     signature = doc.get("signature")
     if signature is not None and not isinstance(signature, dict):
         raise bad("field 'signature' is not an object")
@@ -146,6 +151,7 @@ def parse(data: bytes, where: str) -> Manifest:
         warmup=get("warmup", dict),
         created_at=get("created_at", str),
         created_by=get("created_by", str),
+        serial=serial,
         signature=signature,
     )
 

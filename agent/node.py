@@ -125,6 +125,7 @@ class _PullJob:
         self.fingerprint = ""
         self.phase = "starting"
         self.error: BaseException | None = None
+        self.installed: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._expired = False
         self._committed = False
@@ -153,6 +154,7 @@ class _PullJob:
 
     def _run(self) -> None:
         with install.locked(self.cfg.cache_dir) as work:
+            self.installed = _load_installed(work)
             self.phase = "reading this machine's fingerprint"
             fields = fingerprint.collect(scratch=work / "fingerprint-scratch")
             self.timings["fingerprint_s"] = time.perf_counter() - self.t0
@@ -179,10 +181,11 @@ class _PullJob:
         for w in self.workloads:
             try:
                 self.phase = f"resolving {w.name!r} in {store.url}"
-                found = resolve(store, w.name, fields)
+                found = resolve(store, w.name, fields, self.cfg.trusted_keys)
                 if isinstance(found, Miss):
                     self._decide(w.name, NoCacheForFingerprint(found.reason))
                     continue
+                _check_not_older(found, self.installed.get(_state_key(found)), store.url)
                 self.phase = f"downloading {w.name!r} ({found.size} bytes) from {store.url}"
                 blobs = fetch.fetch(store, found, downloads)
             except (StoreError, IntegrityError) as e:
@@ -205,6 +208,9 @@ class _PullJob:
                 self._decide(m.workload, e)
             return
         for m, _ in hits:
+            self.installed[_state_key(m)] = {"serial": m.serial, "created_at": m.created_at}
+        _save_installed(install.workdir(self.cfg.cache_dir), self.installed)
+        for m, _ in hits:
             self.outcomes[m.workload] = WorkloadOutcome(
                 m.workload, "warm", "", f"{m.workload}/{m.fingerprint_digest}", m.format,
                 [b.to_dict() for b in m.blobs], m.size,
@@ -215,6 +221,38 @@ class _PullJob:
         if self.require:
             raise error
         self.outcomes[workload] = WorkloadOutcome(workload, "cold", str(error))
+
+
+INSTALLED = "installed.json"  # in the install workdir: newest serial per workload and env
+
+
+def _state_key(m: Manifest) -> str:
+    return f"{m.workload}/{m.fingerprint_digest}"
+
+
+def _load_installed(work: Path) -> dict[str, dict[str, Any]]:
+    try:
+        doc = json.loads((work / INSTALLED).read_bytes())
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        return {}  # damaged: rollback protection restarts from here (docs/security.md)
+    return doc if isinstance(doc, dict) else {}
+
+
+def _save_installed(work: Path, installed: dict[str, dict[str, Any]]) -> None:
+    atomic_write_bytes(work / INSTALLED, json.dumps(installed, sort_keys=True).encode())
+
+
+def _check_not_older(m: Manifest, before: dict[str, Any] | None, where: str) -> None:
+    """Refuse a manifest older than one this node already installed (a replay)."""
+    if before is None or not isinstance(before.get("serial"), int):
+        return
+    if m.serial < before["serial"]:
+        raise IntegrityError(
+            f"manifest for {m.workload!r} in {where} is older (serial {m.serial}) than the "
+            f"one this node installed before ({before['serial']}); refusing a replayed manifest"
+        )
 
 
 def describe(report: PullReport) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,6 +20,7 @@ from . import manifest as mf
 from .errors import Cancelled
 from .formats import Captured
 from .manifest import BlobRef, Manifest
+from .signing import SigningKey, sign
 from .stores import Store
 
 log = logging.getLogger(__name__)
@@ -35,9 +37,15 @@ class PublishReport:
 
 
 def build_manifest(
-    workload: str, fingerprint: dict, fmt: str, captured: list[Captured], warmup: dict
+    workload: str,
+    fingerprint: dict,
+    fmt: str,
+    captured: list[Captured],
+    warmup: dict,
+    signing_key: SigningKey | None = None,
 ) -> tuple[Manifest, dict[BlobRef, Path]]:
-    """The manifest for captured blob files, and which file each BlobRef comes from."""
+    """The manifest for captured blob files (signed when a key is given), and which file
+    each BlobRef comes from."""
     files: dict[BlobRef, Path] = {}
     for c in captured:
         sha, size = verify.file_sha256(c.path)
@@ -50,7 +58,10 @@ def build_manifest(
         warmup=warmup,
         created_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         created_by=f"torchwarm {__version__} on {socket.gethostname()}",
+        serial=time.time_ns() // 1000,
     )
+    if signing_key is not None:
+        m = sign(m, signing_key)
     return m, files
 
 

@@ -9,6 +9,7 @@ from . import fingerprint, keys
 from . import manifest as mf
 from .errors import ManifestError, ObjectNotFound
 from .manifest import Manifest
+from .signing import TrustedKeys, verify
 from .stores import Store
 
 
@@ -17,8 +18,11 @@ class Miss:
     reason: str
 
 
-def resolve(store: Store, workload: str, fields: dict[str, Any]) -> Manifest | Miss:
-    """The manifest for (workload, fields), verified to be for exactly these fields.
+def resolve(
+    store: Store, workload: str, fields: dict[str, Any], trusted: TrustedKeys | None = None
+) -> Manifest | Miss:
+    """The manifest for (workload, fields), verified to be for exactly these fields and,
+    when `trusted` holds keys, signed by one of them.
 
     A store error propagates (StoreError): "unreachable" is not "not found".
     """
@@ -29,6 +33,8 @@ def resolve(store: Store, workload: str, fields: dict[str, Any]) -> Manifest | M
     except ObjectNotFound:
         return Miss(explain_miss(store, workload, fields))
     m = mf.parse(data, f"{store.url}/{key}")
+    if trusted:
+        verify(m, trusted, f"{store.url}/{key}")
     if m.workload != workload or m.fingerprint != fields:
         # Keys are not trusted: a manifest copied to another key must not be taken.
         differ = fingerprint.differences(fields, m.fingerprint)
