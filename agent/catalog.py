@@ -24,6 +24,7 @@ class Entry:
     age_s: float
     input_sets: str  # e.g. "4x64(dyn 0) 1x64"
     counters: dict[str, int]
+    signed_by: str | None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,6 +49,7 @@ def entries(store: Store) -> list[Entry]:
                 _age(m.created_at, info.modified),
                 _input_sets(m.warmup),
                 dict(m.warmup.get("counters", {})),
+                m.signer,
             )  # fmt: skip
         )
     return sorted(out, key=lambda e: (e.workload, e.created_at))

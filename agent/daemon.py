@@ -157,7 +157,12 @@ class Daemon:
         fp = fingerprint.digest(self.fields)
         key = warmup.warmup_key(w, self.cfg.format, fp)
         existing = _read_manifest(store, keys.manifest_key(w.name, fp))
-        if existing is not None and existing.warmup.get("warmup_key") == key:
+        signer = self.cfg.signing_key.name if self.cfg.signing_key else None
+        if (
+            existing is not None
+            and existing.warmup.get("warmup_key") == key
+            and existing.signer == signer  # after a key rotation, re-sign by re-publishing
+        ):
             self.m[w.name]["skipped_total"] += 1
             emit("skipped_present", workload=w.name, fingerprint=fp)
             return

@@ -82,15 +82,21 @@ class Manifest:
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
     def same_content(self, other: Manifest) -> bool:
-        """Whether two manifests install the same bytes for the same environment and
-        the same warm-up (so that a publisher may keep the older one)."""
+        """Whether two manifests install the same bytes for the same environment and the
+        same warm-up, signed by the same key (so that a publisher may keep the older one)."""
         return (
             self.workload == other.workload
             and self.fingerprint == other.fingerprint
             and self.format == other.format
             and set(self.blobs) == set(other.blobs)
             and self.warmup.get("warmup_key") == other.warmup.get("warmup_key")
+            and self.signer == other.signer
         )
+
+    @property
+    def signer(self) -> str | None:
+        """The name of the key that signed this manifest (not verified here)."""
+        return self.signature.get("key") if self.signature else None
 
 
 def parse(data: bytes, where: str) -> Manifest:
