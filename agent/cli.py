@@ -167,9 +167,9 @@ def _load(args: argparse.Namespace, **extra: object) -> cfgmod.Config:
 
 def _fingerprint(args: argparse.Namespace) -> int:
     from . import fingerprint
+    from .torchenv import probe_scratch
 
-    with tempfile.TemporaryDirectory(prefix="torchwarm-fp-") as scratch:
-        fields = fingerprint.collect(scratch=Path(scratch))
+    fields = fingerprint.collect(scratch=probe_scratch())
     digest = fingerprint.digest(fields)
     if args.json:
         print(json.dumps({"digest": digest, "fields": fields}, indent=2, sort_keys=True))

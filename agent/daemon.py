@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as cfgmod
-from . import fingerprint, httpd, keys, warmup
+from . import fingerprint, httpd, keys, torchenv, warmup
 from . import manifest as mf
 from .config import Workload
 from .errors import Cancelled, ObjectNotFound, TorchwarmError
@@ -127,8 +127,7 @@ class Daemon:
     def pass_once(self) -> None:
         t0 = time.monotonic()
         if not self.fields:  # the environment does not change under a running process
-            with tempfile.TemporaryDirectory(prefix="torchwarm-fp-") as scratch:
-                self.fields = fingerprint.collect(scratch=Path(scratch))
+            self.fields = fingerprint.collect(scratch=torchenv.probe_scratch())
         store = self.cfg.open_store()
         for w in self.cfg.selected(self.only):
             if self.stop.is_set():

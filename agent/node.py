@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import fetch, fingerprint, formats, install
+from . import fetch, fingerprint, formats, install, torchenv
 from .config import Config
 from .errors import (
     DeadlineExceeded,
@@ -156,7 +156,7 @@ class _PullJob:
         with install.locked(self.cfg.cache_dir) as work:
             self.installed = _load_installed(work)
             self.phase = "reading this machine's fingerprint"
-            fields = fingerprint.collect(scratch=work / "fingerprint-scratch")
+            fields = fingerprint.collect(scratch=torchenv.probe_scratch())
             self.timings["fingerprint_s"] = time.perf_counter() - self.t0
             self.fingerprint = fingerprint.digest(fields)
             store = self.cfg.open_store()
