@@ -334,6 +334,8 @@ def _gc(args: argparse.Namespace) -> int:
         f"manifest(s) and {len(rep.deleted_blobs)} blob(s) ({_size(rep.freed_bytes)}); "
         f"{rep.young_blobs} unreferenced blob(s) inside the grace period kept"
     )
+    for key in rep.restored_blobs:
+        print(f"restored blob {key}: a manifest published during this gc names it")
     if rep.sweep_skipped:
         print(f"blob sweep skipped: {rep.sweep_skipped}")
     return 0

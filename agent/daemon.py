@@ -157,10 +157,13 @@ class Daemon:
         key = warmup.warmup_key(w, self.cfg.format, fp)
         existing = _read_manifest(store, keys.manifest_key(w.name, fp))
         signer = self.cfg.signing_key.name if self.cfg.signing_key else None
+        # Skip only a current, complete manifest: a missing blob (lost to an operator or a
+        # gc race) is healed by warming up and publishing again.
         if (
             existing is not None
             and existing.warmup.get("warmup_key") == key
             and existing.signer == signer  # after a key rotation, re-sign by re-publishing
+            and all(store.exists(keys.blob_key(b.sha256)) for b in existing.blobs)
         ):
             self.m[w.name]["skipped_total"] += 1
             emit("skipped_present", workload=w.name, fingerprint=fp)

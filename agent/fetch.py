@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from pathlib import Path
 
 from . import keys, progress, verify
+from .errors import IntegrityError
 from .manifest import BlobRef, Manifest
 from .stores import Store
 
+log = logging.getLogger(__name__)
+
 
 def fetch_blob(store: Store, blob: BlobRef, dest_dir: Path) -> Path:
-    """Download one blob into `dest_dir`; return its path only if size and sha256 match."""
+    """Download one blob into `dest_dir`; return its path only if size and sha256 match.
+
+    A mismatch is downloaded once more before it is believed: bytes damaged in transit
+    differ the second time, a damaged stored copy does not.
+    """
+    try:
+        return _fetch_once(store, blob, dest_dir)
+    except IntegrityError as first:
+        log.info("%s; downloading it once more", first)
+    return _fetch_once(store, blob, dest_dir)
+
+
+def _fetch_once(store: Store, blob: BlobRef, dest_dir: Path) -> Path:
     key = keys.blob_key(blob.sha256)
     fd, tmp = tempfile.mkstemp(prefix=f"{blob.sha256[:12]}.", suffix=".part", dir=dest_dir)
     try:

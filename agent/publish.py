@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import __version__, keys, progress, verify
 from . import manifest as mf
-from .errors import Cancelled
+from .errors import Cancelled, ObjectNotFound
 from .formats import Captured
 from .manifest import BlobRef, Manifest
 from .signing import SigningKey, sign
@@ -77,9 +77,14 @@ def publish(
     for blob, path in files.items():
         key = keys.blob_key(blob.sha256)
         if store.exists(key):
-            present += 1
-            log.info("blob %s already in the store; not uploading", key)
-            continue
+            try:
+                store.touch(key)  # renew it: gc's grace period now protects it
+            except ObjectNotFound:
+                pass  # swept meanwhile: upload it below
+            else:
+                present += 1
+                log.info("blob %s already in the store; not uploading", key)
+                continue
         with progress.Progress(f"uploading {m.workload} {blob.role}", blob.size) as bar:
             store.put_file(key, path)
             bar.update(blob.size)
@@ -88,15 +93,7 @@ def publish(
     if should_stop():
         raise Cancelled(f"publish of {m.workload!r} stopped before its manifest was written")
     key = keys.manifest_key(m.workload, m.fingerprint_digest)
-    data = m.to_json()
-    outcome = "published"
-    if not store.put_if_absent(key, data):
-        existing = _existing(store, key)
-        if existing is not None and existing.same_content(m):
-            outcome = "unchanged"  # same bytes already published: keep the older manifest
-        else:
-            store.put(key, data)  # a newer warm-up of the same workload replaces the old one
-            outcome = "replaced"
+    outcome = _write_manifest(store, key, m)
     # A blob that existed when checked may have been swept by a concurrent gc (it was
     # unreferenced and old) before this manifest landed: put back whatever is missing.
     for blob, path in files.items():
@@ -108,8 +105,20 @@ def publish(
     return PublishReport(key, m, nbytes, uploaded, present, outcome)
 
 
-def _existing(store: Store, key: str) -> Manifest | None:
-    try:
-        return mf.parse(store.read(key), key)
-    except mf.ManifestError:
-        return None  # unreadable: replace it
+def _write_manifest(store: Store, key: str, m: Manifest) -> str:
+    """Create the manifest, or keep an identical one, or replace a different one."""
+    data = m.to_json()
+    for _ in range(3):
+        if store.put_if_absent(key, data):
+            return "published"
+        try:
+            existing = mf.parse(store.read(key), key)
+        except ObjectNotFound:
+            continue  # deleted (by gc) between our two calls: try to create it again
+        except mf.ManifestError:
+            existing = None  # unreadable: replace it
+        if existing is not None and existing.same_content(m):
+            return "unchanged"  # same bytes already published: keep the older manifest
+        break
+    store.put(key, data)  # a newer warm-up of the same workload replaces the old one
+    return "replaced"

@@ -52,11 +52,11 @@ def check(blob: BlobRef, sink: HashingSink, where: str) -> None:
     if sink.size != blob.size:
         raise IntegrityError(
             f"blob {where}: size {sink.size} != {blob.size} named by the manifest; "
-            "refusing it (the stored copy is damaged: delete that key, then push again)"
+            "twice; refusing it (the stored copy is damaged: delete that key, then push again)"
         )
     actual = sink.hexdigest()
     if actual != blob.sha256:
         raise IntegrityError(
             f"blob {where}: sha256 {actual[:16]}… != {blob.sha256[:16]}… named by the manifest; "
-            "refusing it (the stored copy is damaged: delete that key, then push again)"
+            "twice; refusing it (the stored copy is damaged: delete that key, then push again)"
         )

@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,24 @@ def test_put_file_missing_source_is_os_error(store_factory: StoreFactory, tmp_pa
     with pytest.raises(FileNotFoundError):
         store.put_file("s", tmp_path / "absent")
     assert not store.exists("s")
+
+
+def test_touch_renews_modified_time_keeps_bytes(store_factory: StoreFactory) -> None:
+    """touch() moves the listed modified time forward and leaves the bytes as they were."""
+    store = store_factory()
+    store.put("blobs/t", b"same bytes")
+    (before,) = list(store.list("blobs/t"))
+    time.sleep(1.1)  # S3 and GCS report whole seconds
+    store.touch("blobs/t")
+    (after,) = list(store.list("blobs/t"))
+    assert after.modified > before.modified
+    assert store.read("blobs/t") == b"same bytes"
+
+
+def test_touch_missing_is_not_found(store_factory: StoreFactory) -> None:
+    """Touching a key that does not exist raises ObjectNotFound."""
+    with pytest.raises(ObjectNotFound):
+        store_factory().touch("blobs/absent")
 
 
 def test_rejects_keys_that_escape(store_factory: StoreFactory) -> None:

@@ -77,6 +77,14 @@ class Store(Protocol):
         """Remove the object; deleting a missing key is not an error."""
         ...
 
+    def touch(self, key: str) -> None:
+        """Set the object's modified time (as list() reports it) to now, bytes unchanged.
+
+        A publisher touches a blob it reuses, so that gc's grace period protects it.
+        Raises ObjectNotFound when the key does not exist.
+        """
+        ...
+
 
 def check_key(key: str) -> str:
     """Reject keys that could escape a prefix or a root folder; return the key."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -247,6 +248,16 @@ class GCSStore:
             for blob in blobs:
                 modified = blob.updated.timestamp() if blob.updated else 0.0
                 yield ObjectInfo(blob.name[len(base) :], int(blob.size or 0), modified)
+
+    def touch(self, key: str) -> None:
+        # A server-side rewrite onto itself makes a new generation with a new `updated`
+        # (which list() reports) without sending the bytes through this client.
+        with self._mapped(key):
+            blob = self._blob(key)
+            blob.metadata = {"torchwarm-touched": str(int(time.time()))}
+            token, _, _ = blob.rewrite(blob, retry=None, timeout=self._timeout)
+            while token is not None:  # large objects take several calls
+                token, _, _ = blob.rewrite(blob, token=token, retry=None, timeout=self._timeout)
 
     def delete(self, key: str) -> None:
         with self._mapped(key), contextlib.suppress(gexc.NotFound):

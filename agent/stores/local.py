@@ -98,6 +98,14 @@ class LocalStore:
                         st = full.stat()
                         yield ObjectInfo(key, st.st_size, st.st_mtime)
 
+    def touch(self, key: str) -> None:
+        try:
+            os.utime(self._path(key))
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{self.url}/{key} does not exist") from None
+        except OSError as e:
+            raise StoreError(f"cannot touch {self._path(key)}: {e.strerror}") from e
+
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()

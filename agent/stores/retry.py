@@ -149,5 +149,8 @@ class RetryingStore:
         # the whole listing before the caller sees any of it.
         return iter(self._call(f"list({prefix})", lambda: list(self.inner.list(prefix))))
 
+    def touch(self, key: str) -> None:
+        self._call(f"touch({key})", lambda: self.inner.touch(key))
+
     def delete(self, key: str) -> None:
         self._call(f"delete({key})", lambda: self.inner.delete(key))

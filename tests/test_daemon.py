@@ -1,0 +1,362 @@
+"""The seed daemon against S3 (SeaweedFS behind a proxy that records every request).
+
+One module fixture runs three `--once` passes over one store and keeps their events and
+the requests the store saw: pass 1 warms two workloads, pass 2 finds both current,
+pass 3 follows an edit to one workload's input sets and adds one whose model does not
+import. Other tests start long-running daemons and signal them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import yaml
+from botocore.config import Config as BotoConfig
+from conftest import WORKLOAD
+from faultproxy import FaultProxy, _ProxyHandler
+from servers import AWS_ENV_TO_HIDE, BUCKET, FAKE_AWS_ENV, S3Server, free_port
+
+pytestmark = pytest.mark.compile
+
+TINY = {
+    "name": "tiny",
+    "model": "agent.models:mlp",
+    "model_kwargs": {"d_in": 8, "hidden": 8, "d_out": 8},
+    "inputs": [[{"shape": [2, 8], "dtype": "float32"}]],
+}
+BROKEN = {
+    "name": "broken",
+    "model": "torchwarm_no_such_module:build",
+    "inputs": [[{"shape": [2, 8], "dtype": "float32"}]],
+}
+S3_OPTIONS = {"path_style": True, "request_checksum_calculation": "when_required",
+              "region": "us-east-1"}  # fmt: skip
+ENV = {**{k: v for k, v in os.environ.items() if k not in AWS_ENV_TO_HIDE}, **FAKE_AWS_ENV}
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def _client(endpoint: str) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=FAKE_AWS_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=FAKE_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        config=BotoConfig(s3={"addressing_style": "path"}),
+    )
+
+
+@dataclass
+class Setup:
+    """A daemon config for s3://BUCKET/<prefix> reached through `endpoint`."""
+
+    config: Path
+    endpoint: str  # what the daemon talks to
+    direct: str  # the S3 server itself, for the test's own reads
+    prefix: str
+    doc: dict[str, Any] = field(default_factory=dict)
+
+    def write(self, workloads: list[dict[str, Any]], **daemon: Any) -> None:
+        self.doc["workloads"] = workloads
+        if daemon:
+            self.doc["daemon"] = daemon
+        self.config.write_text(yaml.safe_dump(self.doc))
+
+    def objects(self) -> dict[str, tuple[int, Any]]:
+        """Every object under the prefix: key -> (size, LastModified), read from the store."""
+        pages = (
+            _client(self.direct)
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=BUCKET, Prefix=f"{self.prefix}/")
+        )
+        return {
+            o["Key"][len(self.prefix) + 1 :]: (o["Size"], o["LastModified"])
+            for p in pages
+            for o in p.get("Contents", [])
+        }
+
+    def manifest(self, key: str) -> dict[str, Any]:
+        obj = _client(self.direct).get_object(Bucket=BUCKET, Key=f"{self.prefix}/{key}")
+        return json.loads(obj["Body"].read())
+
+
+def make_setup(tmp: Path, endpoint: str, direct: str) -> Setup:
+    prefix = f"daemon-{uuid.uuid4().hex[:12]}"
+    doc = {
+        "store": f"s3://{BUCKET}/{prefix}",
+        "store_options": {"endpoint_url": endpoint, **S3_OPTIONS},
+        "cache_dir": str(tmp / "cache" / "inductor"),
+    }
+    return Setup(tmp / "config.yaml", endpoint, direct, prefix, doc)
+
+
+def daemon_once(config: Path) -> list[dict[str, Any]]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "daemon", "-c", str(config), "--once"],
+        env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def named(events: list[dict[str, Any]], event: str) -> dict[str, dict[str, Any]]:
+    """The events called `event`, by workload."""
+    return {e["workload"]: e for e in events if e["event"] == event}
+
+
+def puts(seen: list[tuple[str, str]]) -> list[str]:
+    return [path for method, path in seen if method in ("PUT", "POST")]
+
+
+class LiveDaemon:
+    """A long-running `torchwarm daemon` whose JSON events are read as they are printed."""
+
+    def __init__(self, config: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "daemon", "-c", str(config), *args],
+            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.events: list[dict[str, Any]] = []
+        self._q: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                self._q.put(json.loads(line))
+        self._q.put(None)
+
+    def wait_for(self, event: str, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                e = self._q.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise AssertionError(f"no {event!r} within {timeout} s: {self.events}") from None
+            if e is None:
+                raise AssertionError(f"daemon exited before {event!r}: {self.events}")
+            self.events.append(e)
+            if e["event"] == event:
+                return e
+
+    def stop(self, timeout: float = 10) -> tuple[int, float]:
+        """SIGTERM; return (exit code, seconds until exit)."""
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=timeout)
+        return code, time.monotonic() - t0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r"(\S+) (\S+)", line)
+        if m and not line.startswith("#"):
+            out[m[1]] = float(m[2])
+    return out
+
+
+class _StallHandler(_ProxyHandler):
+    """Forwards like the fault proxy, but holds every blob PUT until `release` is set."""
+
+    server: StallProxy
+
+    def _forward(self) -> None:
+        if self.command == "PUT" and "/blobs/sha256/" in self.path:
+            self._body()
+            self.server.stalled.set()
+            self.server.release.wait(120)
+            self.close_connection = True
+            return
+        super()._forward()
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+
+class StallProxy(FaultProxy):
+    def __init__(self, upstream_port: int) -> None:
+        super().__init__(upstream_port)
+        self.RequestHandlerClass = _StallHandler
+        self.stalled = threading.Event()
+        self.release = threading.Event()
+
+
+# -- three --once passes over one store -------------------------------------------------
+
+
+@dataclass
+class Passes:
+    setup: Setup
+    events: list[list[dict[str, Any]]]  # per pass
+    seen: list[list[tuple[str, str]]]  # requests the store saw, per pass
+    before_second: dict[str, tuple[int, Any]]  # the store's objects after pass 1
+    first_manifests: dict[str, dict[str, Any]]  # the manifests after pass 1
+    after_second: dict[str, tuple[int, Any]]
+
+
+@pytest.fixture(scope="module")
+def passes(
+    tmp_path_factory: pytest.TempPathFactory, fault_proxy: FaultProxy, seaweedfs_server: S3Server
+) -> Passes:
+    """Pass 1 on an empty store, pass 2 unchanged, pass 3 after editing `tiny` and adding
+    a workload that cannot import."""
+    fault_proxy.fail_rate = fault_proxy.cut_rate = 0.0
+    setup = make_setup(
+        tmp_path_factory.mktemp("daemon"), fault_proxy.endpoint, seaweedfs_server.endpoint
+    )
+    setup.write([WORKLOAD, TINY])
+    events, seen = [], []
+
+    def run() -> None:
+        start = len(fault_proxy.seen)
+        events.append(daemon_once(setup.config))
+        seen.append(fault_proxy.seen[start:])
+
+    run()
+    before = setup.objects()
+    first = {k: setup.manifest(k) for k in before if k.startswith("manifests/")}
+    run()
+    after = setup.objects()
+    tiny = copy.deepcopy(TINY)
+    tiny["inputs"].append([{"shape": [3, 8], "dtype": "float32"}])
+    setup.write([BROKEN, WORKLOAD, tiny])
+    run()
+    return Passes(setup, events, seen, before, first, after)
+
+
+def test_first_pass_warms_and_publishes_both_workloads(passes):
+    """Pass 1 on an empty store compiles both workloads and publishes a manifest for each."""
+    ev = passes.events[0]
+    assert set(named(ev, "warmup_started")) == {"mlp", "tiny"}
+    published = named(ev, "published")
+    assert set(published) == {"mlp", "tiny"}
+    assert all(p["outcome"] == "published" and p["bytes_pushed"] > 0 for p in published.values())
+    manifests = passes.first_manifests
+    assert sorted(k.split("/")[2] for k in manifests) == ["mlp", "tiny"]
+    for doc in manifests.values():
+        for b in doc["blobs"]:
+            assert f"blobs/sha256/{b['sha256'][:2]}/{b['sha256']}" in passes.before_second
+    assert [e["event"] for e in ev[-2:]] == ["pass_finished", "stopped"]
+    assert ev[-1]["passes"] == 1 and ev[-1]["abandoned"] is False
+
+
+def test_second_pass_compiles_nothing_and_uploads_nothing(passes):
+    """Pass 2 skips both workloads: no warm-up, no PUT at the store, no object changed."""
+    ev = passes.events[1]
+    assert set(named(ev, "skipped_present")) == {"mlp", "tiny"}
+    assert not named(ev, "warmup_started") and not named(ev, "published")
+    assert passes.seen[1], "pass 2 never reached the store"
+    assert puts(passes.seen[1]) == []
+    assert passes.after_second == passes.before_second
+
+
+def test_editing_one_workloads_inputs_rewarms_only_that_one(passes):
+    """Pass 3, after `tiny` gained an input set, re-warms `tiny` alone and replaces its manifest."""
+    ev = passes.events[2]
+    assert list(named(ev, "warmup_started")) == ["tiny"]
+    assert list(named(ev, "skipped_present")) == ["mlp"]
+    (pub,) = named(ev, "published").values()
+    assert pub["workload"] == "tiny" and pub["outcome"] == "replaced"
+    shapes = [s[0]["shape"] for s in passes.setup.manifest(pub["manifest"])["warmup"]["input_sets"]]
+    assert shapes == [[2, 8], [3, 8]]
+
+
+def test_unimportable_model_fails_and_backs_off_while_others_publish(passes):
+    """In pass 3 `broken` (listed first) fails with a 60 s retry, and `tiny` is still published."""
+    ev = passes.events[2]
+    fail = named(ev, "warmup_failed")
+    assert list(fail) == ["broken"]
+    assert "torchwarm_no_such_module" in fail["broken"]["error"]
+    assert fail["broken"]["retry_in_s"] == 60
+    order = [e["event"] for e in ev]
+    assert order.index("warmup_failed") < order.index("published")
+    assert not any(k.split("/")[2] == "broken" for k in passes.setup.objects() if "manifests/" in k)
+
+
+# -- long-running daemons ---------------------------------------------------------------
+
+
+def test_metrics_move_across_a_pass_and_a_failing_workload_backs_off(passes):
+    """/metrics before and after each pass: passes and skips count up, `broken` fails once,
+    then backs off on the next pass; SIGTERM exits 0."""
+    port = free_port()
+    passes.setup.write([BROKEN, WORKLOAD, passes.setup.doc["workloads"][2]],
+                       interval_s=2, jitter=0.0)  # fmt: skip
+    d = LiveDaemon(passes.setup.config, "--listen", f"127.0.0.1:{port}")
+    try:
+        assert d.wait_for("listening", 60)["address"] == f"127.0.0.1:{port}"
+        before = scrape(port)
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz").status == 200
+        d.wait_for("pass_finished")
+        after = scrape(port)
+        d.wait_for("pass_finished", 30)
+        second = scrape(port)
+        code, seconds = d.stop()
+    finally:
+        d.kill()
+    assert before["torchwarm_daemon_passes_total"] == 0
+    assert before['torchwarm_daemon_skipped_total{workload="mlp"}'] == 0
+    assert after["torchwarm_daemon_passes_total"] == 1
+    assert second["torchwarm_daemon_passes_total"] == 2
+    for w in ("mlp", "tiny"):
+        assert after[f'torchwarm_daemon_skipped_total{{workload="{w}"}}'] == 1
+        assert second[f'torchwarm_daemon_skipped_total{{workload="{w}"}}'] == 2
+        assert second[f'torchwarm_daemon_warmups_total{{workload="{w}"}}'] == 0
+    assert after['torchwarm_daemon_failures_total{workload="broken"}'] == 1
+    assert second['torchwarm_daemon_failures_total{workload="broken"}'] == 1
+    assert [e["workload"] for e in d.events if e["event"] == "backing_off"] == ["broken"]
+    assert code == 0 and seconds < 10
+
+
+def test_sigterm_during_a_stuck_upload_exits_0_and_leaves_no_dangling_manifest(
+    tmp_path, seaweedfs_server
+):
+    """SIGTERM while the store holds a blob PUT: exit 0 within 10 s, no manifest names a
+    missing blob."""
+    proxy = StallProxy(int(seaweedfs_server.endpoint.rsplit(":", 1)[1]))
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    setup = make_setup(tmp_path, proxy.endpoint, seaweedfs_server.endpoint)
+    setup.write([TINY])
+    d = LiveDaemon(setup.config)
+    try:
+        d.wait_for("warmup_finished", 180)
+        assert proxy.stalled.wait(30), "the daemon never started a blob upload"
+        code, seconds = d.stop()
+        stopped = d.wait_for("stopped", 5)
+    finally:
+        d.kill()
+        proxy.release.set()
+        proxy.shutdown()
+        proxy.server_close()
+    assert code == 0 and seconds < 10, (code, seconds)
+    assert stopped["abandoned"] is True
+    assert not named(d.events, "published")
+    objects = setup.objects()
+    for key in (k for k in objects if k.startswith("manifests/")):
+        for b in setup.manifest(key)["blobs"]:
+            assert f"blobs/sha256/{b['sha256'][:2]}/{b['sha256']}" in objects, key

@@ -1,0 +1,381 @@
+"""`torchwarm gc`: keep N manifests per workload, sweep blobs no kept manifest names.
+
+Stores are filled with hand-built manifests published by agent.publish (no compiling),
+on a local folder and on SeaweedFS; the CLI runs in a subprocess as an operator's would.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import torchwarm
+from factories import blob, fields, manifest
+from servers import FAKE_AWS_ENV, S3Server, fake_aws_env
+
+from agent import keys, retention
+from agent import manifest as mf
+from agent.manifest import BlobRef, Manifest
+from agent.publish import publish
+from agent.stores import Store, StoreOptions, open_store
+from agent.stores.local import LocalStore
+
+OLD = time.time() - 30 * 86400
+
+
+@dataclass
+class GcStore:
+    """A store (local folder or an S3 prefix), a config naming it, and the blob files."""
+
+    store: Store
+    config: Path
+    files: Path
+    local: bool
+
+    def gc(self, *args: str, check: bool = True):
+        return torchwarm("gc", "-c", str(self.config), *args, env=FAKE_AWS_ENV, check=check)
+
+    def publish(self, m: Manifest, contents: dict[BlobRef, bytes]) -> None:
+        publish(self.store, m, {b: self._file(data) for b, data in contents.items()})
+
+    def put_blob(self, data: bytes) -> str:
+        key = keys.blob_key(blob(data=data).sha256)
+        self.store.put(key, data)
+        return key
+
+    def age_all(self) -> None:
+        """Local store: make every blob a month old (S3 cannot backdate: use --grace 0)."""
+        if self.local:
+            for info in self.store.list(keys.BLOBS):
+                os.utime(self.store.root / info.key, (OLD, OLD))  # type: ignore[attr-defined]
+
+    def keys(self, prefix: str = "") -> set[str]:
+        return {i.key for i in self.store.list(prefix)}
+
+    def _file(self, data: bytes) -> Path:
+        path = self.files / blob(data=data).sha256
+        path.write_bytes(data)
+        return path
+
+
+@pytest.fixture(params=["local", "seaweedfs"])
+def gc_store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch) -> GcStore:
+    (tmp_path / "files").mkdir()
+    doc: dict[str, Any] = {"cache_dir": str(tmp_path / "cache" / "inductor")}
+    if request.param == "local":
+        doc["store"] = (tmp_path / "store").as_uri()
+        options = StoreOptions()
+    else:
+        s3: S3Server = request.getfixturevalue("seaweedfs_server")
+        fake_aws_env(monkeypatch)
+        doc["store"] = f"s3://torchwarm-test/gc-{os.urandom(6).hex()}"
+        doc["store_options"] = {"endpoint_url": s3.endpoint, "path_style": True,
+                                "region": "us-east-1"}  # fmt: skip
+        options = s3.options
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    store = open_store(doc["store"], options)
+    return GcStore(store, config, tmp_path / "files", request.param == "local")
+
+
+def version(n: int, workload: str = "mlp", shared: bytes = b"shared kernels") -> tuple:
+    """Manifest n of `workload` (megacache: a kernels blob shared by every version, and a
+    megacache blob of its own), created on day n of 2024."""
+    own = f"{workload} megacache v{n}".encode()
+    contents = {blob("kernels", shared): shared, blob("megacache", own): own}
+    m = manifest(workload, "megacache", fields(threads=n), tuple(contents),
+                 created_at=f"2024-01-{n:02d}T00:00:00Z")  # fmt: skip
+    return m, contents
+
+
+def bkey(b: BlobRef) -> str:
+    return keys.blob_key(b.sha256)
+
+
+def named_blobs(store: Store) -> dict[str, set[str]]:
+    """Each manifest in the store -> the blob keys it names."""
+    out = {}
+    for info in store.list(keys.MANIFESTS):
+        out[info.key] = {bkey(b) for b in mf.parse(store.read(info.key), info.key).blobs}
+    return out
+
+
+def assert_no_dangling(store: Store) -> None:
+    present = {i.key for i in store.list(keys.BLOBS)}
+    for key, names in named_blobs(store).items():
+        assert names <= present, f"{key} names missing blobs {names - present}"
+
+
+def test_keep_one_deletes_only_blobs_no_kept_manifest_names(gc_store):
+    """Three versions, --keep 1 --grace 0: the two older manifests and their own blobs go,
+    the shared blob and the other workload's stay."""
+    versions = [version(n) for n in (1, 2, 3)]
+    for m, contents in versions:
+        gc_store.publish(m, contents)
+    other, other_contents = version(1, "other", shared=b"other kernels")
+    gc_store.publish(other, other_contents)
+    orphan = gc_store.put_blob(b"orphan")
+    gc_store.age_all()
+    out = gc_store.gc("--keep", "1", "--grace", "0").stdout
+    kept = {keys.manifest_key("mlp", versions[2][0].fingerprint_digest),
+            keys.manifest_key("other", other.fingerprint_digest)}  # fmt: skip
+    assert gc_store.keys(keys.MANIFESTS) == kept
+    expected = {bkey(b) for m in (versions[2][0], other) for b in m.blobs}
+    assert gc_store.keys(keys.BLOBS) == expected
+    gone = {bkey(versions[i][0].blobs[1]) for i in (0, 1)} | {orphan}
+    assert {ln.split()[-1] for ln in out.splitlines() if ln.startswith("deleted blob")} == gone
+    assert "kept 2 manifest(s); deleted 2 manifest(s) and 3 blob(s)" in out
+    assert_no_dangling(gc_store.store)
+
+
+def test_grace_period_keeps_young_unreferenced_blobs(gc_store):
+    """An unreferenced blob younger than --grace stays; a month-old one goes (local store)."""
+    if not gc_store.local:
+        young = gc_store.put_blob(b"young")
+        out = gc_store.gc("--keep", "1", "--grace", "3600").stdout
+        assert young in gc_store.keys(keys.BLOBS)
+        assert "1 unreferenced blob(s) inside the grace period kept" in out
+        return
+    old = gc_store.put_blob(b"old")
+    gc_store.age_all()
+    young = gc_store.put_blob(b"young")
+    out = gc_store.gc("--keep", "1", "--grace", "3600").stdout
+    assert gc_store.keys(keys.BLOBS) == {young}
+    assert f"deleted blob {old}" in out
+    assert "1 unreferenced blob(s) inside the grace period kept" in out
+
+
+def test_dry_run_deletes_nothing_and_prints_what_would_go(gc_store):
+    """--dry-run lists the old manifests and unreferenced blobs but leaves the store as it was."""
+    for n in (1, 2):
+        gc_store.publish(*version(n))
+    orphan = gc_store.put_blob(b"orphan")
+    gc_store.age_all()
+    before = gc_store.keys()
+    out = gc_store.gc("--keep", "1", "--grace", "0", "--dry-run").stdout
+    assert gc_store.keys() == before
+    old = version(1)[0]
+    assert f"would delete manifest {keys.manifest_key('mlp', old.fingerprint_digest)}" in out
+    assert f"would delete blob {orphan}" in out
+    assert f"would delete blob {bkey(old.blobs[1])}" in out
+    assert "would delete 1 manifest(s) and 2 blob(s)" in out
+
+
+def test_unparseable_manifest_stops_the_sweep(gc_store):
+    """A manifest gc cannot parse: no blob is deleted, and the output says why."""
+    gc_store.publish(*version(1))
+    orphan = gc_store.put_blob(b"orphan")
+    bad = keys.manifest_key("broken", "0" * 32)
+    gc_store.store.put(bad, b"{not json")
+    gc_store.age_all()
+    before = gc_store.keys(keys.BLOBS)
+    out = gc_store.gc("--keep", "1", "--grace", "0").stdout
+    assert orphan in before and gc_store.keys(keys.BLOBS) == before
+    assert "blob sweep skipped" in out and bad in out
+
+
+@pytest.mark.parametrize("keep", ["0", "-1"])
+def test_keep_below_one_is_a_usage_error(gc_store, keep):
+    """--keep 0 or negative exits 2 and deletes nothing."""
+    gc_store.publish(*version(1))
+    gc_store.age_all()
+    before = gc_store.keys()
+    out = gc_store.gc("--keep", keep, "--grace", "0", check=False)
+    assert out.returncode == 2, out.stderr
+    assert "--keep must be at least 1" in out.stderr
+    assert gc_store.keys() == before
+    with pytest.raises(ValueError):
+        retention.gc(gc_store.store, int(keep))
+
+
+# -- publish racing gc ------------------------------------------------------------------
+
+
+class GcAfterExists:
+    """A store for a publisher: right after exists() says a blob is there, gc runs."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.reports: list[retention.GcReport] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def exists(self, key: str) -> bool:
+        found = self.inner.exists(key)
+        if found and keys.parse_blob_key(key) and not self.reports:
+            self.reports.append(retention.gc(self.inner, keep=1, grace_s=0))
+        return found
+
+
+def test_blob_swept_between_exists_and_manifest_is_reuploaded(gc_store):
+    """A publisher finds an old unreferenced blob present, gc sweeps it before the manifest
+    lands: after publish returns, every blob the manifest names exists."""
+    m, contents = version(1)
+    reused = next(b for b in m.blobs if b.role == "kernels")
+    gc_store.put_blob(contents[reused])
+    gc_store.age_all()
+    racing = GcAfterExists(gc_store.store)
+    rep = publish(racing, m, {b: gc_store._file(d) for b, d in contents.items()})
+    assert racing.reports and bkey(reused) in racing.reports[0].deleted_blobs  # the race happened
+    assert rep.blobs_uploaded == 2  # the swept blob was uploaded again, not counted present
+    assert named_blobs(gc_store.store) == {rep.manifest_key: {bkey(b) for b in m.blobs}}
+    assert_no_dangling(gc_store.store)
+
+
+class PublishBeforeDelete:
+    """A store for gc: before its first blob delete, a whole publish runs to completion."""
+
+    def __init__(self, inner: Store, publish_now: Callable[[], None]) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.publish_now = publish_now
+        self.published = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def delete(self, key: str) -> None:
+        if keys.parse_blob_key(key) and not self.published:
+            self.published = True
+            self.publish_now()
+        self.inner.delete(key)
+
+
+def test_publish_landing_between_gc_listing_and_delete_loses_nothing(gc_store):
+    """gc lists the manifests, a publisher reuses an old unreferenced blob and finishes, then
+    gc deletes: the new manifest must not name a missing blob."""
+    m, contents = version(1)
+    reused = next(b for b in m.blobs if b.role == "kernels")
+    gc_store.put_blob(contents[reused])
+    gc_store.age_all()
+    racing = PublishBeforeDelete(gc_store.store, lambda: gc_store.publish(m, contents))
+    retention.gc(racing, keep=1, grace_s=0)
+    assert racing.published  # the race happened
+    assert keys.manifest_key("mlp", m.fingerprint_digest) in named_blobs(gc_store.store)
+    assert_no_dangling(gc_store.store)
+
+
+class GcDeletesAfterPutIfAbsent:
+    """A store for a publisher: an older manifest at its key is deleted by gc right after
+    put_if_absent found it there."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.deleted = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        created = self.inner.put_if_absent(key, data)
+        if not created:
+            self.inner.delete(key)
+            self.deleted = True
+        return created
+
+
+def test_publish_over_a_manifest_gc_just_deleted_succeeds(gc_store):
+    """A republish for the same fingerprint whose old manifest gc deletes mid-publish still
+    writes its manifest."""
+    old, old_contents = version(1)
+    gc_store.publish(old, old_contents)
+    new, contents = version(1, shared=b"new kernels")
+    racing = GcDeletesAfterPutIfAbsent(gc_store.store)
+    rep = publish(racing, new, {b: gc_store._file(d) for b, d in contents.items()})
+    assert racing.deleted  # the race happened
+    assert named_blobs(gc_store.store) == {rep.manifest_key: {bkey(b) for b in new.blobs}}
+    assert_no_dangling(gc_store.store)
+
+
+def test_publishers_and_gc_loops_in_threads_leave_no_dangling_manifest(tmp_path):
+    """Four publishers reusing a small pool of blobs and two gc loops (grace 0) run for 3 s
+    on a local store: every manifest left names only blobs that exist."""
+    store = LocalStore(tmp_path / "store")
+    pool = [f"pool blob {i}".encode() for i in range(6)]
+    paths = {}
+    for data in pool:
+        paths[data] = tmp_path / blob(data=data).sha256
+        paths[data].write_bytes(data)
+    stop = threading.Event()
+    errors: list[tuple[str, Exception]] = []
+    published = [0]
+    start = datetime(2024, 1, 1, tzinfo=timezone.utc)
+
+    def publisher(i: int) -> None:
+        rng = random.Random(i)
+        n = 0
+        while not stop.is_set():
+            n += 1
+            k, mc = rng.sample(pool, 2)
+            contents = {blob("kernels", k): k, blob("megacache", mc): mc}
+            created = (start + timedelta(seconds=n)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            m = manifest(f"w{i}", "megacache", fields(threads=n % 3 + 1), tuple(contents),
+                         created_at=created)  # fmt: skip
+            try:
+                publish(store, m, {b: paths[d] for b, d in contents.items()})
+                published[0] += 1
+            except Exception as e:  # noqa: BLE001 - reported below; keep publishing
+                errors.append(("publish", e))
+
+    def collector() -> None:
+        while not stop.is_set():
+            try:
+                retention.gc(store, keep=1, grace_s=0)
+            except Exception as e:  # noqa: BLE001 - reported below; keep sweeping
+                errors.append(("gc", e))
+
+    threads = [threading.Thread(target=publisher, args=(i,)) for i in range(4)]
+    threads += [threading.Thread(target=collector) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    present = {i.key for i in store.list(keys.BLOBS)}
+    dangling = {k: v - present for k, v in named_blobs(store).items() if v - present}
+    assert published[0] > 20
+    kinds = {(who, type(e).__name__) for who, e in errors}
+    assert not errors and not dangling, (kinds, len(errors), errors[:2], dangling)
+
+
+class OtherGcDeletesFirst:
+    """A store for one gc: the first manifest it reads was just deleted by another gc."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.deleted: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def read(self, key: str) -> bytes:
+        if keys.parse_manifest_key(key) and not self.deleted:
+            self.deleted.append(key)
+            self.inner.delete(key)
+        return self.inner.read(key)
+
+
+def test_two_overlapping_gc_runs_do_not_fail(gc_store):
+    """A manifest listed by one gc and deleted by another before it is read does not make
+    the first gc fail, and no manifest left names a missing blob."""
+    for n in (1, 2, 3):
+        gc_store.publish(*version(n))
+    gc_store.age_all()
+    racing = OtherGcDeletesFirst(gc_store.store)
+    retention.gc(racing, keep=1, grace_s=0)
+    assert racing.deleted  # the race happened
+    assert_no_dangling(gc_store.store)
