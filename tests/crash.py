@@ -1,6 +1,7 @@
 """Run a torchwarm command and SIGKILL it at a chosen point: a crash, not a clean error.
 
-Usage: python tests/crash.py POINT -- torchwarm-args...
+Usage: python tests/crash.py POINT -- torchwarm-args... (POINT: a mode below, or
+random-push:SEED:UPPER / random-pull:SEED:UPPER, see random_points).
 The code under test is the real one; only the moment of death is injected.
 """
 
@@ -28,6 +29,69 @@ def after(n: int, fn: Any) -> Any:
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def random_points(pull: bool, seed: str, upper: int) -> None:
+    """Patch the write paths of push (local store) or pull (fetch, install) to die at a random call.
+
+    Points: os.fsync / replace / rename / link / unlink / chmod (every temp file, rename,
+    link and cleanup of the local store and the installer), the local store's copy (which
+    writes half the blob first), the download sink's writes, archive._write_member,
+    install.fsync_tree and install._exchange. A pull counts only after its fingerprint
+    is read (torch's import and ISA probe are not write paths).
+    """
+    import atexit
+    import random
+
+    from agent import archive, fingerprint, install, verify
+    from agent.stores import local
+
+    target = 0 if seed == "count" else random.Random(int(seed)).randint(1, upper)
+    state = {"calls": 0, "armed": not pull}
+
+    def hit(half_copy: Any = None) -> None:
+        if not state["armed"]:
+            return
+        state["calls"] += 1
+        if state["calls"] == target:
+            if half_copy is not None:
+                half_copy()
+            die()
+
+    def point(fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            hit()
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("fsync", "replace", "rename", "link", "unlink", "chmod"):
+        setattr(os, name, point(getattr(os, name)))
+    archive._write_member = point(archive._write_member)  # type: ignore[assignment]
+    install.fsync_tree = point(install.fsync_tree)  # type: ignore[assignment]
+    install._exchange = point(install._exchange)  # type: ignore[assignment]
+    verify.HashingSink.write = point(verify.HashingSink.write)  # type: ignore[method-assign]
+    real_copy = local.shutil.copyfileobj
+
+    def copy(src: Any, dst: Any, length: int = 0) -> None:
+        def half() -> None:
+            dst.write(src.read(max(1, os.fstat(src.fileno()).st_size // 2)))
+            dst.flush()
+
+        hit(half)
+        real_copy(src, dst, length)
+
+    local.shutil.copyfileobj = copy  # type: ignore[assignment]
+    real_collect = fingerprint.collect
+
+    def collect(*args: Any, **kwargs: Any) -> Any:
+        fields = real_collect(*args, **kwargs)
+        state["armed"] = True
+        return fields
+
+    fingerprint.collect = collect  # type: ignore[assignment]
+    if seed == "count":
+        atexit.register(lambda: print(f"crash points: {state['calls']}", file=sys.stderr))
 
 
 def main() -> int:
@@ -60,6 +124,12 @@ def main() -> int:
             real_rename(src, dst)
 
         install.os.rename = rename  # type: ignore[attr-defined]
+    elif point.startswith(("random-push:", "random-pull:")):
+        # random-push:SEED:UPPER / random-pull:SEED:UPPER: die at call K, K uniform in
+        # [1, UPPER], counting calls of every patched write-path function; SEED "count"
+        # never dies and prints "crash points: N" (the calls a full run makes) at exit.
+        kind, seed, upper = point.split(":")
+        random_points(kind == "random-pull", seed, int(upper))
     else:
         raise SystemExit(f"unknown point {point!r}")
     from agent.cli import main as cli_main
