@@ -82,7 +82,7 @@ def pull(
     workloads = cfg.selected(names)
     marker = cfg.marker_path
     marker.unlink(missing_ok=True)  # a marker from an earlier boot must not let `wait` through
-    job = _PullJob(cfg, workloads, require, deadline_s)
+    job = _PullJob(cfg, workloads, require)
     worker = threading.Thread(target=job.run, name="torchwarm-pull", daemon=True)
     worker.start()
     worker.join(deadline_s)
@@ -117,7 +117,7 @@ def pull(
 class _PullJob:
     """The pull's steps, run on a worker thread so that the caller can enforce a deadline."""
 
-    def __init__(self, cfg: Config, workloads: tuple[Any, ...], require: bool, deadline_s: float):
+    def __init__(self, cfg: Config, workloads: tuple[Any, ...], require: bool) -> None:
         self.cfg, self.workloads, self.require = cfg, workloads, require
         self.t0 = time.perf_counter()
         self.timings: dict[str, float] = {}

@@ -33,14 +33,20 @@ class FaultProxy(ThreadingHTTPServer):
     def __init__(self, upstream_port: int, seed: int = 1) -> None:
         super().__init__(("127.0.0.1", 0), _ProxyHandler)  # the kernel picks a free port
         self.upstream_port = upstream_port
-        self.fail_rate = 0.0
-        self.cut_rate = 0.0
-        self.failed = 0
-        self.cut = 0
-        self.fail_once: Callable[[str, str], bool] | None = None  # (method, path) to fail once
-        self.seen: list[tuple[str, str]] = []
-        self._rng = random.Random(seed)
         self._lock = threading.Lock()
+        self.reset(seed)
+
+    def reset(self, seed: int = 1) -> None:
+        """No faults, no history, and the same random draws as a new proxy: each test that
+        shares the session's proxy starts from the same state."""
+        with self._lock:
+            self.fail_rate = 0.0
+            self.cut_rate = 0.0
+            self.failed = 0
+            self.cut = 0
+            self.fail_once: Callable[[str, str], bool] | None = None  # (method, path)
+            self.seen: list[tuple[str, str]] = []
+            self._rng = random.Random(seed)
 
     @property
     def endpoint(self) -> str:

@@ -225,7 +225,7 @@ def passes(
 ) -> Passes:
     """Pass 1 on an empty store, pass 2 unchanged, pass 3 after editing `tiny` and adding
     a workload that cannot import."""
-    fault_proxy.fail_rate = fault_proxy.cut_rate = 0.0
+    fault_proxy.reset()
     setup = make_setup(
         tmp_path_factory.mktemp("daemon"), fault_proxy.endpoint, seaweedfs_server.endpoint
     )

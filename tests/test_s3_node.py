@@ -107,10 +107,10 @@ def s3_node(tmp_path: Path) -> Callable[..., S3Node]:
 
 @pytest.fixture
 def faulty(fault_proxy: FaultProxy) -> Iterator[FaultProxy]:
-    """The fault_proxy, its fault rate reset after the test."""
-    fault_proxy.failed = 0
+    """The fault_proxy, reset before and after the test."""
+    fault_proxy.reset()
     yield fault_proxy
-    fault_proxy.fail_rate = 0.0
+    fault_proxy.reset()
 
 
 def _assert_warm(report: dict[str, Any]) -> None:

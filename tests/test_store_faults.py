@@ -28,10 +28,9 @@ BLOB = os.urandom(24 * MiB)
 def faulty(fault_proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
     """The fault_proxy with fault rates reset after the test."""
     fake_aws_env(monkeypatch)
-    fault_proxy.seen.clear()
+    fault_proxy.reset()
     yield fault_proxy
-    fault_proxy.fail_rate = fault_proxy.cut_rate = 0.0
-    fault_proxy.fail_once = None
+    fault_proxy.reset()
 
 
 def retrying(endpoint: str, attempts: int = 25, deadline_s: float = 30.0) -> RetryingStore:
