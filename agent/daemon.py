@@ -35,7 +35,7 @@ from . import config as cfgmod
 from . import fingerprint, httpd, keys, torchenv, warmup
 from . import manifest as mf
 from .config import Workload
-from .errors import Cancelled, ObjectNotFound, TorchwarmError
+from .errors import Cancelled, ObjectNotFound, TorchwarmError, WarmupError
 from .publish import build_manifest, publish
 
 BACKOFF_START_S = 60.0
@@ -62,6 +62,7 @@ class Daemon:
         self.retry_at: dict[str, float] = {}
         self.m: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.passes = 0
+        self.failed_this_pass: list[str] = []
         self.exit_code = 0
 
     # -- the loop -----------------------------------------------------------------------
@@ -103,6 +104,8 @@ class Daemon:
             self._maybe_reload()
             self.pass_once()
             if once:
+                if self.failed_this_pass:  # a Job or CronJob must see it
+                    self.exit_code = WarmupError.exit_code
                 return
             d = self.cfg.daemon
             wait = d.interval_s * (1 + random.uniform(-d.jitter, d.jitter))
@@ -126,6 +129,7 @@ class Daemon:
 
     def pass_once(self) -> None:
         t0 = time.monotonic()
+        self.failed_this_pass = []
         if not self.fields:  # the environment does not change under a running process
             self.fields = fingerprint.collect(scratch=torchenv.probe_scratch())
         store = self.cfg.open_store()
@@ -148,6 +152,7 @@ class Daemon:
                             self.cfg.daemon.backoff_max_s)  # fmt: skip
                 self.retry_at[w.name] = time.time() + delay
                 self.m[w.name]["failures_total"] += 1
+                self.failed_this_pass.append(w.name)
                 emit("warmup_failed", workload=w.name, error=str(e), retry_in_s=delay)
         self.passes += 1
         emit("pass_finished", seconds=round(time.monotonic() - t0, 3))

@@ -108,12 +108,12 @@ def make_setup(tmp: Path, endpoint: str, direct: str) -> Setup:
     return Setup(tmp / "config.yaml", endpoint, direct, prefix, doc)
 
 
-def daemon_once(config: Path) -> list[dict[str, Any]]:
+def daemon_once(config: Path, rc: int = 0) -> list[dict[str, Any]]:
     proc = subprocess.run(
         [sys.executable, "-m", "agent.cli", "daemon", "-c", str(config), "--once"],
         env=ENV, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == rc, f"{proc.stdout}\n{proc.stderr}"
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
@@ -232,9 +232,9 @@ def passes(
     setup.write([WORKLOAD, TINY])
     events, seen = [], []
 
-    def run() -> None:
+    def run(rc: int = 0) -> None:
         start = len(fault_proxy.seen)
-        events.append(daemon_once(setup.config))
+        events.append(daemon_once(setup.config, rc))
         seen.append(fault_proxy.seen[start:])
 
     run()
@@ -245,7 +245,7 @@ def passes(
     tiny = copy.deepcopy(TINY)
     tiny["inputs"].append([{"shape": [3, 8], "dtype": "float32"}])
     setup.write([BROKEN, WORKLOAD, tiny])
-    run()
+    run(rc=7)  # --once reports the failed workload to the Job, after handling the others
     return Passes(setup, events, seen, before, first, after)
 
 
