@@ -29,6 +29,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.config import Config as BotoConfig
 from faultproxy import FaultProxy
 
 from agent.stores import Store, StoreOptions, open_store
@@ -92,11 +93,24 @@ def s3_options(endpoint: str, **overrides: Any) -> StoreOptions:
     return replace(base, **overrides)
 
 
+def s3_client(endpoint: str) -> Any:
+    """A plain boto3 client of the test's own (fake credentials, path style) to look at
+    what the store really holds, independently of the code under test."""
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=FAKE_AWS_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=FAKE_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        config=BotoConfig(s3={"addressing_style": "path"}),
+    )
+
+
 def create_bucket(endpoint: str, bucket: str, timeout_s: float = 20.0) -> None:
     """Create `bucket`, retrying while a just-started server is still settling."""
     with pytest.MonkeyPatch.context() as mp:
         fake_aws_env(mp)
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        client = s3_client(endpoint)
         deadline = time.monotonic() + timeout_s
         while True:
             try:

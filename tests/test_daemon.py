@@ -24,13 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import yaml
-from botocore.config import Config as BotoConfig
 from conftest import WORKLOAD
 from faultproxy import FaultProxy, _ProxyHandler
-from servers import AWS_ENV_TO_HIDE, BUCKET, FAKE_AWS_ENV, S3Server, free_port
+from servers import AWS_ENV_TO_HIDE, BUCKET, FAKE_AWS_ENV, S3Server, free_port, s3_client
 
 pytestmark = pytest.mark.compile
 
@@ -53,17 +51,6 @@ ENV = {**{k: v for k, v in os.environ.items() if k not in AWS_ENV_TO_HIDE}, **FA
 # -- helpers ----------------------------------------------------------------------------
 
 
-def _client(endpoint: str) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=FAKE_AWS_ENV["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=FAKE_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
-        config=BotoConfig(s3={"addressing_style": "path"}),
-    )
-
-
 @dataclass
 class Setup:
     """A daemon config for s3://BUCKET/<prefix> reached through `endpoint`."""
@@ -83,7 +70,7 @@ class Setup:
     def objects(self) -> dict[str, tuple[int, Any]]:
         """Every object under the prefix: key -> (size, LastModified), read from the store."""
         pages = (
-            _client(self.direct)
+            s3_client(self.direct)
             .get_paginator("list_objects_v2")
             .paginate(Bucket=BUCKET, Prefix=f"{self.prefix}/")
         )
@@ -94,7 +81,7 @@ class Setup:
         }
 
     def manifest(self, key: str) -> dict[str, Any]:
-        obj = _client(self.direct).get_object(Bucket=BUCKET, Key=f"{self.prefix}/{key}")
+        obj = s3_client(self.direct).get_object(Bucket=BUCKET, Key=f"{self.prefix}/{key}")
         return json.loads(obj["Body"].read())
 
 

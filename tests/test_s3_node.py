@@ -18,13 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import yaml
-from botocore.config import Config as BotoConfig
 from conftest import WORKLOAD, Seed, torchwarm, write_config
 from faultproxy import FaultProxy
-from servers import AWS_ENV_TO_HIDE, BUCKET, FAKE_AWS_ENV
+from servers import AWS_ENV_TO_HIDE, BUCKET, FAKE_AWS_ENV, s3_client
 
 pytestmark = pytest.mark.compile
 
@@ -57,26 +55,15 @@ class S3Node:
 
     def keys(self, under: str) -> list[str]:
         """Keys below `under` in this node's store, read with a client of the test's own."""
-        client = _client(self.endpoint)
+        client = s3_client(self.endpoint)
         pages = client.get_paginator("list_objects_v2").paginate(
             Bucket=BUCKET, Prefix=f"{self.prefix}/{under}"
         )
         return [o["Key"][len(self.prefix) + 1 :] for p in pages for o in p.get("Contents", [])]
 
     def read(self, key: str) -> bytes:
-        obj = _client(self.endpoint).get_object(Bucket=BUCKET, Key=f"{self.prefix}/{key}")
+        obj = s3_client(self.endpoint).get_object(Bucket=BUCKET, Key=f"{self.prefix}/{key}")
         return obj["Body"].read()
-
-
-def _client(endpoint: str) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=FAKE_AWS_ENV["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=FAKE_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
-        config=BotoConfig(s3={"addressing_style": "path"}),
-    )
 
 
 @pytest.fixture(autouse=True)
