@@ -8,7 +8,7 @@ Exit codes (one place; README "Exit codes" mirrors this table):
     4  verification failed: digest, size or manifest refused; nothing installed
     5  no cache for this workload and fingerprint (pull --require)
     6  the cache could not be installed into the cache directory
-    7  a warm-up failed to compile or capture
+    7  a warm-up failed to compile or capture; daemon --once: a workload failed
     8  wait: the ready marker did not appear in time
     9  the pull did not finish within its deadline (--require)
   130  interrupted
