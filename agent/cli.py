@@ -26,10 +26,14 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from . import config as cfgmod
 from .errors import TorchwarmError
+
+if TYPE_CHECKING:
+    from .warmup import WarmupResult
 
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
@@ -239,18 +243,11 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
-def _publish(cfg: cfgmod.Config, result: object) -> None:
-    from .publish import build_manifest, publish
+def _publish(cfg: cfgmod.Config, result: WarmupResult) -> None:
+    from .publish import publish_warmup
 
-    m, files = build_manifest(
-        result.workload,
-        result.fingerprint,
-        result.format,
-        result.captured,
-        result.summary,  # type: ignore[attr-defined]
-        cfg.signing_key,
-    )
-    rep = publish(cfg.open_store(), m, files)
+    rep = publish_warmup(cfg.open_store(), result, cfg.signing_key)
+    m = rep.manifest
     print(
         f"pushed {m.workload} ({m.format}, {_size(m.size)}) as {rep.manifest_key}: "
         f"{rep.outcome}, {rep.blobs_uploaded} blob(s) uploaded ({_size(rep.bytes_uploaded)}), "
@@ -365,10 +362,15 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
+    from . import torchenv
+
     cfg = _load(args, cache_dir=_s(args.cache_dir))
-    # Before torch is imported: torch reads its cache dir from the environment.
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cfg.cache_dir)
-    os.environ.pop("TRITON_CACHE_DIR", None)
+    with torchenv.torch_cache_dir(cfg.cache_dir):
+        _probe_workloads(cfg, args)
+    return 0
+
+
+def _probe_workloads(cfg: cfgmod.Config, args: argparse.Namespace) -> None:
     from . import workload
 
     for w in cfg.selected(args.workload):
@@ -383,7 +385,6 @@ def _probe(args: argparse.Namespace) -> int:
                 f"miss {c['fxgraph_cache_miss']}; aot_autograd hit {c['autograd_cache_hit']} "
                 f"miss {c['autograd_cache_miss']}; kernels compiled {r.new_so_files}"
             )
-    return 0
 
 
 def _s(p: Path | None) -> str | None:

@@ -425,8 +425,3 @@ class _Validator:
         if isinstance(value, str) and value.lower() in ("0", "false", "no", "off", ""):
             return False
         self.fail(key, f"is {value!r}; expected true or false")
-
-
-def with_overrides(cfg: Config, **changes: Any) -> Config:
-    """A copy of `cfg` with some fields replaced (used by commands that redirect the cache dir)."""
-    return replace(cfg, **changes)

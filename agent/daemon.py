@@ -36,7 +36,7 @@ from . import fingerprint, httpd, keys, torchenv, warmup
 from . import manifest as mf
 from .config import Workload
 from .errors import Cancelled, ObjectNotFound, TorchwarmError, WarmupError
-from .publish import build_manifest, publish
+from .publish import publish_warmup
 
 BACKOFF_START_S = 60.0
 STOP_GRACE_S = 8.0  # after SIGTERM, how long a stuck upload may hold the exit
@@ -185,10 +185,7 @@ class Daemon:
                 emit("fingerprint_mismatch", workload=w.name, daemon=fp,
                      warmup=fingerprint.digest(result.fingerprint),
                      differs=fingerprint.differences(self.fields, result.fingerprint))  # fmt: skip
-            m, files = build_manifest(w.name, result.fingerprint, result.format,
-                                      result.captured, result.summary,
-                                      self.cfg.signing_key)  # fmt: skip
-            rep = publish(store, m, files, should_stop=self.stop.is_set)
+            rep = publish_warmup(store, result, self.cfg.signing_key, self.stop.is_set)
         stats = self.m[w.name]
         stats["warmups_total"] += 1
         stats["warmup_seconds"] = seconds

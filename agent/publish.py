@@ -22,6 +22,7 @@ from .formats import Captured
 from .manifest import BlobRef, Manifest
 from .signing import SigningKey, sign
 from .stores import Store
+from .warmup import WarmupResult
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +123,17 @@ def _write_manifest(store: Store, key: str, m: Manifest) -> str:
         break
     store.put(key, data)  # a newer warm-up of the same workload replaces the old one
     return "replaced"
+
+
+def publish_warmup(
+    store: Store,
+    result: WarmupResult,
+    signing_key: SigningKey | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> PublishReport:
+    """Build (and sign) the manifest of a warm-up result and publish it."""
+    m, files = build_manifest(
+        result.workload, result.fingerprint, result.format, result.captured, result.summary,
+        signing_key,
+    )  # fmt: skip
+    return publish(store, m, files, should_stop)
