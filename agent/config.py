@@ -298,7 +298,7 @@ def _workload(v: _Validator, at: str, w: Any) -> Workload:
         v.fail(f"{at}.name", "must be 1-64 characters of letters, digits, '.', '_', '-'")
     model = w["model"]
     if not isinstance(model, str) or not _FACTORY.fullmatch(model):
-        v.fail(f"{at}.model", "must be 'package.module:callable', e.g. agent.models:mlp")
+        v.fail(f"{at}.model", "must be 'package.module:callable', e.g. torchwarm.models:mlp")
     kwargs = w.get("model_kwargs", {})
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         v.fail(f"{at}.model_kwargs", "must be a mapping of argument names to values")

@@ -2,7 +2,7 @@
 
 A subprocess per workload keeps captures from mixing (torch's mega-cache saves are
 cumulative per process) and gives every warm-up an empty cache dir, so the capture
-holds exactly what the workload needs. The child runs `python -m agent.warmup`.
+holds exactly what the workload needs. The child runs `python -m torchwarm.warmup`.
 
 Output folder layout (what `torchwarm push --from DIR` reads):
     DIR/<workload>/warmup.json   fingerprint, counters, timings, captured blob files
@@ -111,7 +111,7 @@ def warmup(
     cache.mkdir(parents=True)
     log_path = out_dir / "warmup.log"
     cmd = [
-        sys.executable, "-m", "agent.warmup",
+        sys.executable, "-m", "torchwarm.warmup",
         "--config", cfg.source, "--workload", w.name, "--format", fmt.name, "--out", str(out_dir),
     ]  # fmt: skip
     with log_path.open("wb") as log:
@@ -154,7 +154,7 @@ def warmup(
 
 def _child(argv: list[str]) -> int:
     """Runs in the warm-up subprocess, with TORCHINDUCTOR_CACHE_DIR set by the parent."""
-    p = argparse.ArgumentParser(prog="python -m agent.warmup")
+    p = argparse.ArgumentParser(prog="python -m torchwarm.warmup")
     p.add_argument("--config", required=True)
     p.add_argument("--workload", required=True)
     p.add_argument("--format", required=True)

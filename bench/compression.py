@@ -38,7 +38,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="torchwarm-zbench-") as tmp:
         out = Path(tmp)
         proc = subprocess.run(
-            [sys.executable, "-m", "agent.cli", "warmup", "-c", a.config, "--out", str(out),
+            [sys.executable, "-m", "torchwarm.cli", "warmup", "-c", a.config, "--out", str(out),
              "--format", "cachedir"],
             cwd=ROOT, capture_output=True, text=True,
         )  # fmt: skip

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def torchwarm(*args: str, env: dict[str, str] | None = None) -> str:
     proc = subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args],
+        [sys.executable, "-m", "torchwarm.cli", *args],
         env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
@@ -52,7 +52,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="nodes per format (median reported)")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from agent import config as cfgmod
+    from torchwarm import config as cfgmod
 
     cfg = cfgmod.load(a.config)
     workload = a.workload or cfg.workloads[0].name

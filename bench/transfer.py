@@ -39,7 +39,7 @@ from servers import (  # noqa: E402
     stop_process,
 )
 
-from agent.stores import StoreOptions, open_store  # noqa: E402
+from torchwarm.stores import StoreOptions, open_store  # noqa: E402
 
 MiB = 1 << 20
 

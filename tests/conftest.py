@@ -22,7 +22,7 @@ pytest_plugins = ("servers",)
 
 WORKLOAD = {
     "name": "mlp",
-    "model": "agent.models:mlp",
+    "model": "torchwarm.models:mlp",
     "model_kwargs": {"d_in": 32, "hidden": 64, "d_out": 32},
     "inputs": [
         [{"shape": [4, 32], "dtype": "float32", "dynamic": [0]}],
@@ -36,7 +36,7 @@ def torchwarm(
 ) -> subprocess.CompletedProcess[str]:
     """Run the CLI in a new process, as a node or a seed would."""
     proc = subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args],
+        [sys.executable, "-m", "torchwarm.cli", *args],
         env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,

@@ -43,8 +43,8 @@ def random_points(pull: bool, seed: str, upper: int) -> None:
     import atexit
     import random
 
-    from agent import archive, fingerprint, install, verify
-    from agent.stores import local
+    from torchwarm import archive, fingerprint, install, verify
+    from torchwarm.stores import local
 
     target = 0 if seed == "count" else random.Random(int(seed)).randint(1, upper)
     state = {"calls": 0, "armed": not pull}
@@ -97,8 +97,8 @@ def random_points(pull: bool, seed: str, upper: int) -> None:
 def main() -> int:
     point, sep, *args = sys.argv[1:]
     assert sep == "--"
-    from agent import archive, install
-    from agent.stores import local
+    from torchwarm import archive, install
+    from torchwarm.stores import local
 
     if point == "push-before-manifest":  # every blob written, the manifest not yet
         local.LocalStore.put_if_absent = lambda *a, **k: die()  # type: ignore[method-assign]
@@ -132,7 +132,7 @@ def main() -> int:
         random_points(kind == "random-pull", seed, int(upper))
     else:
         raise SystemExit(f"unknown point {point!r}")
-    from agent.cli import main as cli_main
+    from torchwarm.cli import main as cli_main
 
     return cli_main(args)
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import zstandard
 
-from agent import archive
-from agent.formats import Captured
-from agent.manifest import BlobRef, Manifest
-from agent.stores.local import LocalStore
+from torchwarm import archive
+from torchwarm.formats import Captured
+from torchwarm.manifest import BlobRef, Manifest
+from torchwarm.stores.local import LocalStore
 
 FIELDS: dict[str, Any] = {
     "fingerprint_version": 1,
@@ -76,7 +76,7 @@ def minimal_config(folder: Path, extra: str = "", store: str = "store") -> Path:
         cache_dir: node/inductor
         workloads:
           - name: mlp
-            model: agent.models:mlp
+            model: torchwarm.models:mlp
             inputs:
               - [{{shape: [4, 64]}}]
         """)

@@ -32,7 +32,7 @@ import pytest
 from botocore.config import Config as BotoConfig
 from faultproxy import FaultProxy
 
-from agent.stores import Store, StoreOptions, open_store
+from torchwarm.stores import Store, StoreOptions, open_store
 
 BUCKET = "torchwarm-test"
 FAKE_AWS_ENV = {

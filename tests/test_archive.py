@@ -10,8 +10,8 @@ import tarfile
 import pytest
 from factories import Member, hand_archive, make_tree, read_tree
 
-from agent import archive
-from agent.errors import ArchiveError
+from torchwarm import archive
+from torchwarm.errors import ArchiveError
 
 FILES = {
     "fxgraph/ab/entry": b"graph" * 100,

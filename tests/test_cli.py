@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from factories import fields, manifest, minimal_config, write_config
 
-from agent import keys
-from agent.cli import main
-from agent.stores.local import LocalStore
+from torchwarm import keys
+from torchwarm.cli import main
+from torchwarm.stores.local import LocalStore
 
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = ["fingerprint", "warmup", "push", "pull", "wait", "ls", "probe"]
@@ -36,9 +36,9 @@ def one_error_line(err: str) -> str:
 
 
 def test_module_help_exits_zero():
-    """`python -m agent.cli --help` prints usage and every command, and exits 0."""
+    """`python -m torchwarm.cli --help` prints usage and every command, and exits 0."""
     p = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "--help"],
+        [sys.executable, "-m", "torchwarm.cli", "--help"],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
@@ -93,7 +93,7 @@ def test_bad_config_via_entry_point(tmp_path):
 def test_ls_and_wait_do_not_import_torch(tmp_path):
     """`ls` and `wait` run without importing torch (they must start fast on a node)."""
     code = (
-        "import sys; from agent.cli import main; "
+        "import sys; from torchwarm.cli import main; "
         f"main(['ls', '-c', {str(minimal_config(tmp_path))!r}]); "
         f"main(['wait', '--marker', {str(tmp_path / 'm')!r}, '--timeout', '0']); "
         "assert 'torch' not in sys.modules, 'torch was imported'"

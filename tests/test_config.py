@@ -10,8 +10,8 @@ from factories import minimal_config, write_config
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from agent import config
-from agent.errors import ConfigError
+from torchwarm import config
+from torchwarm.errors import ConfigError
 
 # No explain phase: it re-runs a failing example hundreds of times (~20 s).
 PHASES = (Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink)
@@ -231,7 +231,7 @@ _SCALARS = (
     | st.floats(allow_nan=False)
     | st.text(max_size=12)
     | st.sampled_from(
-        ["cpu", "float32", "agent.models:mlp", "mlp", "file:///tmp/s", "a/b", "a\x00b"]
+        ["cpu", "float32", "torchwarm.models:mlp", "mlp", "file:///tmp/s", "a/b", "a\x00b"]
     )
 )
 _VALUES = st.recursive(

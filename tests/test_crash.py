@@ -31,7 +31,7 @@ def manifests(store: Path) -> list[Path]:
 
 
 def visible_objects(store: Path) -> set[str]:
-    from agent.stores.local import LocalStore
+    from torchwarm.stores.local import LocalStore
 
     return {o.key for o in LocalStore(store).list("")}
 

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.compile
 
 TINY = {
     "name": "tiny",
-    "model": "agent.models:mlp",
+    "model": "torchwarm.models:mlp",
     "model_kwargs": {"d_in": 8, "hidden": 8, "d_out": 8},
     "inputs": [[{"shape": [2, 8], "dtype": "float32"}]],
 }
@@ -97,7 +97,7 @@ def make_setup(tmp: Path, endpoint: str, direct: str) -> Setup:
 
 def daemon_once(config: Path, rc: int = 0) -> list[dict[str, Any]]:
     proc = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "daemon", "-c", str(config), "--once"],
+        [sys.executable, "-m", "torchwarm.cli", "daemon", "-c", str(config), "--once"],
         env=ENV, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == rc, f"{proc.stdout}\n{proc.stderr}"
@@ -118,7 +118,7 @@ class LiveDaemon:
 
     def __init__(self, config: Path, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "daemon", "-c", str(config), *args],
+            [sys.executable, "-m", "torchwarm.cli", "daemon", "-c", str(config), *args],
             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.events: list[dict[str, Any]] = []

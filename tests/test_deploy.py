@@ -39,8 +39,8 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from agent import cli
-from agent import config as cfgmod
+from torchwarm import cli
+from torchwarm import config as cfgmod
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

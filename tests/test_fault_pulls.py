@@ -17,11 +17,11 @@ from conftest import WORKLOAD
 from servers import BUCKET, S3Server, fake_aws_env, s3_options
 from tcpfaults import Fault, TcpFaultProxy
 
-from agent import archive, config, node
-from agent import warmup as wu
-from agent.errors import TorchwarmError
-from agent.publish import build_manifest, publish
-from agent.stores import open_store
+from torchwarm import archive, config, node
+from torchwarm import warmup as wu
+from torchwarm.errors import TorchwarmError
+from torchwarm.publish import build_manifest, publish
+from torchwarm.stores import open_store
 
 pytestmark = pytest.mark.compile
 

@@ -24,7 +24,7 @@ from servers import FAKE_AWS_ENV
 pytestmark = pytest.mark.compile
 
 N_SETS = len(WORKLOAD["inputs"])
-CLI = [sys.executable, "-m", "agent.cli"]
+CLI = [sys.executable, "-m", "torchwarm.cli"]
 
 
 def free_port() -> int:
@@ -63,7 +63,7 @@ while True:
     except OSError:
         refused += 1
     time.sleep(0.1)
-out = subprocess.run([sys.executable, "-m", "agent.cli", "probe", "-c", config, "--json"],
+out = subprocess.run([sys.executable, "-m", "torchwarm.cli", "probe", "-c", config, "--json"],
                      capture_output=True, text=True, check=True).stdout
 print(json.dumps({"refused": refused, "probe": json.loads(out.strip().splitlines()[-1])}))
 """

@@ -22,12 +22,12 @@ from conftest import torchwarm
 from factories import blob, fields, manifest
 from servers import FAKE_AWS_ENV, S3Server, fake_aws_env
 
-from agent import keys, retention
-from agent import manifest as mf
-from agent.manifest import BlobRef, Manifest
-from agent.publish import publish
-from agent.stores import Store, StoreOptions, open_store
-from agent.stores.local import LocalStore
+from torchwarm import keys, retention
+from torchwarm import manifest as mf
+from torchwarm.manifest import BlobRef, Manifest
+from torchwarm.publish import publish
+from torchwarm.stores import Store, StoreOptions, open_store
+from torchwarm.stores.local import LocalStore
 
 OLD = time.time() - 30 * 86400
 

@@ -8,9 +8,9 @@ import urllib.request
 import pytest
 from factories import minimal_config
 
-from agent import config as cfgmod
-from agent import httpd
-from agent.errors import ConfigError
+from torchwarm import config as cfgmod
+from torchwarm import httpd
+from torchwarm.errors import ConfigError
 
 
 def test_metric_renders_prometheus_text():

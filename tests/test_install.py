@@ -7,8 +7,8 @@ import os
 import pytest
 from factories import Member, hand_archive, make_tree, read_tree
 
-from agent import archive, install
-from agent.errors import InstallError
+from torchwarm import archive, install
+from torchwarm.errors import InstallError
 
 OLD = {"fxgraph/aa/old": b"old entry", "shared": b"old shared"}
 

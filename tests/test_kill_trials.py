@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from agent import archive, config, keys, node, verify
-from agent import manifest as mf
-from agent import warmup as wu
-from agent.publish import build_manifest, publish
-from agent.stores.local import LocalStore
+from torchwarm import archive, config, keys, node, verify
+from torchwarm import manifest as mf
+from torchwarm import warmup as wu
+from torchwarm.publish import build_manifest, publish
+from torchwarm.stores.local import LocalStore
 
 pytestmark = pytest.mark.compile
 

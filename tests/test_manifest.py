@@ -10,9 +10,9 @@ from factories import blob, fields, manifest
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
-from agent import fingerprint, keys
-from agent import manifest as mf
-from agent.errors import ManifestError
+from torchwarm import fingerprint, keys
+from torchwarm import manifest as mf
+from torchwarm.errors import ManifestError
 
 # No explain phase: it re-runs a failing example hundreds of times (~20 s).
 PHASES = (Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink)

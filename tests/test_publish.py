@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from factories import RecordingStore, captured, fields, sha256
 
-from agent import fetch, fingerprint, keys, resolve
-from agent.errors import IntegrityError, ManifestError
-from agent.manifest import Manifest
-from agent.publish import build_manifest, publish
-from agent.resolve import Miss
-from agent.stores.local import LocalStore
+from torchwarm import fetch, fingerprint, keys, resolve
+from torchwarm.errors import IntegrityError, ManifestError
+from torchwarm.manifest import Manifest
+from torchwarm.publish import build_manifest, publish
+from torchwarm.resolve import Miss
+from torchwarm.stores.local import LocalStore
 
 
 @pytest.fixture

@@ -118,7 +118,7 @@ def test_fresh_node_pulls_from_seaweedfs_and_hits(seed, seaweedfs_server, s3_nod
 def test_eight_concurrent_publishers_leave_one_manifest(seed, seaweedfs_server, s3_node):
     """Eight pushes of one workload and fingerprint at once: all exit 0, one manifest, one wins."""
     node = s3_node(seaweedfs_server.endpoint)
-    cmd = [sys.executable, "-m", "agent.cli", "push", "-c", str(node.config),
+    cmd = [sys.executable, "-m", "torchwarm.cli", "push", "-c", str(node.config),
            "--from", str(seed.out("cachedir"))]  # fmt: skip
     env = {**os.environ, **FAKE_AWS_ENV}
     procs = [

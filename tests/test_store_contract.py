@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from servers import StoreFactory
 
-from agent.errors import ObjectNotFound
+from torchwarm.errors import ObjectNotFound
 
 MiB = 1 << 20
 LARGE = os.urandom(40 * MiB)

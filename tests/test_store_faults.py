@@ -15,10 +15,10 @@ import pytest
 from faultproxy import FaultProxy
 from servers import BUCKET, S3Server, fake_aws_env, free_port, s3_options
 
-from agent.errors import ObjectNotFound, StoreError, TransientStoreError
-from agent.stores import open_store
-from agent.stores.retry import RetryingStore
-from agent.stores.s3 import S3Store
+from torchwarm.errors import ObjectNotFound, StoreError, TransientStoreError
+from torchwarm.stores import open_store
+from torchwarm.stores.retry import RetryingStore
+from torchwarm.stores.s3 import S3Store
 
 MiB = 1 << 20
 BLOB = os.urandom(24 * MiB)

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent import archive, fingerprint, keys, node, signing
-from agent import config as cfgmod
-from agent.errors import ConfigError, IntegrityError
-from agent.formats import Captured
-from agent.publish import build_manifest, publish
-from agent.stores.local import LocalStore
+from torchwarm import archive, fingerprint, keys, node, signing
+from torchwarm import config as cfgmod
+from torchwarm.errors import ConfigError, IntegrityError
+from torchwarm.formats import Captured
+from torchwarm.publish import build_manifest, publish
+from torchwarm.stores.local import LocalStore
 
-WORKLOAD = {"name": "mlp", "model": "agent.models:mlp", "inputs": [[{"shape": [1, 8]}]]}
+WORKLOAD = {"name": "mlp", "model": "torchwarm.models:mlp", "inputs": [[{"shape": [1, 8]}]]}
 
 
 @pytest.fixture(scope="session")
@@ -177,7 +177,7 @@ def test_cli_refusal_is_one_line_and_exit_4(setup, seed_key):
     doc["warmup"] = {"counters": {"forged": 1}}
     setup.manifest_path().write_text(json.dumps(doc))
     setup.config([seed_key.public_text()])
-    proc = subprocess.run([sys.executable, "-m", "agent.cli", "pull", "-c",
+    proc = subprocess.run([sys.executable, "-m", "torchwarm.cli", "pull", "-c",
                            str(setup.tmp / "node.yaml"), "--require"],
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 4

@@ -42,7 +42,7 @@ format: cachedir
 deadline_s: $DEADLINE_S
 workloads:
   - name: mlp                       # replace with the app's own model factory
-    model: agent.models:mlp
+    model: torchwarm.models:mlp
     model_kwargs: {d_in: 64, hidden: 256, d_out: 64}
     inputs:
       - [{shape: [4, 64], dtype: float32, dynamic: [0]}]
