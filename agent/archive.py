@@ -11,6 +11,7 @@ devices, setuid bits) and bounds member count and total size (decompression bomb
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -21,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 import zstandard
 
-from .errors import ArchiveError
+from .errors import ArchiveError, InstallError
 
 MEDIA_TYPE = "application/x-tar+zstd"
 ZSTD_LEVEL = 10  # compress once on the seed, decompress on every node
@@ -90,6 +91,11 @@ def extract(src: Path, dest: Path, limits: Limits = Limits()) -> list[str]:
                     assert fileobj is not None  # regular file, checked above
                     _write_member(dest / rel, fileobj, member.size, member.mode & 0o111 != 0)
                 except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise InstallError(
+                            f"no space left in {dest} while unpacking {rel!r}; "
+                            "enlarge the cache volume"
+                        ) from None
                     raise ArchiveError(
                         f"{src.name}: member {rel!r} cannot be written ({e.strerror}); "
                         "the archive clashes with itself or the cache tree"
@@ -108,6 +114,8 @@ def _check_member(member: tarfile.TarInfo, src: Path) -> str:
         raise ArchiveError(
             f"{where} is a {kind}; only regular files and directories may be installed"
         )
+    if "\0" in name:
+        raise ArchiveError(f"{src.name}: a member name holds a NUL byte; refusing")
     p = PurePosixPath(name)
     if p.is_absolute() or name.startswith("/") or ".." in p.parts or not p.parts or "\\" in name:
         raise ArchiveError(f"{where} escapes the target directory; refusing")

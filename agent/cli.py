@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
+STARTED = time.monotonic()  # the pull deadline counts from here: imports included
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -255,35 +256,35 @@ def _publish(cfg: cfgmod.Config, result: WarmupResult) -> None:
     )
 
 
-def _pull(args: argparse.Namespace) -> int:
-    from . import node
+def _pull_overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {"store": args.store, "cache_dir": _s(args.cache_dir), "marker": _s(args.marker),
+            "deadline_s": args.deadline}  # fmt: skip
 
-    cfg = _load(args, cache_dir=_s(args.cache_dir), marker=_s(args.marker),
-                deadline_s=args.deadline)  # fmt: skip
-    report = node.pull(cfg, args.workload, args.require)
-    print(report.to_json().decode() if args.json else "\n".join(node.describe(report)))
-    if report.timed_out:
-        # A worker may still be blocked on the store: do not wait for it at exit.
-        sys.stdout.flush()
-        os._exit(0)
+
+def _pull(args: argparse.Namespace) -> int:
+    from . import node, report
+
+    rep, _ = node.gate(args.config, _pull_overrides(args), args.workload, args.require,
+                       started=STARTED)  # fmt: skip
+    print(rep.to_json().decode() if args.json else "\n".join(report.describe(rep)))
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import node, torchenv
+    from . import node, report, torchenv
 
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
         raise cfgmod.ConfigError("run needs the main process after '--', e.g. -- python serve.py")
-    cfg = _load(args, cache_dir=_s(args.cache_dir), marker=_s(args.marker),
-                deadline_s=args.deadline)  # fmt: skip
-    report = node.pull(cfg, args.workload, args.require)
-    for line in node.describe(report):
+    rep, _ = node.gate(args.config, _pull_overrides(args), args.workload, args.require,
+                       started=STARTED)  # fmt: skip
+    for line in report.describe(rep):
         print(f"torchwarm: {line}", file=sys.stderr)  # the app owns stdout
     sys.stderr.flush()
     sys.stdout.flush()
+    env = torchenv.cache_env(Path(rep.cache_dir)) if rep.cache_dir else dict(os.environ)
     try:
-        os.execvpe(argv[0], argv, torchenv.cache_env(cfg.cache_dir))
+        os.execvpe(argv[0], argv, env)
     except OSError as e:
         raise cfgmod.ConfigError(f"cannot exec {argv[0]!r}: {e.strerror}") from None
     return 0  # not reached: exec replaced this process
@@ -292,15 +293,14 @@ def _run(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from . import sidecar
 
-    cfg = _load(args, cache_dir=_s(args.cache_dir), marker=_s(args.marker),
-                deadline_s=args.deadline)  # fmt: skip
-    return sidecar.serve(cfg, args.listen, args.workload, args.require, None)
+    return sidecar.serve(args.config, _pull_overrides(args), args.listen, args.workload,
+                         args.require, STARTED)  # fmt: skip
 
 
 def _wait(args: argparse.Namespace) -> int:
-    from . import node
+    from . import marker
 
-    doc = node.wait(args.marker, args.timeout)
+    doc = marker.wait(args.marker, args.timeout)
     print(f"ready: {doc.get('status', '?')}")
     return 0
 

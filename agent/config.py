@@ -182,6 +182,53 @@ def load(
     return cfg
 
 
+@dataclass(frozen=True)
+class Fallback:
+    """What a pull whose config does not load can still know: where its marker goes and
+    whether it must fail (fail-closed) instead of starting the app cold."""
+
+    cache_dir: Path | None
+    marker: Path | None
+    require: bool
+
+
+def fallback(
+    path: str | Path | None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Fallback:
+    """Best effort, from the flags, the environment and whatever part of the YAML parses."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+            base = Path(path).resolve().parent
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError):
+            loaded = None
+        raw = dict(loaded) if isinstance(loaded, dict) else {}
+    for var, key in ENV_VARS.items():
+        if environ.get(var):
+            raw[key] = _from_cwd(key, environ[var])
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw[key] = value
+
+    def as_path(value: Any) -> Path | None:
+        if not isinstance(value, str) or not value or "\0" in value:
+            return None
+        return (base / os.path.expanduser(value)).resolve()
+
+    cache_dir = as_path(raw.get("cache_dir"))
+    marker = as_path(raw.get("marker"))
+    if marker is None and cache_dir is not None:
+        marker = cache_dir.parent / "torchwarm-ready.json"
+    req = raw.get("require")
+    require = req is True or (isinstance(req, str) and req.lower() in ("1", "true", "yes", "on"))
+    return Fallback(cache_dir, marker, require)
+
+
 def _from_cwd(key: str, value: Any) -> Any:
     """Relative paths given in the environment or on the command line mean the working dir."""
     if (
@@ -250,8 +297,22 @@ def _store_options(v: _Validator, value: Any) -> StoreOptions:
         return StoreOptions()
     if not isinstance(value, dict):
         v.fail("store_options", f"must be a mapping, got {_kind(value)}")
-    known = {f.name: f for f in fields(StoreOptions)}
-    v.no_unknown(value, set(known), "store_options")
+    defaults = StoreOptions()
+    known = {f.name for f in fields(StoreOptions)}
+    v.no_unknown(value, known, "store_options")
+    for name, given in value.items():
+        default = getattr(defaults, name)
+        if isinstance(default, bool) or default is None or isinstance(default, str):
+            want: Any = bool if isinstance(default, bool) else str
+            ok = isinstance(given, want) or (default is None and given is None)
+        elif isinstance(default, int):
+            want, ok = int, isinstance(given, int) and not isinstance(given, bool)
+        else:
+            want = float
+            ok = isinstance(given, int | float) and not isinstance(given, bool)
+        if not ok:
+            kind = {bool: "true or false", str: "a string", int: "an integer"}.get(want, "a number")
+            v.fail(f"store_options.{name}", f"is {given!r}; expected {kind}")
     try:
         return StoreOptions(**value)
     except (TypeError, ValueError, ConfigError) as e:

@@ -62,12 +62,13 @@ def locked(cache_dir: Path) -> Iterator[Path]:
 def install(
     cache_dir: Path,
     fill: Callable[[Path], None],
-    guard: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,
+    before_swap: Callable[[], None] = lambda: None,
 ) -> None:
     """Build the new tree with `fill(staging)` and swap it in atomically.
 
-    Call inside `locked(cache_dir)`. If `fill` raises, the cache dir is untouched. The
-    swap runs inside `guard()`: a guard that raises (a deadline passed) cancels it.
+    Call inside `locked(cache_dir)`. If `fill` raises, the cache dir is untouched.
+    `before_swap()` runs last before the swap: if it raises (the deadline passed), the
+    swap does not happen.
     """
     work = workdir(cache_dir)
     staging = work / f"staging-{os.getpid()}"
@@ -85,8 +86,8 @@ def install(
         _rmtree(staging)
         raise
     try:
-        with guard():
-            _swap(staging, cache_dir, work)
+        before_swap()
+        _swap(staging, cache_dir, work)
     finally:
         _rmtree(staging)
 

@@ -1,67 +1,91 @@
-"""The node side: resolve → fetch → verify → install → ready marker; and `wait`.
+"""The node gate: run the pull in a worker process under a hard deadline, decide fail-open
+or fail-closed in one place (`_settle`), write the ready marker.
 
-Fail-open or fail-closed is decided in one place, `_PullJob._decide` (and, for the
-deadline, in `pull` itself): by default a node that
-cannot get a verified cache starts cold and says why in one line; with `require` the
-same condition is an error and nothing is installed. Config errors are never hidden.
-Verification is not relaxed by fail-open: bytes that fail their digest are refused
-either way; fail-open only means the main process may start without them.
+Fail-open (the default) means the app starts: whatever happens to the pull short of
+SIGKILL of this process (a store that is down or never answers, a full disk, a hostile
+object, any exception, a config that does not load, the deadline) ends with the previous
+cache tree or the complete new one, never a partial one, a ready marker that says
+`cold` and why in one line, and exit 0 (or the exec). With `require` the same conditions
+are an error with one line, and nothing is installed. Verification is never relaxed:
+fail-open only means the app may start without the cache.
+
+The worker (pulljob.py) is a forked child. At the deadline the supervisor kills it,
+wherever it is stuck (a blocking read in C, a driver call), unless it has been allowed
+to start a swap, which then gets a short grace to finish: the hard bound is
+deadline + SWAP_GRACE_S.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
-import shutil
-import threading
+import select
+import signal
+import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import fetch, fingerprint, formats, install, torchenv
+from . import config as cfgmod
+from . import marker
 from .config import Config
-from .errors import (
-    DeadlineExceeded,
-    IntegrityError,
-    NoCacheForFingerprint,
-    StoreError,
-    TorchwarmError,
-    WaitTimeout,
-)
-from .fsutil import atomic_write_bytes
-from .manifest import Manifest
-from .resolve import Miss, resolve
-from .stores import Store
+from .errors import DeadlineExceeded, TorchwarmError, one_line
+from .pulljob import Channel, Failure, PullJob
+from .report import PullReport, WorkloadOutcome, overall
+
+SWAP_GRACE_S = 1.0  # how long a swap that started before the deadline may take
+_PR_SET_PDEATHSIG = 1
 
 
-@dataclass
-class WorkloadOutcome:
-    workload: str
-    status: str  # "warm" or "cold"
-    reason: str = ""
-    manifest: str = ""
-    format: str = ""
-    blobs: list[dict[str, Any]] = field(default_factory=list)
-    bytes: int = 0
+def begin(
+    config_path: str | Path | None,
+    overrides: Mapping[str, Any] | None = None,
+    names: str | None = None,
+    require: bool | None = None,
+    deadline_s: float | None = None,
+    started: float | None = None,
+) -> Supervisor | PullReport:
+    """Load the config and start the pull, inside the fail-open promise.
+
+    Returns the started Supervisor, or, when the config does not load in fail-open mode,
+    the cold report (its marker written where the flags, the environment or the readable
+    part of the file put it). With `require` (flag, or $TORCHWARM_REQUIRE when the file
+    does not say) a config error is raised.
+    """
+    started = time.monotonic() if started is None else started
+    try:
+        cfg = cfgmod.load(config_path, overrides)
+    except TorchwarmError as e:
+        fallback = cfgmod.fallback(config_path, overrides)
+        if fallback.require if require is None else require:
+            raise
+        report = _report(fallback.cache_dir, "", "", [], {}, started,
+                         f"config error: {one_line(str(e))}")  # fmt: skip
+        if fallback.marker is not None:
+            _write_marker(fallback.marker, report)
+        return report
+    sup = Supervisor(cfg, names, require, deadline_s, started)
+    sup.start()
+    return sup
 
 
-@dataclass
-class PullReport:
-    status: str  # "warm" (every workload), "partial", or "cold"
-    cache_dir: str
-    fingerprint: str
-    store: str
-    workloads: list[WorkloadOutcome]
-    timings: dict[str, float]
-    written_at: str = ""
-    timed_out: bool = False  # the deadline passed; a worker may still be blocked on the store
-
-    def to_json(self) -> bytes:
-        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+def gate(
+    config_path: str | Path | None,
+    overrides: Mapping[str, Any] | None = None,
+    names: str | None = None,
+    require: bool | None = None,
+    deadline_s: float | None = None,
+    started: float | None = None,
+) -> tuple[PullReport, Config | None]:
+    """`begin`, then wait for the pull: the report, and the config when it loaded."""
+    begun = begin(config_path, overrides, names, require, deadline_s, started)
+    if isinstance(begun, PullReport):
+        return begun, None
+    return begun.finish(), begun.cfg
 
 
 def pull(
@@ -69,219 +93,228 @@ def pull(
     names: str | None = None,
     require: bool | None = None,
     deadline_s: float | None = None,
+    started: float | None = None,
 ) -> PullReport:
     """Install the verified caches of the selected workloads, then write the ready marker.
 
-    The whole pull (torch import and fingerprint included) is bounded by the deadline:
-    when it passes, the install is cancelled unless its final swap has begun, and the
-    node starts cold (fail-open) or DeadlineExceeded is raised (fail-closed). A worker
-    thread still blocked on the store is abandoned; it can no longer touch the cache dir.
+    Fail-open: always returns a report (cold where it must). Fail-closed: raises the
+    error that stopped the pull (its exit code is the CLI's), having installed nothing.
     """
-    require = cfg.require if require is None else require
-    deadline_s = cfg.deadline_s if deadline_s is None else deadline_s
-    workloads = cfg.selected(names)
-    marker = cfg.marker_path
-    marker.unlink(missing_ok=True)  # a marker from an earlier boot must not let `wait` through
-    job = _PullJob(cfg, workloads, require)
-    worker = threading.Thread(target=job.run, name="torchwarm-pull", daemon=True)
-    worker.start()
-    worker.join(deadline_s)
-    timed_out = worker.is_alive() and job.expire()
-    if not timed_out:
-        worker.join()
-        if job.error is not None:
-            raise job.error
-    else:
-        late = DeadlineExceeded(
-            f"the pull did not finish within its {deadline_s:g} s deadline (it was "
-            f"{job.phase}); check the store's reachability or raise deadline_s"
-        )
-        if require:
-            raise late
-        for w in workloads:
-            if w.name not in job.outcomes or job.outcomes[w.name].status == "warm":
-                job.outcomes[w.name] = WorkloadOutcome(w.name, "cold", str(late))
-    job.timings["total_s"] = time.perf_counter() - job.t0
-    ordered = [job.outcomes[w.name] for w in workloads]
-    warm = sum(o.status == "warm" for o in ordered)
-    status = "warm" if warm == len(ordered) else "cold" if warm == 0 else "partial"
-    report = PullReport(
-        status, str(cfg.cache_dir), job.fingerprint, cfg.store, ordered,
-        {k: round(v, 3) for k, v in job.timings.items()},
-        datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), timed_out,
-    )  # fmt: skip
-    atomic_write_bytes(marker, report.to_json())
-    return report
+    sup = Supervisor(cfg, names, require, deadline_s, started)
+    sup.start()
+    return sup.finish()
 
 
-class _PullJob:
-    """The pull's steps, run on a worker thread so that the caller can enforce a deadline."""
+class Supervisor:
+    """Forks the worker (`start`), then watches it until it is done or the deadline
+    passes (`finish`). Split in two so that `serve` can fork before its HTTP threads."""
 
-    def __init__(self, cfg: Config, workloads: tuple[Any, ...], require: bool) -> None:
-        self.cfg, self.workloads, self.require = cfg, workloads, require
-        self.t0 = time.perf_counter()
-        self.timings: dict[str, float] = {}
+    def __init__(
+        self,
+        cfg: Config,
+        names: str | None = None,
+        require: bool | None = None,
+        deadline_s: float | None = None,
+        started: float | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.names = names
+        self.require = cfg.require if require is None else require
+        self.deadline_s = cfg.deadline_s if deadline_s is None else deadline_s
+        self.started = time.monotonic() if started is None else started
+        self.pid = 0
+        self.workloads: tuple[Any, ...] = ()
         self.outcomes: dict[str, WorkloadOutcome] = {}
+        self.failures: dict[str, Failure] = {}
+        self.fatal: Failure | None = None
         self.fingerprint = ""
+        self.timings: dict[str, float] = {}
         self.phase = "starting"
-        self.error: BaseException | None = None
-        self.installed: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
-        self._expired = False
-        self._committed = False
+        self.swapping: list[str] = []
+        self.timed_out = False
+        self.worker_exit = ""
 
-    def expire(self) -> bool:
-        """Called at the deadline: True if the job can no longer swap anything in."""
-        with self._lock:
-            if self._committed:
-                return False  # the swap is under way or done: let it finish
-            self._expired = True
-            return True
+    # -- start ------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _commit(self) -> Iterator[None]:
-        with self._lock:
-            if self._expired:
-                raise DeadlineExceeded("deadline passed before the install")
-            self._committed = True
-        yield
-
-    def run(self) -> None:
+    def start(self) -> None:
+        marker.clear(self.cfg.marker_path)  # last boot's marker must not let a waiter through
         try:
-            self._run()
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-            self.error = e
-
-    def _run(self) -> None:
-        with install.locked(self.cfg.cache_dir) as work:
-            self.installed = _load_installed(work)
-            self.phase = "reading this machine's fingerprint"
-            fields = fingerprint.collect(scratch=torchenv.probe_scratch())
-            self.timings["fingerprint_s"] = time.perf_counter() - self.t0
-            self.fingerprint = fingerprint.digest(fields)
-            store = self.cfg.open_store()
-            downloads = work / f"downloads-{os.getpid()}"
-            downloads.mkdir(parents=True, exist_ok=True)
-            try:
-                t1 = time.perf_counter()
-                hits = self._resolve_and_fetch(store, fields, downloads)
-                self.timings["fetch_s"] = time.perf_counter() - t1
-                if hits:
-                    self.phase = "installing"
-                    t2 = time.perf_counter()
-                    self._install(hits)
-                    self.timings["install_s"] = time.perf_counter() - t2
-            finally:
-                shutil.rmtree(downloads, ignore_errors=True)
-
-    def _resolve_and_fetch(
-        self, store: Store, fields: dict[str, Any], downloads: Path
-    ) -> list[tuple[Manifest, dict[str, Path]]]:
-        hits = []
-        for w in self.workloads:
-            try:
-                self.phase = f"resolving {w.name!r} in {store.url}"
-                found = resolve(store, w.name, fields, self.cfg.trusted_keys)
-                if isinstance(found, Miss):
-                    self._decide(w.name, NoCacheForFingerprint(found.reason))
-                    continue
-                _check_not_older(found, self.installed.get(_state_key(found)), store.url)
-                self.phase = f"downloading {w.name!r} ({found.size} bytes) from {store.url}"
-                blobs = fetch.fetch(store, found, downloads)
-            except (StoreError, IntegrityError) as e:
-                self._decide(w.name, e)
-                continue
-            hits.append((found, blobs))
-        return hits
-
-    def _install(self, hits: list[tuple[Manifest, dict[str, Path]]]) -> None:
-        def fill(staging: Path) -> None:
-            for m, blobs in hits:
-                formats.get(m.format).install(blobs, staging)
-
-        try:
-            install.install(self.cfg.cache_dir, fill, guard=self._commit)
-        except DeadlineExceeded:
-            return  # the caller reports the deadline
+            self.workloads = self.cfg.selected(self.names)
         except TorchwarmError as e:
-            for m, _ in hits:
-                self._decide(m.workload, e)
+            self.fatal = Failure.of(e)
             return
-        for m, _ in hits:
-            self.installed[_state_key(m)] = {"serial": m.serial, "created_at": m.created_at}
-        _save_installed(install.workdir(self.cfg.cache_dir), self.installed)
-        for m, _ in hits:
-            self.outcomes[m.workload] = WorkloadOutcome(
-                m.workload, "warm", "", f"{m.workload}/{m.fingerprint_digest}", m.format,
-                [b.to_dict() for b in m.blobs], m.size,
-            )  # fmt: skip
+        self.to_parent, child_out = os.pipe()
+        child_in, self.to_child = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            os.close(self.to_parent)
+            os.close(self.to_child)
+            _worker(self.cfg, self.workloads, self.require, Channel(child_out, child_in))
+        self.pid = pid
+        os.close(child_out)
+        os.close(child_in)
 
-    def _decide(self, workload: str, error: TorchwarmError) -> None:
-        """Fail-closed: raise (nothing is installed). Fail-open: record a cold start."""
-        if self.require:
-            raise error
-        self.outcomes[workload] = WorkloadOutcome(workload, "cold", str(error))
+    # -- finish -----------------------------------------------------------------------
+
+    def finish(self) -> PullReport:
+        if self.pid:
+            try:
+                self._watch()
+            finally:
+                self._reap()
+        report = self._settle()
+        _write_marker(self.cfg.marker_path, report)
+        return report
+
+    def _watch(self) -> None:
+        deadline = self.started + self.deadline_s
+        buf = b""
+        grace_until: float | None = None
+        while True:
+            limit = grace_until if grace_until is not None else deadline
+            wait = limit - time.monotonic()
+            if wait <= 0 or not select.select([self.to_parent], [], [], wait)[0]:
+                self.timed_out = True
+                return  # _reap kills the worker
+            chunk = os.read(self.to_parent, 65536)
+            if not chunk:
+                return  # the worker exited (done, or died: _reap tells which)
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                msg = json.loads(line)
+                if msg["t"] == "done":
+                    return
+                if msg["t"] == "commit?":
+                    if time.monotonic() >= deadline:
+                        self.timed_out = True
+                        return  # no swap starts after the deadline
+                    self.swapping = msg["workloads"]
+                    grace_until = deadline + SWAP_GRACE_S
+                    os.write(self.to_child, b"go\n")
+                else:
+                    self._record(msg)
+                    if msg["t"] == "installed" and not set(self.swapping) - set(self.outcomes):
+                        self.swapping, grace_until = [], None
+
+    def _record(self, msg: dict[str, Any]) -> None:
+        kind = msg["t"]
+        if kind == "phase":
+            self.phase = msg["phase"]
+        elif kind == "fingerprint":
+            self.fingerprint = msg["digest"]
+            self.timings["fingerprint_s"] = msg["seconds"]
+        elif kind == "timing":
+            self.timings[msg["name"]] = msg["seconds"]
+        elif kind == "installed":
+            o = WorkloadOutcome.from_dict(msg["outcome"])
+            self.outcomes[o.workload] = o
+        elif kind == "failed":
+            self.failures[msg["workload"]] = Failure(**msg["failure"])
+        elif kind == "fatal":
+            self.fatal = Failure(**msg["failure"])
+
+    def _reap(self) -> None:
+        """Collect the worker; kill it first if it is still running."""
+        for fd in (self.to_parent, self.to_child):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:
+            deadline = time.monotonic() + 0.5  # it closed its pipe: let it exit on its own
+            while pid == 0 and not self.timed_out and time.monotonic() < deadline:
+                time.sleep(0.005)
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            pid, status = os.waitpid(self.pid, 0)
+        if os.WIFSIGNALED(status) and not self.timed_out:
+            self.worker_exit = f"killed by signal {os.WTERMSIG(status)}"
+        elif os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0:
+            self.worker_exit = f"exited with status {os.WEXITSTATUS(status)}"
+
+    # -- the one decision ---------------------------------------------------------------
+
+    def _settle(self) -> PullReport:
+        """Fail-open or fail-closed, for every workload, in one place."""
+        names = [w.name for w in self.workloads]
+        failures: dict[str, Failure] = {}
+        for name in names:
+            if name in self.outcomes:
+                continue
+            if name in self.failures:
+                failures[name] = self.failures[name]
+            elif self.fatal is not None:
+                failures[name] = self.fatal
+            elif self.timed_out:
+                during = f" during the swap of {name!r}" if name in self.swapping else ""
+                failures[name] = Failure.of(DeadlineExceeded(
+                    f"the pull did not finish within its {self.deadline_s:g} s deadline (it "
+                    f"was {self.phase}{during}); check the store's reachability or raise "
+                    "deadline_s"
+                ))  # fmt: skip
+            else:
+                failures[name] = Failure(
+                    "InternalError", 1,
+                    f"the pull worker {self.worker_exit or 'stopped'} while {self.phase}",
+                )  # fmt: skip
+        if self.require and (failures or (self.fatal and not names)):
+            first = next(iter(failures.values()), self.fatal)
+            assert first is not None
+            raise first.error()
+        outcomes = [
+            self.outcomes.get(n) or WorkloadOutcome(n, "cold", failures[n].message) for n in names
+        ]
+        reason = self.fatal.message if self.fatal is not None and not names else ""
+        report = _report(self.cfg.cache_dir, self.fingerprint, self.cfg.store, outcomes,
+                         self.timings, self.started, reason)  # fmt: skip
+        report.timed_out = self.timed_out
+        return report
 
 
-INSTALLED = "installed.json"  # in the install workdir: newest serial per workload and env
-
-
-def _state_key(m: Manifest) -> str:
-    return f"{m.workload}/{m.fingerprint_digest}"
-
-
-def _load_installed(work: Path) -> dict[str, dict[str, Any]]:
+def _worker(cfg: Config, workloads: tuple[Any, ...], require: bool, chan: Channel) -> None:
+    """The forked child: die with the supervisor, run the job, never return."""
+    code = 0
     try:
-        doc = json.loads((work / INSTALLED).read_bytes())
-    except FileNotFoundError:
-        return {}
-    except ValueError:
-        return {}  # damaged: rollback protection restarts from here (docs/security.md)
-    return doc if isinstance(doc, dict) else {}
+        with contextlib.suppress(Exception):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
+        PullJob(cfg, workloads, require, chan).run()
+    except BaseException:  # noqa: BLE001 - nothing may escape a forked child
+        code = 70
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(code)
 
 
-def _save_installed(work: Path, installed: dict[str, dict[str, Any]]) -> None:
-    atomic_write_bytes(work / INSTALLED, json.dumps(installed, sort_keys=True).encode())
+def _report(
+    cache_dir: Path | None,
+    fp: str,
+    store: str,
+    outcomes: list[WorkloadOutcome],
+    timings: dict[str, float],
+    started: float,
+    reason: str = "",
+) -> PullReport:
+    timings = {**timings, "total_s": time.monotonic() - started}
+    return PullReport(
+        overall(outcomes), str(cache_dir or ""), fp, store, outcomes,
+        {k: round(v, 3) for k, v in timings.items()},
+        datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), False, reason,
+    )  # fmt: skip
 
 
-def _check_not_older(m: Manifest, before: dict[str, Any] | None, where: str) -> None:
-    """Refuse a manifest older than one this node already installed (a replay)."""
-    if before is None or not isinstance(before.get("serial"), int):
-        return
-    if m.serial < before["serial"]:
-        raise IntegrityError(
-            f"manifest for {m.workload!r} in {where} is older (serial {m.serial}) than the "
-            f"one this node installed before ({before['serial']}); refusing a replayed manifest"
-        )
-
-
-def describe(report: PullReport) -> list[str]:
-    """The pull's outcome for people: a line per workload, then one summary line."""
-    lines = []
-    for o in report.workloads:
-        if o.status == "warm":
-            lines.append(f"warm: {o.workload} ({o.format}, {o.bytes} bytes) installed in "
-                         f"{report.cache_dir}")  # fmt: skip
-        else:
-            lines.append(f"starting cold: {o.reason}")
-    lines.append(
-        f"ready ({report.status}) in {report.timings.get('total_s', 0):.1f} s; marker written"
-    )
-    return lines
-
-
-def wait(marker: Path, timeout_s: float, poll_s: float = 0.2) -> dict[str, Any]:
-    """Block until the ready marker exists and parses; return its content."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            doc: dict[str, Any] = json.loads(marker.read_bytes())
-            return doc
-        except (FileNotFoundError, ValueError):
-            pass  # not there yet (it is written atomically, so ValueError means foreign junk)
-        if time.monotonic() >= deadline:
-            raise WaitTimeout(
-                f"no ready marker at {marker} after {timeout_s:g} s; is the torchwarm pull "
-                "running with the same marker path?"
-            )
-        time.sleep(poll_s)
+def _write_marker(path: Path, report: PullReport) -> None:
+    """Write the marker; one that cannot be written is said in the report, never a crash."""
+    report.marker = str(path)
+    try:
+        marker.write(path, report.to_dict())
+    except OSError as e:
+        report.marker = ""
+        report.marker_error = one_line(f"{path}: {e.strerror or e}")

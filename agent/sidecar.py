@@ -13,15 +13,17 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from . import httpd, node
-from .config import Config
 from .errors import TorchwarmError
+from .report import PullReport, describe
 
 
 class Sidecar:
     def __init__(self) -> None:
-        self.report: node.PullReport | None = None
+        self.report: PullReport | None = None
         self.error: TorchwarmError | None = None
         self.started = time.time()
 
@@ -61,18 +63,25 @@ class Sidecar:
 
 
 def serve(
-    cfg: Config, listen: str, names: str | None, require: bool | None, deadline_s: float | None
+    config_path: str,
+    overrides: Mapping[str, Any],
+    listen: str,
+    names: str | None,
+    require: bool | None,
+    started: float | None = None,
 ) -> int:
-    """Serve probes, pull, then keep serving until SIGTERM. Returns the exit code."""
+    """Pull in a worker, serve probes, then keep serving until SIGTERM. The exit code."""
     state = Sidecar()
+    # The worker is forked before the HTTP threads start (fork copies only this thread).
+    begun = node.begin(config_path, overrides, names, require, started=started)
     server = httpd.serve(
         listen, {"/readyz": state.readyz, "/healthz": state.healthz, "/metrics": state.metrics}
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        state.report = node.pull(cfg, names, require, deadline_s)
-        for line in node.describe(state.report):
+        state.report = begun if isinstance(begun, PullReport) else begun.finish()
+        for line in describe(state.report):
             print(line, flush=True)
     except TorchwarmError as e:
         state.error = e

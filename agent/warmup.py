@@ -8,6 +8,7 @@ Output folder layout (what `torchwarm push --from DIR` reads):
     DIR/<workload>/warmup.json   fingerprint, counters, timings, captured blob files
     DIR/<workload>/<blob files>  as the format named them
     DIR/<workload>/warmup.log    the child's output
+    DIR/<workload>/cache/        the warmed cache dir itself, as the child left it
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def warmup(
         )
     child = json.loads((out_dir / "child.json").read_text())
     captured = fmt.capture(cache, out_dir)
-    shutil.rmtree(cache)
+    unpacked = sum((cache / m).stat().st_size for m in formats.cache_members(cache))
     summary = {
         "mode": w.mode,
         "device": w.device,
@@ -145,6 +146,7 @@ def warmup(
         "counters": child["report"]["counters"],
         "first_call_s": round(child["report"]["first_call_s"], 3),
         "so_files": child["report"]["new_so_files"],
+        "unpacked_bytes": unpacked,  # what a node needs free to install it (pulljob._space)
         "warmup_key": warmup_key(w, fmt.name, fingerprint.digest(child["fingerprint"])),
     }
     result = WarmupResult(w.name, fmt.name, child["fingerprint"], summary, captured)

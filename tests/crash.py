@@ -2,7 +2,9 @@
 
 Usage: python tests/crash.py POINT -- torchwarm-args... (POINT: a mode below, or
 random-push:SEED:UPPER / random-pull:SEED:UPPER, see random_points).
-The code under test is the real one; only the moment of death is injected.
+The code under test is the real one; only the moment of death is injected. Death takes
+the whole process group, as when a pod or VM dies: a pull's supervisor and its worker
+together (callers start this script in a session of its own).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 
 def die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def after(n: int, fn: Any) -> Any:
@@ -38,12 +40,13 @@ def random_points(pull: bool, seed: str, upper: int) -> None:
     link and cleanup of the local store and the installer), the local store's copy (which
     writes half the blob first), the download sink's writes, archive._write_member,
     install.fsync_tree and install._exchange. A pull counts only after its fingerprint
-    is read (torch's import and ISA probe are not write paths).
+    is read, in its worker process (where every write to the cache dir happens); the
+    supervisor's marker write is not a point.
     """
     import atexit
     import random
 
-    from torchwarm import archive, fingerprint, install, verify
+    from torchwarm import archive, fingerprint, install, pulljob, verify
     from torchwarm.stores import local
 
     target = 0 if seed == "count" else random.Random(int(seed)).randint(1, upper)
@@ -90,8 +93,18 @@ def random_points(pull: bool, seed: str, upper: int) -> None:
         return fields
 
     fingerprint.collect = collect  # type: ignore[assignment]
-    if seed == "count":
+    if seed != "count":
+        return
+    if not pull:
         atexit.register(lambda: print(f"crash points: {state['calls']}", file=sys.stderr))
+        return
+    real_run = pulljob.PullJob.run
+
+    def run(self: Any) -> None:  # in the worker, which leaves by os._exit (no atexit)
+        real_run(self)
+        print(f"crash points: {state['calls']}", file=sys.stderr, flush=True)
+
+    pulljob.PullJob.run = run  # type: ignore[method-assign]
 
 
 def main() -> int:

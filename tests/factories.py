@@ -164,3 +164,18 @@ class RecordingStore:
 
     def writes(self) -> list[tuple[str, str]]:
         return [c for c in self.calls if c[0] in ("put", "put_file", "put_if_absent")]
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root` with its bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def seed_files(cache: Path) -> dict[str, bytes]:
+    """The seed's own cache files (not an extraction by torchwarm's archive code), less what
+    never travels: torch's lock files and in-flight temp files."""
+    return {
+        rel: data
+        for rel, data in tree(cache).items()
+        if not rel.startswith("locks/") and not rel.endswith((".lock", ".tmp"))
+    }

@@ -14,6 +14,7 @@ import pytest
 from factories import fields, manifest, minimal_config, write_config
 
 from torchwarm import keys
+from torchwarm import marker as markermod
 from torchwarm.cli import main
 from torchwarm.stores.local import LocalStore
 
@@ -111,17 +112,24 @@ def test_wait_times_out_with_exit_8(tmp_path, capsys):
     assert "no ready marker" in one_error_line(err)
 
 
-def test_wait_returns_when_marker_appears(tmp_path, capsys):
-    """`wait` exits 0 once a marker JSON is written by someone else, and prints its status."""
-    marker = tmp_path / "ready.json"
+def write_marker_later(path: Path, doc: dict, delay: float = 0.3) -> threading.Thread:
+    """Write `doc` atomically to `path` after `delay` seconds, on a thread."""
 
     def write_later():
-        time.sleep(0.3)
-        tmp = tmp_path / ".ready.tmp"
-        tmp.write_text(json.dumps({"status": "warm"}))
-        os.replace(tmp, marker)
+        time.sleep(delay)
+        tmp = path.parent / ".ready.tmp"
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, path)
 
-    t = threading.Thread(target=write_later)
+    return threading.Thread(target=write_later)
+
+
+def test_wait_returns_when_marker_appears(tmp_path, capsys):
+    """`wait` exits 0 once this boot's marker is written by someone else, and prints its
+    status."""
+    marker = tmp_path / "ready.json"
+    t = write_marker_later(marker, {"status": "warm", "boot_id": markermod.boot_id()})
+
     t.start()
     t0 = time.monotonic()
     try:
@@ -131,6 +139,24 @@ def test_wait_returns_when_marker_appears(tmp_path, capsys):
     assert rc == 0
     assert out.strip() == "ready: warm"
     assert 0.25 <= time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("stale_boot", ["kernel:another-boot", None])
+def test_wait_ignores_a_marker_from_another_boot(tmp_path, capsys, monkeypatch, stale_boot):
+    """A marker left by an earlier boot (another boot id, or none: an older torchwarm) does not
+    let `wait` through; this boot's marker does."""
+    monkeypatch.setenv("TORCHWARM_BOOT_ID", "pod-uid-2")
+    marker = tmp_path / "ready.json"
+    marker.write_text(json.dumps({"status": "warm", "boot_id": stale_boot}))
+    t = write_marker_later(marker, {"status": "cold", "boot_id": "pod-uid-2"}, delay=0.6)
+    t.start()
+    t0 = time.monotonic()
+    try:
+        rc, out, _ = run(capsys, "wait", "--marker", str(marker), "--timeout", "10")
+    finally:
+        t.join()
+    assert rc == 0 and out.strip() == "ready: cold"
+    assert time.monotonic() - t0 >= 0.5
 
 
 def test_ls_empty_store(tmp_path, capsys):

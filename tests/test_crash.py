@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from factories import tree
 
 pytestmark = pytest.mark.compile
 
@@ -16,14 +17,13 @@ CRASH = Path(__file__).with_name("crash.py")
 
 def crash(point: str, *args: str) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, str(CRASH), point, "--", *args], capture_output=True, text=True
+        [sys.executable, str(CRASH), point, "--", *args],
+        capture_output=True,
+        text=True,
+        start_new_session=True,  # death takes the pull's worker too (crash.die)
     )
     assert proc.returncode == -9, f"expected SIGKILL, got {proc.returncode}: {proc.stderr}"
     return proc
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def manifests(store: Path) -> list[Path]:

@@ -43,7 +43,8 @@ def status(url: str) -> int:
         return 0  # not listening yet
 
 
-def assert_warm(report: dict) -> None:
+def assert_warm(report: dict, cache_dir: Path) -> None:
+    assert report["cache_dir"] == str(cache_dir)
     c = report["counters"]
     assert c["fxgraph_cache_hit"] == N_SETS and c["fxgraph_cache_miss"] == 0
     assert report["new_so_files"] == 0
@@ -82,7 +83,7 @@ def test_sidecar_holds_the_main_process_until_installed(node_factory):
         out, _ = main.communicate(timeout=240)
         doc = json.loads(out.strip().splitlines()[-1])
         assert doc["refused"] > 0  # it really was held
-        assert_warm(doc["probe"])
+        assert_warm(doc["probe"], node.cache_dir)
     finally:
         agent.terminate()
         agent.wait(timeout=30)
@@ -98,7 +99,7 @@ def test_marker_gate_with_a_one_shot_pull(node_factory):
     assert waiter.poll() is None  # still waiting: no marker yet
     node.pull()
     assert waiter.wait(timeout=30) == 0
-    assert_warm(node.probe())
+    assert_warm(node.probe(), node.cache_dir)
 
 
 def test_readyz_is_503_until_installed_then_200(node_factory):
@@ -201,7 +202,7 @@ def test_hung_store_fail_open_starts_cold_within_the_deadline(tmp_path, black_ho
     cfg = s3_config(tmp_path, black_hole, DEADLINE)
     t0 = time.monotonic()
     out = torchwarm("pull", "-c", str(cfg), env=FAKE_AWS_ENV)
-    assert time.monotonic() - t0 < DEADLINE + 10
+    assert time.monotonic() - t0 < DEADLINE + 2  # the hard bound
     assert "starting cold" in out.stdout and "deadline" in out.stdout
     assert not (tmp_path / "cache" / "inductor").exists()
     assert json.loads((tmp_path / "cache" / "torchwarm-ready.json").read_text())["timed_out"]
@@ -212,7 +213,7 @@ def test_hung_store_fail_closed_exits_9_with_one_line(tmp_path, black_hole):
     cfg = s3_config(tmp_path, black_hole, DEADLINE)
     t0 = time.monotonic()
     out = torchwarm("pull", "-c", str(cfg), "--require", env=FAKE_AWS_ENV, check=False)
-    assert time.monotonic() - t0 < DEADLINE + 10
+    assert time.monotonic() - t0 < DEADLINE + 2  # the hard bound
     assert out.returncode == 9
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "deadline" in lines[0]

@@ -28,11 +28,23 @@ def test_fresh_node_hits_every_cache_and_compiles_no_kernel(node_factory, fmt):
     out = node.pull("--require")
     assert "warm: mlp" in out.stdout
     report = node.probe()
+    assert report["cache_dir"] == str(node.cache_dir)  # the probe read the node's cache
     c = report["counters"]
     assert c["fxgraph_cache_hit"] == N_SETS and c["fxgraph_cache_miss"] == 0
     assert c["autograd_cache_hit"] == N_SETS and c["autograd_cache_miss"] == 0
     assert report["new_so_files"] == 0  # both formats carry the CPU kernels
     assert all(s["max_abs_diff"] < 1e-4 for s in report["input_sets"])
+
+
+def test_control_an_unpulled_node_misses_every_cache(node_factory):
+    """The control for the hit tests: the same probe on an empty, un-pulled cache dir misses
+    every graph and compiles kernels, so a hit above is the pull's doing."""
+    node = node_factory()
+    report = node.probe()
+    assert report["cache_dir"] == str(node.cache_dir)
+    c = report["counters"]
+    assert c["fxgraph_cache_hit"] == 0 and c["fxgraph_cache_miss"] == N_SETS
+    assert c["autograd_cache_hit"] == 0 and report["new_so_files"] > 0
 
 
 def test_ready_marker_names_what_was_installed(node_factory):

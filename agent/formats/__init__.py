@@ -6,11 +6,11 @@ Every format implements the same three steps (see base.py); `get(name)` picks on
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .base import Captured, Format
+from .base import Captured, Format, cache_members
 from .cachedir import CacheDirFormat
 from .megacache import MegaCacheFormat
 
-__all__ = ["Captured", "Format", "get", "FORMATS"]
+__all__ = ["Captured", "Format", "cache_members", "get", "FORMATS"]
 
 FORMATS: dict[str, Format] = {f.name: f for f in (CacheDirFormat(), MegaCacheFormat())}
 

@@ -1,0 +1,72 @@
+"""The ready marker: the pull's report as a JSON file, tied to one boot, and `wait` on it.
+
+A marker names the boot it was written in (`boot_id`): `$TORCHWARM_BOOT_ID` when set
+(the deploy kit sets the pod's UID through the downward API, so a pod recreated on a
+persistent volume is a new boot), else the kernel's boot id. `wait` ignores a marker
+from another boot, so a waiter that starts before the pull has deleted last boot's
+marker does not pass at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import WaitTimeout
+from .fsutil import atomic_write_bytes
+
+BOOT_ID_VAR = "TORCHWARM_BOOT_ID"
+_KERNEL_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def boot_id(environ: dict[str, str] | None = None) -> str:
+    """This boot's identity: $TORCHWARM_BOOT_ID, else the kernel's boot id."""
+    env = os.environ if environ is None else environ
+    if env.get(BOOT_ID_VAR):
+        return env[BOOT_ID_VAR]
+    try:
+        return "kernel:" + _KERNEL_BOOT_ID.read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def write(path: Path, doc: dict[str, Any]) -> None:
+    """Write the marker atomically, stamped with this boot's identity."""
+    data = json.dumps({**doc, "boot_id": boot_id()}, indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(path, data.encode())
+
+
+def clear(path: Path) -> None:
+    """Remove a marker left by an earlier pull (a waiter must not pass on it)."""
+    with contextlib.suppress(OSError):  # one we cannot remove is still refused by its boot id
+        path.unlink(missing_ok=True)
+
+
+def read(path: Path) -> dict[str, Any] | None:
+    """The marker's content if it exists, parses and was written in this boot."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None  # not there yet (it is written atomically: ValueError is foreign junk)
+    if not isinstance(doc, dict) or doc.get("boot_id") != boot_id():
+        return None
+    return doc
+
+
+def wait(path: Path, timeout_s: float, poll_s: float = 0.2) -> dict[str, Any]:
+    """Block until this boot's marker exists; return its content."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        doc = read(path)
+        if doc is not None:
+            return doc
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(
+                f"no ready marker of this boot at {path} after {timeout_s:g} s; is the "
+                f"torchwarm pull running with the same marker path and ${BOOT_ID_VAR}?"
+            )
+        time.sleep(poll_s)

@@ -1,0 +1,224 @@
+"""The pull's steps, run in the worker process that node.py supervises.
+
+Per workload: resolve its manifest for this node's fingerprint, refuse a replay, check
+free space, download and verify its blobs, then install them with one swap. The worker
+decides nothing about fail-open or fail-closed: it reports facts to the supervisor over
+a pipe (`Channel`), one JSON message per line, and asks before every swap ("commit?"),
+so that the supervisor alone decides whether the deadline still allows it.
+
+Fail-open (the default): each workload is installed on its own, so one that fails
+leaves the others warm. Fail-closed (`require`): every workload is fetched first and
+all are installed in one swap, so a failure installs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import errors, fetch, fingerprint, formats, install, torchenv
+from .config import Config, Workload
+from .errors import InstallError, NoCacheForFingerprint, TorchwarmError, one_line
+from .manifest import Manifest
+from .report import WorkloadOutcome
+from .resolve import Miss, resolve
+from .rollback import Memory
+from .stores import Store
+
+
+class PullFailed(TorchwarmError):
+    """A fail-closed pull stopped by something outside torchwarm's own errors (a bug)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a workload was not installed: the error's class name, exit code and one line."""
+
+    kind: str
+    exit_code: int
+    message: str
+
+    def error(self) -> TorchwarmError:
+        """The error to raise in the supervisor (fail-closed): the worker's own class."""
+        found = getattr(errors, self.kind, None)
+        if isinstance(found, type) and issubclass(found, TorchwarmError):
+            return found(self.message)
+        return PullFailed(self.message, self.exit_code)
+
+    @classmethod
+    def of(cls, e: BaseException) -> Failure:
+        if isinstance(e, TorchwarmError):
+            return cls(type(e).__name__, e.exit_code, one_line(str(e)))
+        if isinstance(e, OSError):
+            where = f" ({e.filename})" if e.filename else ""
+            return cls(
+                "InstallError",
+                InstallError.exit_code,
+                f"cannot write the cache on this node: {e.strerror or e}{where}",
+            )
+        return cls("InternalError", 1, one_line(f"internal error: {type(e).__name__}: {e} (a bug)"))
+
+
+class Channel:
+    """The worker's end of the pipes to the supervisor."""
+
+    def __init__(self, out_fd: int, in_fd: int) -> None:
+        self.out = out_fd
+        self.inp = in_fd
+
+    def send(self, kind: str, **fields: Any) -> None:
+        data = (json.dumps({"t": kind, **fields}, default=str) + "\n").encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.out, view) :]
+
+    def may_commit(self, names: list[str]) -> bool:
+        """Ask the supervisor whether a swap may start; it answers, or kills this process."""
+        self.send("commit?", workloads=names)
+        return os.read(self.inp, 3) == b"go\n"
+
+
+Hit = tuple[Manifest, dict[str, Path]]
+
+
+class PullJob:
+    def __init__(self, cfg: Config, workloads: tuple[Workload, ...], require: bool,
+                 chan: Channel) -> None:  # fmt: skip
+        self.cfg, self.workloads, self.require, self.chan = cfg, workloads, require, chan
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception as e:  # noqa: BLE001 - every workload not yet settled fails with it
+            self.chan.send("fatal", failure=Failure.of(e).__dict__)
+        self.chan.send("done")
+
+    def _run(self) -> None:
+        self.chan.send("phase", phase="taking the install lock")
+        with install.locked(self.cfg.cache_dir) as work:
+            self.memory = Memory(work)
+            self.chan.send("phase", phase="reading this machine's fingerprint")
+            t0 = time.perf_counter()
+            fields = fingerprint.collect(scratch=torchenv.probe_scratch())
+            self.fields = fields
+            self.chan.send("fingerprint", digest=fingerprint.digest(fields),
+                           seconds=time.perf_counter() - t0)  # fmt: skip
+            store = self.cfg.open_store()
+            downloads = work / f"downloads-{os.getpid()}"
+            try:
+                downloads.mkdir(parents=True, exist_ok=True)
+                if self.require:
+                    self._all_or_nothing(store, downloads)
+                else:
+                    self._each_on_its_own(store, downloads)
+            finally:
+                shutil.rmtree(downloads, ignore_errors=True)
+
+    # -- the two modes ----------------------------------------------------------------
+
+    def _each_on_its_own(self, store: Store, downloads: Path) -> None:
+        for w in self.workloads:
+            target = downloads / w.name
+            try:
+                hit = self._fetch(store, w, target, [])
+                if hit is not None:
+                    self._install([hit])
+            except Exception as e:  # noqa: BLE001 - this workload fails; the others go on
+                self.chan.send("failed", workload=w.name, failure=Failure.of(e).__dict__)
+            finally:
+                shutil.rmtree(target, ignore_errors=True)
+
+    def _all_or_nothing(self, store: Store, downloads: Path) -> None:
+        hits: list[Hit] = []
+        manifests: list[Manifest] = []
+        for w in self.workloads:
+            try:
+                hit = self._fetch(store, w, downloads / w.name, manifests)
+            except Exception as e:  # noqa: BLE001 - fail-closed: stop at the first failure
+                self.chan.send("failed", workload=w.name, failure=Failure.of(e).__dict__)
+                return
+            if hit is None:
+                return
+            hits.append(hit)
+            manifests.append(hit[0])
+        self._install(hits)
+
+    # -- the steps ----------------------------------------------------------------------
+
+    def _fetch(self, store: Store, w: Workload, dest: Path, pending: list[Manifest]) -> Hit | None:
+        """Resolve, check, download and verify one workload's blobs; None on a miss.
+        `pending`: manifests fetched before and not yet installed (they share the space)."""
+        self.chan.send("phase", phase=f"resolving {w.name!r} in {store.url}")
+        found = resolve(store, w.name, self.fields, self.cfg.trusted_keys)
+        if isinstance(found, Miss):
+            failure = Failure.of(NoCacheForFingerprint(found.reason))
+            self.chan.send("failed", workload=w.name, failure=failure.__dict__)
+            return None
+        self.memory.check(found, store.url)
+        self._space(dest.parent, [*pending, found])
+        dest.mkdir(parents=True, exist_ok=True)
+        self.chan.send("phase", phase=f"downloading {w.name!r} ({found.size} bytes) from "
+                       f"{store.url}")  # fmt: skip
+        t0 = time.perf_counter()
+        blobs = fetch.fetch(store, found, dest)
+        self.chan.send("timing", name=f"fetch_s.{w.name}", seconds=time.perf_counter() - t0)
+        return found, blobs
+
+    def _space(self, where: Path, manifests: list[Manifest]) -> None:
+        """Refuse to start a download that the filesystem cannot hold, unpacked included."""
+        download = sum(m.size for m in manifests)
+        unpacked = sum(unpacked_bytes(m) for m in manifests)
+        st = os.statvfs(where)
+        free = st.f_bavail * st.f_frsize
+        if download + unpacked > free:
+            names = ", ".join(m.workload for m in manifests)
+            raise InstallError(
+                f"not enough free space for {names} in {self.cfg.cache_dir.parent}: "
+                f"{download + unpacked} bytes needed ({download} to download, {unpacked} "
+                f"unpacked), {free} available; enlarge the cache volume"
+            )
+
+    def _install(self, hits: list[Hit]) -> None:
+        names = [m.workload for m, _ in hits]
+
+        def fill(staging: Path) -> None:
+            for m, blobs in hits:
+                formats.get(m.format).install(blobs, staging)
+
+        self.chan.send("phase", phase=f"installing {', '.join(names)}")
+        t0 = time.perf_counter()
+        install.install(self.cfg.cache_dir, fill, before_swap=lambda: self._commit(names))
+        self.memory.record([m for m, _ in hits])
+        self.chan.send("timing", name=f"install_s.{'+'.join(names)}",
+                       seconds=time.perf_counter() - t0)  # fmt: skip
+        for m, _ in hits:
+            outcome = WorkloadOutcome(
+                m.workload, "warm", "", f"{m.workload}/{m.fingerprint_digest}", m.format,
+                [b.to_dict() for b in m.blobs], m.size, _warmup_summary(m),
+            )  # fmt: skip
+            self.chan.send("installed", outcome=outcome.__dict__)
+
+    def _commit(self, names: list[str]) -> None:
+        if not self.chan.may_commit(names):
+            raise InstallError("the supervisor refused the swap")  # not reached: it kills us
+
+
+def unpacked_bytes(m: Manifest) -> int:
+    """Bytes the manifest's blobs take once installed, as the seed recorded them (0: unknown)."""
+    n = m.warmup.get("unpacked_bytes")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0
+
+
+def _warmup_summary(m: Manifest) -> dict[str, Any]:
+    """What the seed's warm-up saw, kept in the marker to compare with what the app does."""
+    keep = ("counters", "first_call_s", "so_files", "input_sets")
+    return {k: m.warmup[k] for k in keep if k in m.warmup}

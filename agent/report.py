@@ -1,0 +1,69 @@
+"""What a pull did, per workload: the marker's content, `pull --json`, and the lines people read."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class WorkloadOutcome:
+    workload: str
+    status: str  # "warm" or "cold"
+    reason: str = ""  # why it starts cold: one line
+    manifest: str = ""  # <workload>/<fingerprint digest>
+    format: str = ""
+    blobs: list[dict[str, Any]] = field(default_factory=list)
+    bytes: int = 0
+    warmup: dict[str, Any] = field(default_factory=dict)  # the seed's counters, to compare
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> WorkloadOutcome:
+        return cls(**{k: doc[k] for k in cls.__dataclass_fields__ if k in doc})
+
+
+@dataclass
+class PullReport:
+    status: str  # "warm" (every workload), "partial", or "cold"
+    cache_dir: str
+    fingerprint: str
+    store: str
+    workloads: list[WorkloadOutcome]
+    timings: dict[str, float]
+    written_at: str = ""
+    timed_out: bool = False  # the deadline passed before the pull finished
+    reason: str = ""  # why nothing was tried (a config error), if so
+    marker: str = ""  # where the ready marker was written; "" if it could not be
+    marker_error: str = ""  # why it could not be
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+
+
+def overall(outcomes: list[WorkloadOutcome]) -> str:
+    warm = sum(o.status == "warm" for o in outcomes)
+    return "warm" if outcomes and warm == len(outcomes) else "cold" if warm == 0 else "partial"
+
+
+def describe(report: PullReport) -> list[str]:
+    """The pull's outcome for people: a line per workload, then one summary line."""
+    lines = []
+    if report.reason:
+        lines.append(f"starting cold: {report.reason}")
+    for o in report.workloads:
+        if o.status == "warm":
+            lines.append(f"warm: {o.workload} ({o.format}, {o.bytes} bytes) installed in "
+                         f"{report.cache_dir}")  # fmt: skip
+        else:
+            lines.append(f"starting cold: {o.workload}: {o.reason}")
+    where = (
+        f"marker written to {report.marker}"
+        if report.marker
+        else f"no marker written{': ' + report.marker_error if report.marker_error else ''}"
+    )
+    lines.append(f"ready ({report.status}) in {report.timings.get('total_s', 0):.2f} s; {where}")
+    return lines
