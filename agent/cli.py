@@ -8,7 +8,9 @@ Exit codes (one place; README "Exit codes" mirrors this table):
     4  verification failed: digest, size or manifest refused; nothing installed
     5  no cache for this workload and fingerprint (pull --require)
     6  the cache could not be installed into the cache directory
-    7  a warm-up failed to compile or capture; daemon --once: a workload failed
+    7  a warm-up failed to compile or capture, or ran past warmup_timeout_s;
+       daemon --once: a workload failed, for any reason (an error outside every
+       workload, such as the fingerprint or the store, exits with that error's code)
     8  wait: the ready marker did not appear in time
     9  the pull did not finish within its deadline (--require)
   130  interrupted
@@ -20,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from . import config as cfgmod
-from .errors import TorchwarmError
+from .errors import TorchwarmError, WarmupError
 
 if TYPE_CHECKING:
     from .warmup import WarmupResult
@@ -74,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Ship torch.compile caches from a warm seed machine to every new node.",
         epilog="Exit codes: 0 ok (a fail-open pull that starts cold included), 1 internal "
         "error, 2 bad config or usage, 3 store error, 4 verification failed, 5 no cache "
-        "for this fingerprint (--require), 6 install failed, 7 warm-up failed, "
+        "for this fingerprint (--require), 6 install failed, 7 warm-up failed or timed out "
+        "(daemon --once: a workload failed), "
         "8 wait timed out, 9 pull deadline passed (--require).",
     )
     p.add_argument("--version", action="version", version=f"torchwarm {__version__}")
@@ -212,8 +216,8 @@ def _warmup(args: argparse.Namespace) -> int:
     cfg = _load(args, format=args.format)
     if not args.push and args.out is None:
         raise cfgmod.ConfigError("warmup needs --push, --out DIR, or both")
-    with tempfile.TemporaryDirectory(prefix="torchwarm-warmup-") as tmp:
-        root = args.out or Path(tmp)
+    root = args.out or Path(tempfile.mkdtemp(prefix="torchwarm-warmup-"))
+    try:
         for w in cfg.selected(args.workload):
             t0 = time.perf_counter()
             result = wu.warmup(cfg, w, root / w.name)
@@ -226,6 +230,14 @@ def _warmup(args: argparse.Namespace) -> int:
             )
             if args.push:
                 _publish(cfg, result)
+    except WarmupError:
+        raise  # the log it names stays (in the temp folder without --out)
+    except BaseException:
+        if args.out is None:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    if args.out is None:
+        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

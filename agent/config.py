@@ -25,6 +25,9 @@ from .stores import Store, StoreOptions, open_store
 FORMATS = ("cachedir", "megacache")
 DEFAULT_FORMAT = "cachedir"  # measured faster on the node; see README "Measured"
 DEFAULT_DEADLINE_S = 300.0  # a node never waits longer than this on a sick store
+# A warm-up child still running after this is killed (with its children): a hung compile
+# must fail the warm-up, not hold the seed forever. An hour fits real models on one GPU.
+DEFAULT_WARMUP_TIMEOUT_S = 3600.0
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
 MODES = ("inference", "train")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -66,6 +69,8 @@ class Workload:
     mode: str = "inference"  # or "train": forward + backward
     compile: CompileOptions = CompileOptions()
     seed: int = 0
+    # Not part of what is compiled: warmup.warmup_key leaves it out.
+    warmup_timeout_s: float = DEFAULT_WARMUP_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class Config:
     daemon: DaemonOptions = DaemonOptions()
     signing_key: SigningKey | None = field(default=None, repr=False)  # seeds sign with it
     trusted_keys: TrustedKeys = TrustedKeys({})  # nodes accept only manifests they signed
+    warmup_timeout_s: float = DEFAULT_WARMUP_TIMEOUT_S  # for workloads that set none
 
     def open_store(self) -> Store:
         return open_store(self.store, self.store_options)
@@ -199,7 +205,7 @@ def _parse(
     v = _Validator(source, origins or {})
     known = {
         "store", "store_options", "cache_dir", "format", "marker", "require", "deadline_s",
-        "daemon", "signing_key_file", "trusted_keys", "workloads",
+        "daemon", "signing_key_file", "trusted_keys", "workloads", "warmup_timeout_s",
     }  # fmt: skip
     v.no_unknown(raw, known, "")
     if "store" not in raw:
@@ -213,10 +219,14 @@ def _parse(
     marker = _path(v, "marker", raw["marker"], base) if raw.get("marker") is not None else None
     require = v.boolean("require", raw.get("require", False))
     deadline_s = v.positive("deadline_s", raw.get("deadline_s", DEFAULT_DEADLINE_S))
+    timeout = raw.get("warmup_timeout_s", DEFAULT_WARMUP_TIMEOUT_S)
+    warmup_timeout_s = v.positive("warmup_timeout_s", timeout)
     workloads_raw = raw.get("workloads", [])
     if not isinstance(workloads_raw, list):
         v.fail("workloads", f"must be a list of workloads, got {_kind(workloads_raw)}")
-    workloads = tuple(_workload(v, f"workloads[{i}]", w) for i, w in enumerate(workloads_raw))
+    workloads = tuple(
+        _workload(v, f"workloads[{i}]", w, warmup_timeout_s) for i, w in enumerate(workloads_raw)
+    )
     names = [w.name for w in workloads]
     for i, n in enumerate(names):
         if n in names[:i]:
@@ -233,6 +243,7 @@ def _parse(
         store, cache_dir, fmt, marker, require, deadline_s, workloads, source, store_options,
         _daemon(v, raw.get("daemon")), signing_key,
         signing.load_trusted(trusted, f"{source}: {v.origins.get('trusted_keys', 'trusted_keys')}"),
+        warmup_timeout_s,
     )  # fmt: skip
 
 
@@ -285,10 +296,13 @@ def _path(v: _Validator, key: str, value: Any, base: Path) -> Path:
     return (base / os.path.expanduser(value)).resolve()
 
 
-def _workload(v: _Validator, at: str, w: Any) -> Workload:
+def _workload(v: _Validator, at: str, w: Any, default_timeout_s: float) -> Workload:
     if not isinstance(w, dict):
         v.fail(at, f"must be a mapping, got {_kind(w)}")
-    known = {"name", "model", "model_kwargs", "inputs", "device", "mode", "compile", "seed"}
+    known = {
+        "name", "model", "model_kwargs", "inputs", "device", "mode", "compile", "seed",
+        "warmup_timeout_s",
+    }  # fmt: skip
     v.no_unknown(w, known, at)
     for req in ("name", "model", "inputs"):
         if req not in w:
@@ -322,6 +336,9 @@ def _workload(v: _Validator, at: str, w: Any) -> Workload:
         mode=mode,
         compile=_compile(v, f"{at}.compile", w.get("compile", {})),
         seed=seed,
+        warmup_timeout_s=v.positive(
+            f"{at}.warmup_timeout_s", w.get("warmup_timeout_s", default_timeout_s)
+        ),
     )
 
 

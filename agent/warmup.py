@@ -2,7 +2,8 @@
 
 A subprocess per workload keeps captures from mixing (torch's mega-cache saves are
 cumulative per process) and gives every warm-up an empty cache dir, so the capture
-holds exactly what the workload needs. The child runs `python -m torchwarm.warmup`.
+holds exactly what the workload needs. The child runs `python -m torchwarm.warmup`
+in a process group of its own, killed whole when the warm-up passes its timeout.
 
 Output folder layout (what `torchwarm push --from DIR` reads):
     DIR/<workload>/warmup.json   fingerprint, counters, timings, captured blob files
@@ -13,14 +14,19 @@ Output folder layout (what `torchwarm push --from DIR` reads):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -76,8 +82,10 @@ def warmup_key(w: Workload, fmt: str, fingerprint_digest: str) -> str:
     own module file is hashed: a change in a module it imports needs a config change
     (or a new torch, which changes the fingerprint) to be noticed.
     """
+    workload = asdict(w)
+    del workload["warmup_timeout_s"]  # how long it may take does not change what it compiles
     doc = {
-        "workload": asdict(w),
+        "workload": workload,
         "model_source_sha256": _model_source_digest(w.model),
         "format": fmt,
         "fingerprint": fingerprint_digest,
@@ -98,11 +106,18 @@ def _model_source_digest(spec: str) -> str:
 
 
 def warmup(
-    cfg: Config, w: Workload, out_dir: Path, stop: threading.Event | None = None
+    cfg: Config,
+    w: Workload,
+    out_dir: Path,
+    stop: threading.Event | None = None,
+    on_capture: Callable[[], None] | None = None,
 ) -> WarmupResult:
     """Warm `w` up in a child process with an empty cache dir and capture it into `out_dir`.
 
-    With `stop`, setting it terminates the child and raises Cancelled.
+    The child runs in a process group of its own. Past `w.warmup_timeout_s` the group (the
+    child and whatever it started) is killed and WarmupError says so; with `stop`, setting
+    it kills the group and raises Cancelled. `on_capture()` is called when the child has
+    exited well, before the capture.
     """
     fmt = formats.get(cfg.format)
     if out_dir.exists():
@@ -115,22 +130,30 @@ def warmup(
         "--config", cfg.source, "--workload", w.name, "--format", fmt.name, "--out", str(out_dir),
     ]  # fmt: skip
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=torchenv.cache_env(cache), stdout=log, stderr=log)
-        while True:
-            try:
-                proc.wait(timeout=None if stop is None else 0.2)
-                break
-            except subprocess.TimeoutExpired:
-                if stop is not None and stop.is_set():
-                    proc.terminate()
-                    proc.wait()
-                    raise Cancelled(f"warm-up of {w.name!r} cancelled") from None
-    if proc.returncode != 0:
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+        proc = subprocess.Popen(cmd, env=torchenv.cache_env(cache), stdout=log, stderr=log,
+                                start_new_session=True)  # fmt: skip
+        try:
+            ended = _wait_unreaped(proc, w.warmup_timeout_s, stop)
+        finally:
+            _kill_group(proc)  # also what a child that exited left running
+            proc.wait()
+    if ended != "exited" or proc.returncode != 0:
+        shutil.rmtree(cache, ignore_errors=True)  # the log stays: the error names it
+    if ended == "cancelled":
+        raise Cancelled(f"warm-up of {w.name!r} cancelled")
+    if ended == "timeout":
         raise WarmupError(
-            f"warm-up of {w.name!r} failed (exit {proc.returncode}): {tail[0]} "
+            f"warm-up of {w.name!r} did not finish within {w.warmup_timeout_s:g} s "
+            f"(warmup_timeout_s); killed it and its child processes; last output: "
+            f"{_last_line(log_path)} (full log: {log_path})"
+        )
+    if proc.returncode != 0:
+        raise WarmupError(
+            f"warm-up of {w.name!r} failed (exit {proc.returncode}): {_last_line(log_path)} "
             f"(full log: {log_path})"
         )
+    if on_capture is not None:
+        on_capture()
     child = json.loads((out_dir / "child.json").read_text())
     captured = fmt.capture(cache, out_dir)
     shutil.rmtree(cache)
@@ -150,6 +173,34 @@ def warmup(
     result = WarmupResult(w.name, fmt.name, child["fingerprint"], summary, captured)
     result.save(out_dir)
     return result
+
+
+def _wait_unreaped(proc: subprocess.Popen[bytes], timeout_s: float,
+                   stop: threading.Event | None) -> str:  # fmt: skip
+    """'exited', 'timeout' or 'cancelled'. The child is left unreaped (WNOWAIT), so its
+    process group id cannot be reused before _kill_group."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                return "exited"
+        except ChildProcessError:
+            return "exited"  # already reaped
+        if stop is not None and stop.is_set():
+            return "cancelled"
+        if time.monotonic() >= deadline:
+            return "timeout"
+        time.sleep(0.2)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _last_line(log_path: Path) -> str:
+    lines = log_path.read_text(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "(no output)"
 
 
 def _child(argv: list[str]) -> int:
