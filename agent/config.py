@@ -296,6 +296,12 @@ def _path(v: _Validator, key: str, value: Any, base: Path) -> Path:
     return (base / os.path.expanduser(value)).resolve()
 
 
+def parse_workload(doc: Any, source: str) -> Workload:
+    """One workload from a mapping shaped like a `workloads` entry (the warm-up child gets
+    its workload this way, as JSON, instead of the config file)."""
+    return _workload(_Validator(source, {}), "workload", doc, DEFAULT_WARMUP_TIMEOUT_S)
+
+
 def _workload(v: _Validator, at: str, w: Any, default_timeout_s: float) -> Workload:
     if not isinstance(w, dict):
         v.fail(at, f"must be a mapping, got {_kind(w)}")

@@ -2,8 +2,10 @@
 
 A subprocess per workload keeps captures from mixing (torch's mega-cache saves are
 cumulative per process) and gives every warm-up an empty cache dir, so the capture
-holds exactly what the workload needs. The child runs `python -m torchwarm.warmup`
-in a process group of its own, killed whole when the warm-up passes its timeout.
+holds exactly what the workload needs. The child runs `python -m torchwarm.warmup`,
+gets its workload as JSON (never the config, nor any TORCHWARM_* variable: it runs the
+user's model code and must hold no signing key), and runs in a process group of its
+own, killed whole when the warm-up passes its timeout.
 
 Output folder layout (what `torchwarm push --from DIR` reads):
     DIR/<workload>/warmup.json   fingerprint, counters, timings, captured blob files
@@ -126,11 +128,11 @@ def warmup(
     cache.mkdir(parents=True)
     log_path = out_dir / "warmup.log"
     cmd = [
-        sys.executable, "-m", "torchwarm.warmup",
-        "--config", cfg.source, "--workload", w.name, "--format", fmt.name, "--out", str(out_dir),
+        sys.executable, "-m", "torchwarm.warmup", "--workload-json", json.dumps(asdict(w)),
+        "--format", fmt.name, "--out", str(out_dir),
     ]  # fmt: skip
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=torchenv.cache_env(cache), stdout=log, stderr=log,
+        proc = subprocess.Popen(cmd, env=child_env(cache), stdout=log, stderr=log,
                                 start_new_session=True)  # fmt: skip
         try:
             ended = _wait_unreaped(proc, w.warmup_timeout_s, stop)
@@ -175,6 +177,18 @@ def warmup(
     return result
 
 
+def child_env(cache: Path) -> dict[str, str]:
+    """The warm-up child's environment: this process's, torch's caches in `cache`, and no
+    TORCHWARM_* variable.
+
+    The child runs the user's model code, so it must hold no signing key: not
+    $TORCHWARM_SIGNING_KEY, nor $TORCHWARM_SIGNING_KEY_FILE or the config file that would
+    lead to one. It gets its workload as JSON on the command line instead.
+    """
+    env = torchenv.cache_env(cache)
+    return {k: v for k, v in env.items() if not k.startswith("TORCHWARM_")}
+
+
 def _wait_unreaped(proc: subprocess.Popen[bytes], timeout_s: float,
                    stop: threading.Event | None) -> str:  # fmt: skip
     """'exited', 'timeout' or 'cancelled'. The child is left unreaped (WNOWAIT), so its
@@ -206,8 +220,7 @@ def _last_line(log_path: Path) -> str:
 def _child(argv: list[str]) -> int:
     """Runs in the warm-up subprocess, with TORCHINDUCTOR_CACHE_DIR set by the parent."""
     p = argparse.ArgumentParser(prog="python -m torchwarm.warmup")
-    p.add_argument("--config", required=True)
-    p.add_argument("--workload", required=True)
+    p.add_argument("--workload-json", required=True, help="the workload, as warmup() wrote it")
     p.add_argument("--format", required=True)
     p.add_argument("--out", required=True, type=Path)
     a = p.parse_args(argv)
@@ -215,7 +228,7 @@ def _child(argv: list[str]) -> int:
     from . import workload
 
     try:
-        w = cfgmod.load(a.config).workload(a.workload)
+        w = cfgmod.parse_workload(json.loads(a.workload_json), "--workload-json")
         report = workload.run(w)  # first: its first-call time is the honest cold figure
         fields = fingerprint.collect()
         formats.get(a.format).save_in_process(a.out)

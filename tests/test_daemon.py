@@ -4,7 +4,7 @@ One module fixture runs three `--once` passes over one store and keeps their eve
 the requests the store saw: pass 1 warms two workloads, pass 2 finds both current,
 pass 3 follows an edit to one workload's input sets and adds one whose model does not
 import. Other tests start long-running daemons and signal them, or run workloads from
-test model modules (written per test, on PYTHONPATH) that raise or hang.
+test model modules (written per test, on PYTHONPATH) that raise, hang or look around.
 """
 
 from __future__ import annotations
@@ -382,6 +382,13 @@ def hang(pids):
         json.dump({"child": os.getpid(), "grandchild": grandchild.pid}, f)
     os.rename(pids + ".tmp", pids)
     time.sleep(600)
+
+
+def spy(out):
+    \"\"\"Write what the warm-up child was given (environment, command line), then fail.\"\"\"
+    with open(out, "w") as f:
+        json.dump({"env": dict(os.environ), "argv": sys.argv}, f)
+    raise RuntimeError("spied on the warm-up child")
 """,
 }
 BOOM = {"name": "boom", "model": "tw_boom.model:build", "inputs": TINY["inputs"]}
@@ -461,6 +468,27 @@ def test_warmup_past_its_timeout_is_killed_with_its_children(tmp_path, models_en
     assert seconds >= 10
     started = json.loads(pids.read_text())
     assert not alive(started["child"]) and not alive(started["grandchild"]), started
+
+
+def test_warmup_child_holds_no_signing_key(tmp_path, models_env):
+    """The warm-up child runs the user's model code: it gets neither $TORCHWARM_SIGNING_KEY
+    nor any TORCHWARM_* variable, and no config path (its workload comes as JSON)."""
+    from torchwarm import signing
+
+    secret, _ = signing.generate("seed-1")
+    seen = tmp_path / "seen.json"
+    spy = {"name": "spy", "model": "tw_seedmodels:spy", "model_kwargs": {"out": str(seen)},
+           "inputs": TINY["inputs"]}  # fmt: skip
+    config = local_config(tmp_path, [spy])
+    env = {**models_env, "TORCHWARM_SIGNING_KEY": secret, "TORCHWARM_FORMAT": "cachedir"}
+    proc = cli(config, env, "warmup", "--push")
+    assert proc.returncode == 7 and "spied on the warm-up child" in proc.stderr, proc.stderr
+    child = json.loads(seen.read_text())
+    assert not [k for k in child["env"] if k.startswith("TORCHWARM_")]
+    key_text = secret.split(":", 1)[1]
+    assert not [k for k, v in child["env"].items() if key_text in v]
+    assert not [a for a in child["argv"] if str(config) in a or key_text in a]
+    assert "--workload-json" in child["argv"]
 
 
 def test_error_outside_the_workloads_fails_the_pass_not_the_daemon(tmp_path):
