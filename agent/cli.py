@@ -141,9 +141,14 @@ def _parser() -> argparse.ArgumentParser:
     dm.add_argument("--workload", help="only this workload (default: all)")
     dm.add_argument("--listen", help="HOST:PORT for /metrics and /healthz (default: config)")
 
-    gc = cmd("gc", _gc, "keep the newest N manifests per workload; delete blobs no kept "
+    gc = cmd("gc", _gc, "per workload, keep the newest N manifests (by serial) and every "
+             "manifest younger than --older-than, delete the rest; then delete blobs no kept "
              "manifest names once older than the grace period")  # fmt: skip
-    gc.add_argument("--keep", type=int, required=True, help="manifests to keep per workload")
+    gc.add_argument("--keep", type=int, required=True,
+                    help="manifests per workload always kept, newest first")  # fmt: skip
+    gc.add_argument("--older-than", default="30d", metavar="DURATION",
+                    help="delete a manifest beyond --keep only when its object is at least "
+                    "this old, e.g. 30d, 12h, 3600s (default: 30d)")  # fmt: skip
     gc.add_argument("--grace", type=float, default=6 * 3600.0, metavar="SECONDS",
                     help="never delete a blob younger than this (default: 21600)")  # fmt: skip
     gc.add_argument("--dry-run", action="store_true", help="print what would go; delete nothing")
@@ -331,15 +336,17 @@ def _gc(args: argparse.Namespace) -> int:
         raise cfgmod.ConfigError("--keep must be at least 1")
     if args.grace < 0:
         raise cfgmod.ConfigError("--grace must not be negative")
+    older_than_s = cfgmod.parse_duration(args.older_than, "--older-than")
     cfg = _load(args)
-    rep = gc(cfg.open_store(), args.keep, args.grace, args.dry_run)
+    rep = gc(cfg.open_store(), args.keep, older_than_s, args.grace, args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     for key in rep.deleted_manifests:
         print(f"{verb} manifest {key}")
     for key in rep.deleted_blobs:
         print(f"{verb} blob {key}")
     print(
-        f"kept {len(rep.kept_manifests)} manifest(s); {verb} {len(rep.deleted_manifests)} "
+        f"kept {len(rep.kept_manifests)} manifest(s) ({rep.young_manifests} of them beyond "
+        f"--keep but younger than {args.older_than}); {verb} {len(rep.deleted_manifests)} "
         f"manifest(s) and {len(rep.deleted_blobs)} blob(s) ({_size(rep.freed_bytes)}); "
         f"{rep.young_blobs} unreferenced blob(s) inside the grace period kept"
     )

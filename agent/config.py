@@ -79,6 +79,9 @@ class DaemonOptions:
     jitter: float = 0.1
     listen: str | None = None  # HOST:PORT for /metrics and /healthz; None: no HTTP
     backoff_max_s: float = 3600.0  # a failing workload is retried after 60 s, doubling to this
+    # A skipped workload's manifest older than this is touched, so that gc's --older-than
+    # (default 30 days) never takes an environment a seed still serves for dead.
+    refresh_s: float = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -274,7 +277,7 @@ def _daemon(v: _Validator, value: Any) -> DaemonOptions:
         return DaemonOptions()
     if not isinstance(value, dict):
         v.fail("daemon", f"must be a mapping, got {_kind(value)}")
-    v.no_unknown(value, {"interval_s", "jitter", "listen", "backoff_max_s"}, "daemon")
+    v.no_unknown(value, {"interval_s", "jitter", "listen", "backoff_max_s", "refresh_s"}, "daemon")
     d = DaemonOptions()
     jitter = value.get("jitter", d.jitter)
     if isinstance(jitter, bool) or not isinstance(jitter, int | float) or not 0 <= jitter < 1:
@@ -287,7 +290,20 @@ def _daemon(v: _Validator, value: Any) -> DaemonOptions:
         float(jitter),
         listen,
         v.positive("daemon.backoff_max_s", value.get("backoff_max_s", d.backoff_max_s)),
+        v.positive("daemon.refresh_s", value.get("refresh_s", d.refresh_s)),
     )
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, what: str) -> float:
+    """Seconds in '30d', '12h', '90m', '3600s' or '3600'; ConfigError naming `what`."""
+    m = _DURATION.fullmatch(text.strip())
+    if m is None:
+        raise ConfigError(f"{what} {text!r}: expected a duration such as 30d, 12h, 90m or 3600s")
+    return float(m[1]) * _UNIT_S[m[2]]
 
 
 def _path(v: _Validator, key: str, value: Any, base: Path) -> Path:

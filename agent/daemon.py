@@ -3,7 +3,8 @@
 Each pass, for each workload: compute its warm-up key (config, model source, format,
 fingerprint: warmup.warmup_key); if the store's manifest for (workload, fingerprint)
 carries that key, skip it (no compile, no upload); otherwise warm up in a fresh
-subprocess (killed past its warmup_timeout_s), capture, publish.
+subprocess (killed past its warmup_timeout_s), capture, publish. A skipped workload's
+manifest older than daemon.refresh_s is touched, so gc sees the environment as live.
 Any exception in a workload is an event and a backoff for that workload (60 s doubling
 to daemon.backoff_max_s) and does not stop the others; one outside the workloads
 (fingerprint, store, workload list) fails the pass, which is retried with the same backoff.
@@ -252,6 +253,7 @@ class Daemon:
             and existing.signer == signer  # after a key rotation, re-sign by re-publishing
             and all(store.exists(keys.blob_key(b.sha256)) for b in existing.blobs)
         ):
+            self._refresh(store, manifest_key, w)
             self.m[w.name]["skipped_total"] += 1
             emit("skipped_present", workload=w.name, fingerprint=fp)
             return
@@ -286,6 +288,23 @@ class Daemon:
              bytes_pushed=rep.bytes_uploaded, blobs_uploaded=rep.blobs_uploaded,
              blobs_present=rep.blobs_present)  # fmt: skip
 
+    def _refresh(self, store: Any, key: str, w: Workload) -> None:
+        """Keep a live environment young for gc: touch its manifest (modified time only; the
+        signed bytes stay) once the store says it is older than daemon.refresh_s. A manifest
+        touched within that period is left alone, so passes in a row write nothing."""
+        info = next((o for o in store.list(key) if o.key == key), None)
+        if info is None:
+            return  # deleted since it was read: the next pass publishes it again
+        age = time.time() - info.modified
+        if age < self.cfg.daemon.refresh_s:
+            return
+        try:
+            store.touch(key)
+        except ObjectNotFound:
+            return
+        self.m[w.name]["refreshed_total"] += 1
+        emit("manifest_refreshed", workload=w.name, manifest=key, age_s=round(age))
+
     # -- HTTP -----------------------------------------------------------------------------
 
     def healthz(self) -> httpd.Response:
@@ -312,6 +331,7 @@ class Daemon:
             ("warmups_total", "counter", "warm-ups that compiled and published"),
             ("failures_total", "counter", "warm-ups or publishes that failed"),
             ("skipped_total", "counter", "workloads skipped: the store already held them"),
+            ("refreshed_total", "counter", "skipped workloads whose manifest was touched"),
             ("bytes_pushed_total", "counter", "blob bytes uploaded"),
             ("warmup_seconds", "gauge", "seconds the last warm-up and capture took"),
             ("last_success_timestamp_seconds", "gauge", "when the workload was last published"),

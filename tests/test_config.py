@@ -230,6 +230,7 @@ def test_warmup_timeout_default_top_level_and_per_workload(tmp_path):
     "extra, key",
     [
         ("warmup_timeout_s: 0\n", "warmup_timeout_s is 0"),
+        ("daemon: {refresh_s: -1}\n", "daemon.refresh_s is -1"),
     ],
 )
 def test_bad_timeouts_name_their_key(tmp_path, extra, key):
@@ -259,6 +260,20 @@ def test_warmup_key_ignores_the_timeout(tmp_path):
     assert warmup_key(w, "cachedir", "0" * 32) != warmup_key(
         replace(w, seed=1), "cachedir", "0" * 32
     )
+
+
+@pytest.mark.parametrize("text, seconds", [("30d", 2592000), ("12h", 43200), ("90m", 5400),
+                                           ("3600s", 3600), ("1.5h", 5400), ("0", 0)])  # fmt: skip
+def test_durations(text, seconds):
+    """Durations as gc --older-than takes them."""
+    assert config.parse_duration(text, "--older-than") == seconds
+
+
+@pytest.mark.parametrize("text", ["", "3x", "-1d", "d", "1 d 2h"])
+def test_bad_duration_names_the_flag(text):
+    """Anything else is a ConfigError naming the flag and the accepted forms."""
+    with pytest.raises(ConfigError, match=f"--older-than {text!r}: expected a duration"):
+        config.parse_duration(text, "--older-than")
 
 
 @pytest.fixture(scope="module")

@@ -366,6 +366,34 @@ def test_sigterm_during_a_stuck_upload_exits_0_and_leaves_no_dangling_manifest(
             assert f"blobs/sha256/{b['sha256'][:2]}/{b['sha256']}" in objects, key
 
 
+@pytest.mark.compile
+def test_skipped_manifest_older_than_refresh_s_is_touched_once(passes, tmp_path):
+    """A current manifest 8 days old (past daemon.refresh_s, 7 days) is touched by the next
+    pass, bytes unchanged; the pass after it touches nothing (local copy of the store)."""
+    store = tmp_path / "store"
+    (key,) = (k for k in passes.first_manifests if k.split("/")[2] == "mlp")
+    doc = passes.setup.manifest(key)
+    wanted = [key] + [f"blobs/sha256/{b['sha256'][:2]}/{b['sha256']}" for b in doc["blobs"]]
+    client = s3_client(passes.setup.direct)
+    for k in wanted:
+        body = client.get_object(Bucket=BUCKET, Key=f"{passes.setup.prefix}/{k}")["Body"]
+        (store / k).parent.mkdir(parents=True, exist_ok=True)
+        (store / k).write_bytes(body.read())
+    manifest, before = store / key, (store / key).read_bytes()
+    eight_days_ago = time.time() - 8 * 86400
+    os.utime(manifest, (eight_days_ago, eight_days_ago))
+    config = local_config(tmp_path, [WORKLOAD])
+    first = daemon_once(config)
+    touched = manifest.stat().st_mtime_ns
+    second = daemon_once(config)
+    assert list(named(first, "skipped_present")) == ["mlp"]
+    assert named(first, "manifest_refreshed")["mlp"]["age_s"] >= 8 * 86400
+    assert time.time() - touched / 1e9 < 600 and manifest.read_bytes() == before
+    assert list(named(second, "skipped_present")) == ["mlp"]
+    assert not named(second, "manifest_refreshed")
+    assert manifest.stat().st_mtime_ns == touched
+
+
 # -- failures: any error is an event, --once says so, hung steps are cut ------------------
 
 
