@@ -8,7 +8,9 @@ Exit codes (one place; README "Exit codes" mirrors this table):
     4  verification failed: digest, size or manifest refused; nothing installed
     5  no cache for this workload and fingerprint (pull --require)
     6  the cache could not be installed into the cache directory
-    7  a warm-up failed to compile or capture; daemon --once: a workload failed
+    7  a warm-up failed to compile or capture, or ran past warmup_timeout_s;
+       daemon --once: a workload failed, for any reason (an error outside every
+       workload, such as the fingerprint or the store, exits with that error's code)
     8  wait: the ready marker did not appear in time
     9  the pull did not finish within its deadline (--require)
   130  interrupted
@@ -20,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from . import config as cfgmod
-from .errors import TorchwarmError
+from .errors import TorchwarmError, WarmupError
 
 if TYPE_CHECKING:
     from .warmup import WarmupResult
@@ -75,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Ship torch.compile caches from a warm seed machine to every new node.",
         epilog="Exit codes: 0 ok (a fail-open pull that starts cold included), 1 internal "
         "error, 2 bad config or usage, 3 store error, 4 verification failed, 5 no cache "
-        "for this fingerprint (--require), 6 install failed, 7 warm-up failed, "
+        "for this fingerprint (--require), 6 install failed, 7 warm-up failed or timed out "
+        "(daemon --once: a workload failed), "
         "8 wait timed out, 9 pull deadline passed (--require).",
     )
     p.add_argument("--version", action="version", version=f"torchwarm {__version__}")
@@ -138,9 +142,14 @@ def _parser() -> argparse.ArgumentParser:
     dm.add_argument("--workload", help="only this workload (default: all)")
     dm.add_argument("--listen", help="HOST:PORT for /metrics and /healthz (default: config)")
 
-    gc = cmd("gc", _gc, "keep the newest N manifests per workload; delete blobs no kept "
+    gc = cmd("gc", _gc, "per workload, keep the newest N manifests (by serial) and every "
+             "manifest younger than --older-than, delete the rest; then delete blobs no kept "
              "manifest names once older than the grace period")  # fmt: skip
-    gc.add_argument("--keep", type=int, required=True, help="manifests to keep per workload")
+    gc.add_argument("--keep", type=int, required=True,
+                    help="manifests per workload always kept, newest first")  # fmt: skip
+    gc.add_argument("--older-than", default="30d", metavar="DURATION",
+                    help="delete a manifest beyond --keep only when its object is at least "
+                    "this old, e.g. 30d, 12h, 3600s (default: 30d)")  # fmt: skip
     gc.add_argument("--grace", type=float, default=6 * 3600.0, metavar="SECONDS",
                     help="never delete a blob younger than this (default: 21600)")  # fmt: skip
     gc.add_argument("--dry-run", action="store_true", help="print what would go; delete nothing")
@@ -213,8 +222,8 @@ def _warmup(args: argparse.Namespace) -> int:
     cfg = _load(args, format=args.format)
     if not args.push and args.out is None:
         raise cfgmod.ConfigError("warmup needs --push, --out DIR, or both")
-    with tempfile.TemporaryDirectory(prefix="torchwarm-warmup-") as tmp:
-        root = args.out or Path(tmp)
+    root = args.out or Path(tempfile.mkdtemp(prefix="torchwarm-warmup-"))
+    try:
         for w in cfg.selected(args.workload):
             t0 = time.perf_counter()
             result = wu.warmup(cfg, w, root / w.name)
@@ -227,6 +236,14 @@ def _warmup(args: argparse.Namespace) -> int:
             )
             if args.push:
                 _publish(cfg, result)
+    except WarmupError:
+        raise  # the log it names stays (in the temp folder without --out)
+    except BaseException:
+        if args.out is None:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    if args.out is None:
+        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
@@ -319,15 +336,17 @@ def _gc(args: argparse.Namespace) -> int:
         raise cfgmod.ConfigError("--keep must be at least 1")
     if args.grace < 0:
         raise cfgmod.ConfigError("--grace must not be negative")
+    older_than_s = cfgmod.parse_duration(args.older_than, "--older-than")
     cfg = _load(args)
-    rep = gc(cfg.open_store(), args.keep, args.grace, args.dry_run)
+    rep = gc(cfg.open_store(), args.keep, older_than_s, args.grace, args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     for key in rep.deleted_manifests:
         print(f"{verb} manifest {key}")
     for key in rep.deleted_blobs:
         print(f"{verb} blob {key}")
     print(
-        f"kept {len(rep.kept_manifests)} manifest(s); {verb} {len(rep.deleted_manifests)} "
+        f"kept {len(rep.kept_manifests)} manifest(s) ({rep.young_manifests} of them beyond "
+        f"--keep but younger than {args.older_than}); {verb} {len(rep.deleted_manifests)} "
         f"manifest(s) and {len(rep.deleted_blobs)} blob(s) ({_size(rep.freed_bytes)}); "
         f"{rep.young_blobs} unreferenced blob(s) inside the grace period kept"
     )

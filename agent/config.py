@@ -25,6 +25,9 @@ from .stores import Store, StoreOptions, open_store
 FORMATS = ("cachedir", "megacache")
 DEFAULT_FORMAT = "cachedir"  # measured faster on the node; see README "Measured"
 DEFAULT_DEADLINE_S = 300.0  # a node never waits longer than this on a sick store
+# A warm-up child still running after this is killed (with its children): a hung compile
+# must fail the warm-up, not hold the seed forever. An hour fits real models on one GPU.
+DEFAULT_WARMUP_TIMEOUT_S = 3600.0
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
 MODES = ("inference", "train")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -66,6 +69,8 @@ class Workload:
     mode: str = "inference"  # or "train": forward + backward
     compile: CompileOptions = CompileOptions()
     seed: int = 0
+    # Not part of what is compiled: warmup.warmup_key leaves it out.
+    warmup_timeout_s: float = DEFAULT_WARMUP_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,9 @@ class DaemonOptions:
     jitter: float = 0.1
     listen: str | None = None  # HOST:PORT for /metrics and /healthz; None: no HTTP
     backoff_max_s: float = 3600.0  # a failing workload is retried after 60 s, doubling to this
+    # A skipped workload's manifest older than this is touched, so that gc's --older-than
+    # (default 30 days) never takes an environment a seed still serves for dead.
+    refresh_s: float = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,7 @@ class Config:
     daemon: DaemonOptions = DaemonOptions()
     signing_key: SigningKey | None = field(default=None, repr=False)  # seeds sign with it
     trusted_keys: TrustedKeys = TrustedKeys({})  # nodes accept only manifests they signed
+    warmup_timeout_s: float = DEFAULT_WARMUP_TIMEOUT_S  # for workloads that set none
 
     def open_store(self) -> Store:
         return open_store(self.store, self.store_options)
@@ -246,7 +255,7 @@ def _parse(
     v = _Validator(source, origins or {})
     known = {
         "store", "store_options", "cache_dir", "format", "marker", "require", "deadline_s",
-        "daemon", "signing_key_file", "trusted_keys", "workloads",
+        "daemon", "signing_key_file", "trusted_keys", "workloads", "warmup_timeout_s",
     }  # fmt: skip
     v.no_unknown(raw, known, "")
     if "store" not in raw:
@@ -260,10 +269,14 @@ def _parse(
     marker = _path(v, "marker", raw["marker"], base) if raw.get("marker") is not None else None
     require = v.boolean("require", raw.get("require", False))
     deadline_s = v.positive("deadline_s", raw.get("deadline_s", DEFAULT_DEADLINE_S))
+    timeout = raw.get("warmup_timeout_s", DEFAULT_WARMUP_TIMEOUT_S)
+    warmup_timeout_s = v.positive("warmup_timeout_s", timeout)
     workloads_raw = raw.get("workloads", [])
     if not isinstance(workloads_raw, list):
         v.fail("workloads", f"must be a list of workloads, got {_kind(workloads_raw)}")
-    workloads = tuple(_workload(v, f"workloads[{i}]", w) for i, w in enumerate(workloads_raw))
+    workloads = tuple(
+        _workload(v, f"workloads[{i}]", w, warmup_timeout_s) for i, w in enumerate(workloads_raw)
+    )
     names = [w.name for w in workloads]
     for i, n in enumerate(names):
         if n in names[:i]:
@@ -280,6 +293,7 @@ def _parse(
         store, cache_dir, fmt, marker, require, deadline_s, workloads, source, store_options,
         _daemon(v, raw.get("daemon")), signing_key,
         signing.load_trusted(trusted, f"{source}: {v.origins.get('trusted_keys', 'trusted_keys')}"),
+        warmup_timeout_s,
     )  # fmt: skip
 
 
@@ -324,7 +338,7 @@ def _daemon(v: _Validator, value: Any) -> DaemonOptions:
         return DaemonOptions()
     if not isinstance(value, dict):
         v.fail("daemon", f"must be a mapping, got {_kind(value)}")
-    v.no_unknown(value, {"interval_s", "jitter", "listen", "backoff_max_s"}, "daemon")
+    v.no_unknown(value, {"interval_s", "jitter", "listen", "backoff_max_s", "refresh_s"}, "daemon")
     d = DaemonOptions()
     jitter = value.get("jitter", d.jitter)
     if isinstance(jitter, bool) or not isinstance(jitter, int | float) or not 0 <= jitter < 1:
@@ -337,7 +351,20 @@ def _daemon(v: _Validator, value: Any) -> DaemonOptions:
         float(jitter),
         listen,
         v.positive("daemon.backoff_max_s", value.get("backoff_max_s", d.backoff_max_s)),
+        v.positive("daemon.refresh_s", value.get("refresh_s", d.refresh_s)),
     )
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, what: str) -> float:
+    """Seconds in '30d', '12h', '90m', '3600s' or '3600'; ConfigError naming `what`."""
+    m = _DURATION.fullmatch(text.strip())
+    if m is None:
+        raise ConfigError(f"{what} {text!r}: expected a duration such as 30d, 12h, 90m or 3600s")
+    return float(m[1]) * _UNIT_S[m[2]]
 
 
 def _path(v: _Validator, key: str, value: Any, base: Path) -> Path:
@@ -346,10 +373,19 @@ def _path(v: _Validator, key: str, value: Any, base: Path) -> Path:
     return (base / os.path.expanduser(value)).resolve()
 
 
-def _workload(v: _Validator, at: str, w: Any) -> Workload:
+def parse_workload(doc: Any, source: str) -> Workload:
+    """One workload from a mapping shaped like a `workloads` entry (the warm-up child gets
+    its workload this way, as JSON, instead of the config file)."""
+    return _workload(_Validator(source, {}), "workload", doc, DEFAULT_WARMUP_TIMEOUT_S)
+
+
+def _workload(v: _Validator, at: str, w: Any, default_timeout_s: float) -> Workload:
     if not isinstance(w, dict):
         v.fail(at, f"must be a mapping, got {_kind(w)}")
-    known = {"name", "model", "model_kwargs", "inputs", "device", "mode", "compile", "seed"}
+    known = {
+        "name", "model", "model_kwargs", "inputs", "device", "mode", "compile", "seed",
+        "warmup_timeout_s",
+    }  # fmt: skip
     v.no_unknown(w, known, at)
     for req in ("name", "model", "inputs"):
         if req not in w:
@@ -383,6 +419,9 @@ def _workload(v: _Validator, at: str, w: Any) -> Workload:
         mode=mode,
         compile=_compile(v, f"{at}.compile", w.get("compile", {})),
         seed=seed,
+        warmup_timeout_s=v.positive(
+            f"{at}.warmup_timeout_s", w.get("warmup_timeout_s", default_timeout_s)
+        ),
     )
 
 

@@ -72,6 +72,10 @@ class WarmupError(TorchwarmError):
     exit_code = 7
 
 
+class WorkloadsFailed(WarmupError):
+    """`daemon --once`: one or more workloads failed, for any reason (each has its event)."""
+
+
 class DeadlineExceeded(TorchwarmError):
     """The pull did not finish within its deadline (fail-closed only; fail-open starts cold)."""
 

@@ -2,7 +2,10 @@
 
 A subprocess per workload keeps captures from mixing (torch's mega-cache saves are
 cumulative per process) and gives every warm-up an empty cache dir, so the capture
-holds exactly what the workload needs. The child runs `python -m torchwarm.warmup`.
+holds exactly what the workload needs. The child runs `python -m torchwarm.warmup`,
+gets its workload as JSON (never the config, nor any TORCHWARM_* variable: it runs the
+user's model code and must hold no signing key), and runs in a process group of its
+own, killed whole when the warm-up passes its timeout.
 
 Output folder layout (what `torchwarm push --from DIR` reads):
     DIR/<workload>/warmup.json   fingerprint, counters, timings, captured blob files
@@ -14,14 +17,19 @@ Output folder layout (what `torchwarm push --from DIR` reads):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -77,8 +85,10 @@ def warmup_key(w: Workload, fmt: str, fingerprint_digest: str) -> str:
     own module file is hashed: a change in a module it imports needs a config change
     (or a new torch, which changes the fingerprint) to be noticed.
     """
+    workload = asdict(w)
+    del workload["warmup_timeout_s"]  # how long it may take does not change what it compiles
     doc = {
-        "workload": asdict(w),
+        "workload": workload,
         "model_source_sha256": _model_source_digest(w.model),
         "format": fmt,
         "fingerprint": fingerprint_digest,
@@ -99,11 +109,18 @@ def _model_source_digest(spec: str) -> str:
 
 
 def warmup(
-    cfg: Config, w: Workload, out_dir: Path, stop: threading.Event | None = None
+    cfg: Config,
+    w: Workload,
+    out_dir: Path,
+    stop: threading.Event | None = None,
+    on_capture: Callable[[], None] | None = None,
 ) -> WarmupResult:
     """Warm `w` up in a child process with an empty cache dir and capture it into `out_dir`.
 
-    With `stop`, setting it terminates the child and raises Cancelled.
+    The child runs in a process group of its own. Past `w.warmup_timeout_s` the group (the
+    child and whatever it started) is killed and WarmupError says so; with `stop`, setting
+    it kills the group and raises Cancelled. `on_capture()` is called when the child has
+    exited well, before the capture.
     """
     fmt = formats.get(cfg.format)
     if out_dir.exists():
@@ -112,26 +129,34 @@ def warmup(
     cache.mkdir(parents=True)
     log_path = out_dir / "warmup.log"
     cmd = [
-        sys.executable, "-m", "torchwarm.warmup",
-        "--config", cfg.source, "--workload", w.name, "--format", fmt.name, "--out", str(out_dir),
+        sys.executable, "-m", "torchwarm.warmup", "--workload-json", json.dumps(asdict(w)),
+        "--format", fmt.name, "--out", str(out_dir),
     ]  # fmt: skip
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=torchenv.cache_env(cache), stdout=log, stderr=log)
-        while True:
-            try:
-                proc.wait(timeout=None if stop is None else 0.2)
-                break
-            except subprocess.TimeoutExpired:
-                if stop is not None and stop.is_set():
-                    proc.terminate()
-                    proc.wait()
-                    raise Cancelled(f"warm-up of {w.name!r} cancelled") from None
-    if proc.returncode != 0:
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+        proc = subprocess.Popen(cmd, env=child_env(cache), stdout=log, stderr=log,
+                                start_new_session=True)  # fmt: skip
+        try:
+            ended = _wait_unreaped(proc, w.warmup_timeout_s, stop)
+        finally:
+            _kill_group(proc)  # also what a child that exited left running
+            proc.wait()
+    if ended != "exited" or proc.returncode != 0:
+        shutil.rmtree(cache, ignore_errors=True)  # the log stays: the error names it
+    if ended == "cancelled":
+        raise Cancelled(f"warm-up of {w.name!r} cancelled")
+    if ended == "timeout":
         raise WarmupError(
-            f"warm-up of {w.name!r} failed (exit {proc.returncode}): {tail[0]} "
+            f"warm-up of {w.name!r} did not finish within {w.warmup_timeout_s:g} s "
+            f"(warmup_timeout_s); killed it and its child processes; last output: "
+            f"{_last_line(log_path)} (full log: {log_path})"
+        )
+    if proc.returncode != 0:
+        raise WarmupError(
+            f"warm-up of {w.name!r} failed (exit {proc.returncode}): {_last_line(log_path)} "
             f"(full log: {log_path})"
         )
+    if on_capture is not None:
+        on_capture()
     child = json.loads((out_dir / "child.json").read_text())
     captured = fmt.capture(cache, out_dir)
     unpacked = sum((cache / m).stat().st_size for m in formats.cache_members(cache))
@@ -154,11 +179,50 @@ def warmup(
     return result
 
 
+def child_env(cache: Path) -> dict[str, str]:
+    """The warm-up child's environment: this process's, torch's caches in `cache`, and no
+    TORCHWARM_* variable.
+
+    The child runs the user's model code, so it must hold no signing key: not
+    $TORCHWARM_SIGNING_KEY, nor $TORCHWARM_SIGNING_KEY_FILE or the config file that would
+    lead to one. It gets its workload as JSON on the command line instead.
+    """
+    env = torchenv.cache_env(cache)
+    return {k: v for k, v in env.items() if not k.startswith("TORCHWARM_")}
+
+
+def _wait_unreaped(proc: subprocess.Popen[bytes], timeout_s: float,
+                   stop: threading.Event | None) -> str:  # fmt: skip
+    """'exited', 'timeout' or 'cancelled'. The child is left unreaped (WNOWAIT), so its
+    process group id cannot be reused before _kill_group."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                return "exited"
+        except ChildProcessError:
+            return "exited"  # already reaped
+        if stop is not None and stop.is_set():
+            return "cancelled"
+        if time.monotonic() >= deadline:
+            return "timeout"
+        time.sleep(0.2)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _last_line(log_path: Path) -> str:
+    lines = log_path.read_text(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "(no output)"
+
+
 def _child(argv: list[str]) -> int:
     """Runs in the warm-up subprocess, with TORCHINDUCTOR_CACHE_DIR set by the parent."""
     p = argparse.ArgumentParser(prog="python -m torchwarm.warmup")
-    p.add_argument("--config", required=True)
-    p.add_argument("--workload", required=True)
+    p.add_argument("--workload-json", required=True, help="the workload, as warmup() wrote it")
     p.add_argument("--format", required=True)
     p.add_argument("--out", required=True, type=Path)
     a = p.parse_args(argv)
@@ -166,7 +230,7 @@ def _child(argv: list[str]) -> int:
     from . import workload
 
     try:
-        w = cfgmod.load(a.config).workload(a.workload)
+        w = cfgmod.parse_workload(json.loads(a.workload_json), "--workload-json")
         report = workload.run(w)  # first: its first-call time is the honest cold figure
         fields = fingerprint.collect()
         formats.get(a.format).save_in_process(a.out)

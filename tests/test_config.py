@@ -213,6 +213,69 @@ def test_unknown_workload_lists_known(tmp_path):
         cfg.workload("x")
 
 
+def test_warmup_timeout_default_top_level_and_per_workload(tmp_path):
+    """A workload's warm-up timeout is its own warmup_timeout_s, else the top-level one,
+    else an hour."""
+    assert config.load(minimal_config(tmp_path), environ={}).workloads[0].warmup_timeout_s == 3600
+    cfg = config.load(minimal_config(tmp_path, "warmup_timeout_s: 900\n"), environ={})
+    assert cfg.warmup_timeout_s == 900 and cfg.workloads[0].warmup_timeout_s == 900
+    path = minimal_config(tmp_path, "warmup_timeout_s: 900\n")
+    path.write_text(
+        path.read_text().replace("    inputs:", "    warmup_timeout_s: 60\n    inputs:")
+    )
+    assert config.load(path, environ={}).workloads[0].warmup_timeout_s == 60
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        ("warmup_timeout_s: 0\n", "warmup_timeout_s is 0"),
+        ("daemon: {refresh_s: -1}\n", "daemon.refresh_s is -1"),
+    ],
+)
+def test_bad_timeouts_name_their_key(tmp_path, extra, key):
+    """A timeout or period that is not a positive number of seconds names its key path."""
+    msg = load_error(minimal_config(tmp_path, extra))
+    assert key in msg and "expected a positive number of seconds" in msg
+
+
+def test_bad_workload_timeout_names_its_key_path(tmp_path):
+    """A workload's own warmup_timeout_s is checked and named by its path."""
+    path = minimal_config(tmp_path)
+    path.write_text(
+        path.read_text().replace("    inputs:", "    warmup_timeout_s: soon\n    inputs:")
+    )
+    assert "workloads[0].warmup_timeout_s is 'soon'" in load_error(path)
+
+
+def test_warmup_key_ignores_the_timeout(tmp_path):
+    """Changing how long a warm-up may take does not make the daemon warm it up again."""
+    from dataclasses import replace
+
+    from torchwarm.warmup import warmup_key
+
+    w = config.load(minimal_config(tmp_path), environ={}).workloads[0]
+    longer = replace(w, warmup_timeout_s=7200)
+    assert warmup_key(w, "cachedir", "0" * 32) == warmup_key(longer, "cachedir", "0" * 32)
+    assert warmup_key(w, "cachedir", "0" * 32) != warmup_key(
+        replace(w, seed=1), "cachedir", "0" * 32
+    )
+
+
+@pytest.mark.parametrize("text, seconds", [("30d", 2592000), ("12h", 43200), ("90m", 5400),
+                                           ("3600s", 3600), ("1.5h", 5400), ("0", 0)])  # fmt: skip
+def test_durations(text, seconds):
+    """Durations as gc --older-than takes them."""
+    assert config.parse_duration(text, "--older-than") == seconds
+
+
+@pytest.mark.parametrize("text", ["", "3x", "-1d", "d", "1 d 2h"])
+def test_bad_duration_names_the_flag(text):
+    """Anything else is a ConfigError naming the flag and the accepted forms."""
+    with pytest.raises(ConfigError, match=f"--older-than {text!r}: expected a duration"):
+        config.parse_duration(text, "--older-than")
+
+
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory):
     return tmp_path_factory.mktemp("property")

@@ -3,7 +3,8 @@
 One module fixture runs three `--once` passes over one store and keeps their events and
 the requests the store saw: pass 1 warms two workloads, pass 2 finds both current,
 pass 3 follows an edit to one workload's input sets and adds one whose model does not
-import. Other tests start long-running daemons and signal them.
+import. Other tests start long-running daemons and signal them, or run workloads from
+test model modules (written per test, on PYTHONPATH) that raise, hang or look around.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +32,6 @@ import yaml
 from conftest import WORKLOAD
 from faultproxy import FaultProxy, _ProxyHandler
 from servers import AWS_ENV_TO_HIDE, BUCKET, FAKE_AWS_ENV, S3Server, free_port, s3_client
-
-pytestmark = pytest.mark.compile
 
 TINY = {
     "name": "tiny",
@@ -169,12 +170,13 @@ def scrape(port: int) -> dict[str, float]:
 
 
 class _StallHandler(_ProxyHandler):
-    """Forwards like the fault proxy, but holds every blob PUT until `release` is set."""
+    """Forwards like the fault proxy, but holds every request the server's `holds` picks
+    until `release` is set."""
 
     server: StallProxy
 
     def _forward(self) -> None:
-        if self.command == "PUT" and "/blobs/sha256/" in self.path:
+        if self.server.holds(self.command, self.path):
             self._body()
             self.server.stalled.set()
             self.server.release.wait(120)
@@ -185,10 +187,19 @@ class _StallHandler(_ProxyHandler):
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 
 
+def blob_put(method: str, path: str) -> bool:
+    return method == "PUT" and "/blobs/sha256/" in path
+
+
+def manifest_get(method: str, path: str) -> bool:
+    return method == "GET" and "/manifests/" in path
+
+
 class StallProxy(FaultProxy):
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, holds: Callable[[str, str], bool] = blob_put) -> None:
         super().__init__(upstream_port)
         self.RequestHandlerClass = _StallHandler
+        self.holds = holds
         self.stalled = threading.Event()
         self.release = threading.Event()
 
@@ -236,6 +247,7 @@ def passes(
     return Passes(setup, events, seen, before, first, after)
 
 
+@pytest.mark.compile
 def test_first_pass_warms_and_publishes_both_workloads(passes):
     """Pass 1 on an empty store compiles both workloads and publishes a manifest for each."""
     ev = passes.events[0]
@@ -252,6 +264,7 @@ def test_first_pass_warms_and_publishes_both_workloads(passes):
     assert ev[-1]["passes"] == 1 and ev[-1]["abandoned"] is False
 
 
+@pytest.mark.compile
 def test_second_pass_compiles_nothing_and_uploads_nothing(passes):
     """Pass 2 skips both workloads: no warm-up, no PUT at the store, no object changed."""
     ev = passes.events[1]
@@ -262,6 +275,7 @@ def test_second_pass_compiles_nothing_and_uploads_nothing(passes):
     assert passes.after_second == passes.before_second
 
 
+@pytest.mark.compile
 def test_editing_one_workloads_inputs_rewarms_only_that_one(passes):
     """Pass 3, after `tiny` gained an input set, re-warms `tiny` alone and replaces its manifest."""
     ev = passes.events[2]
@@ -273,6 +287,7 @@ def test_editing_one_workloads_inputs_rewarms_only_that_one(passes):
     assert shapes == [[2, 8], [3, 8]]
 
 
+@pytest.mark.compile
 def test_unimportable_model_fails_and_backs_off_while_others_publish(passes):
     """In pass 3 `broken` (listed first) fails with a 60 s retry, and `tiny` is still published."""
     ev = passes.events[2]
@@ -288,6 +303,7 @@ def test_unimportable_model_fails_and_backs_off_while_others_publish(passes):
 # -- long-running daemons ---------------------------------------------------------------
 
 
+@pytest.mark.compile
 def test_metrics_move_across_a_pass_and_a_failing_workload_backs_off(passes):
     """/metrics before and after each pass: passes and skips count up, `broken` fails once,
     then backs off on the next pass; SIGTERM exits 0."""
@@ -320,6 +336,7 @@ def test_metrics_move_across_a_pass_and_a_failing_workload_backs_off(passes):
     assert code == 0 and seconds < 10
 
 
+@pytest.mark.compile
 def test_sigterm_during_a_stuck_upload_exits_0_and_leaves_no_dangling_manifest(
     tmp_path, seaweedfs_server
 ):
@@ -347,3 +364,212 @@ def test_sigterm_during_a_stuck_upload_exits_0_and_leaves_no_dangling_manifest(
     for key in (k for k in objects if k.startswith("manifests/")):
         for b in setup.manifest(key)["blobs"]:
             assert f"blobs/sha256/{b['sha256'][:2]}/{b['sha256']}" in objects, key
+
+
+@pytest.mark.compile
+def test_skipped_manifest_older_than_refresh_s_is_touched_once(passes, tmp_path):
+    """A current manifest 8 days old (past daemon.refresh_s, 7 days) is touched by the next
+    pass, bytes unchanged; the pass after it touches nothing (local copy of the store)."""
+    store = tmp_path / "store"
+    (key,) = (k for k in passes.first_manifests if k.split("/")[2] == "mlp")
+    doc = passes.setup.manifest(key)
+    wanted = [key] + [f"blobs/sha256/{b['sha256'][:2]}/{b['sha256']}" for b in doc["blobs"]]
+    client = s3_client(passes.setup.direct)
+    for k in wanted:
+        body = client.get_object(Bucket=BUCKET, Key=f"{passes.setup.prefix}/{k}")["Body"]
+        (store / k).parent.mkdir(parents=True, exist_ok=True)
+        (store / k).write_bytes(body.read())
+    manifest, before = store / key, (store / key).read_bytes()
+    eight_days_ago = time.time() - 8 * 86400
+    os.utime(manifest, (eight_days_ago, eight_days_ago))
+    config = local_config(tmp_path, [WORKLOAD])
+    first = daemon_once(config)
+    touched = manifest.stat().st_mtime_ns
+    second = daemon_once(config)
+    assert list(named(first, "skipped_present")) == ["mlp"]
+    assert named(first, "manifest_refreshed")["mlp"]["age_s"] >= 8 * 86400
+    assert time.time() - touched / 1e9 < 600 and manifest.read_bytes() == before
+    assert list(named(second, "skipped_present")) == ["mlp"]
+    assert not named(second, "manifest_refreshed")
+    assert manifest.stat().st_mtime_ns == touched
+
+
+# -- failures: any error is an event, --once says so, hung steps are cut ------------------
+
+
+TEST_MODELS = {
+    "tw_boom/__init__.py": 'raise RuntimeError("boom at import")\n',
+    "tw_seedmodels.py": """\
+import json, os, subprocess, sys, time
+
+
+def hang(pids):
+    \"\"\"Start a grandchild, write both pids, never return.\"\"\"
+    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    with open(pids + ".tmp", "w") as f:
+        json.dump({"child": os.getpid(), "grandchild": grandchild.pid}, f)
+    os.rename(pids + ".tmp", pids)
+    time.sleep(600)
+
+
+def spy(out):
+    \"\"\"Write what the warm-up child was given (environment, command line), then fail.\"\"\"
+    with open(out, "w") as f:
+        json.dump({"env": dict(os.environ), "argv": sys.argv}, f)
+    raise RuntimeError("spied on the warm-up child")
+""",
+}
+BOOM = {"name": "boom", "model": "tw_boom.model:build", "inputs": TINY["inputs"]}
+
+
+def hang(pids: Path, **extra: Any) -> dict[str, Any]:
+    return {"name": "hang", "model": "tw_seedmodels:hang", "model_kwargs": {"pids": str(pids)},
+            "inputs": TINY["inputs"], **extra}  # fmt: skip
+
+
+@pytest.fixture
+def models_env(tmp_path: Path) -> dict[str, str]:
+    """ENV with PYTHONPATH holding TEST_MODELS."""
+    root = tmp_path / "models"
+    for rel, text in TEST_MODELS.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return {**ENV, "PYTHONPATH": os.pathsep.join([str(root), ENV.get("PYTHONPATH", "")])}
+
+
+def local_config(tmp_path: Path, workloads: list[dict[str, Any]], **top: Any) -> Path:
+    config = tmp_path / "config.yaml"
+    doc = {"store": (tmp_path / "store").as_uri(), "workloads": workloads,
+           "cache_dir": str(tmp_path / "cache" / "inductor"), **top}  # fmt: skip
+    config.write_text(yaml.safe_dump(doc))
+    return config
+
+
+def cli(config: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "torchwarm.cli", args[0], "-c", str(config), *args[1:]],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its reaper counts as dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def test_once_exits_7_when_workloads_fail_for_any_reason(tmp_path, models_env):
+    """`boom` raises a RuntimeError inside the daemon (its package fails to import while
+    the warm-up key is computed), `hang` passes warmup_timeout_s: both are warmup_failed
+    events, the pass goes on, and `daemon --once` exits 7 naming them."""
+    pids = tmp_path / "pids.json"
+    config = local_config(tmp_path, [BOOM, hang(pids)], warmup_timeout_s=10)
+    proc = cli(config, models_env, "daemon", "--once")
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 7, proc.stdout + proc.stderr
+    failed = named(events, "warmup_failed")
+    assert failed["boom"]["error_type"] == "RuntimeError"
+    assert "internal error: RuntimeError: boom at import" in failed["boom"]["error"]
+    assert "did not finish within 10 s (warmup_timeout_s)" in failed["hang"]["error"]
+    assert [e["event"] for e in events[-2:]] == ["pass_finished", "stopped"]
+    assert "Traceback" in proc.stderr  # the unexpected error's, for a bug report
+    assert "2 workload(s) failed: boom, hang" in proc.stderr.splitlines()[-1]
+    assert not any(alive(p) for p in json.loads(pids.read_text()).values())
+
+
+def test_warmup_past_its_timeout_is_killed_with_its_children(tmp_path, models_env):
+    """`torchwarm warmup`: a workload's own warmup_timeout_s kills the child and the process
+    it started; exit 7 with the timeout and the log, which stays where it says."""
+    pids = tmp_path / "pids.json"
+    config = local_config(tmp_path, [hang(pids, warmup_timeout_s=10)])
+    t0 = time.monotonic()
+    proc = cli(config, models_env, "warmup", "--out", str(tmp_path / "out"))
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 7, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert "warm-up of 'hang' did not finish within 10 s (warmup_timeout_s)" in line
+    assert line.endswith(f"(full log: {tmp_path / 'out' / 'hang' / 'warmup.log'})")
+    assert (tmp_path / "out" / "hang" / "warmup.log").is_file()
+    assert seconds >= 10
+    started = json.loads(pids.read_text())
+    assert not alive(started["child"]) and not alive(started["grandchild"]), started
+
+
+def test_warmup_child_holds_no_signing_key(tmp_path, models_env):
+    """The warm-up child runs the user's model code: it gets neither $TORCHWARM_SIGNING_KEY
+    nor any TORCHWARM_* variable, and no config path (its workload comes as JSON)."""
+    from torchwarm import signing
+
+    secret, _ = signing.generate("seed-1")
+    seen = tmp_path / "seen.json"
+    spy = {"name": "spy", "model": "tw_seedmodels:spy", "model_kwargs": {"out": str(seen)},
+           "inputs": TINY["inputs"]}  # fmt: skip
+    config = local_config(tmp_path, [spy])
+    env = {**models_env, "TORCHWARM_SIGNING_KEY": secret, "TORCHWARM_FORMAT": "cachedir"}
+    proc = cli(config, env, "warmup", "--push")
+    assert proc.returncode == 7 and "spied on the warm-up child" in proc.stderr, proc.stderr
+    child = json.loads(seen.read_text())
+    assert not [k for k in child["env"] if k.startswith("TORCHWARM_")]
+    key_text = secret.split(":", 1)[1]
+    assert not [k for k, v in child["env"].items() if key_text in v]
+    assert not [a for a in child["argv"] if str(config) in a or key_text in a]
+    assert "--workload-json" in child["argv"]
+
+
+def test_error_outside_the_workloads_fails_the_pass_not_the_daemon(tmp_path):
+    """`--workload nosuch`: each pass fails (event pass_failed, 60 s backoff) and the daemon
+    keeps running until SIGTERM (exit 0); with --once the error's own exit code, 2."""
+    config = local_config(tmp_path, [TINY])
+    assert cli(config, ENV, "daemon", "--once", "--workload", "nosuch").returncode == 2
+    d = LiveDaemon(config, "--workload", "nosuch")
+    try:
+        failed = d.wait_for("pass_failed", 120)
+        d.wait_for("pass_finished", 10)
+        time.sleep(1)
+        running = d.proc.poll() is None
+        code, _ = d.stop()
+    finally:
+        d.kill()
+    assert "no workload named 'nosuch'" in failed["error"]
+    assert failed["error_type"] == "ConfigError" and failed["retry_in_s"] == 60
+    assert running and code == 0
+
+
+def test_healthz_says_503_when_a_step_runs_past_its_timeout(tmp_path, seaweedfs_server):
+    """The store holds the daemon's manifest read: /healthz is 200 at first, then 503 with
+    a one-line reason once the step has run past warmup_timeout_s (2 s) plus the margin."""
+    proxy = StallProxy(int(seaweedfs_server.endpoint.rsplit(":", 1)[1]), holds=manifest_get)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    setup = make_setup(tmp_path, proxy.endpoint, seaweedfs_server.endpoint)
+    setup.doc["warmup_timeout_s"] = 2
+    setup.write([TINY])
+    port = free_port()
+    d = LiveDaemon(setup.config, "--listen", f"127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{port}/healthz"
+    try:
+        d.wait_for("listening", 60)
+        first = urllib.request.urlopen(url, timeout=5).status
+        assert proxy.stalled.wait(120), "the daemon never read its manifest"
+        deadline, answer = time.monotonic() + 60, None
+        while answer is None and time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                time.sleep(0.5)
+            except urllib.error.HTTPError as e:
+                answer = (e.code, e.read().decode())
+        code, _ = d.stop()
+    finally:
+        d.kill()
+        proxy.release.set()
+        proxy.shutdown()
+        proxy.server_close()
+    assert first == 200
+    assert answer is not None, "/healthz stayed 200"
+    status, body = answer
+    assert status == 503 and body.count("\n") == 1, body
+    assert body.startswith("stuck: workload 'tiny': checking the store has run "), body
+    assert "past its 2 s timeout (warmup_timeout_s)" in body
+    assert code == 0

