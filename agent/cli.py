@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     fp = cmd("fingerprint", _fingerprint, "print this machine's environment fingerprint",
              config=False)  # fmt: skip
     fp.add_argument("--json", action="store_true", help="print the fields as JSON")
+    fp.add_argument("--sources", action="store_true", help="say where each field is read from")
+    fp.add_argument("--torch", action="store_true",
+                    help="also print what torch itself says (imports torch: slow)")  # fmt: skip
 
     kg = cmd("keygen", _keygen, "write an ed25519 key pair for signing manifests",
              config=False)  # fmt: skip
@@ -181,16 +184,24 @@ def _load(args: argparse.Namespace, **extra: object) -> cfgmod.Config:
 
 def _fingerprint(args: argparse.Namespace) -> int:
     from . import fingerprint
-    from .torchenv import probe_scratch
 
-    fields = fingerprint.collect(scratch=probe_scratch())
+    fields = fingerprint.collect()
     digest = fingerprint.digest(fields)
     if args.json:
-        print(json.dumps({"digest": digest, "fields": fields}, indent=2, sort_keys=True))
-    else:
-        for k in sorted(fields):
-            print(f"{k:20} {json.dumps(fields[k])}")
-        print(f"{'digest':20} {digest}")
+        doc: dict[str, object] = {"digest": digest, "fields": fields}
+        if args.torch:
+            doc["torch_facts"] = fingerprint.torch_facts()
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    for k in sorted(fields):
+        print(f"{k:20} {json.dumps(fields[k])}")
+        if args.sources:
+            print(f"{'':20} from: {fingerprint.SOURCES[k]}")
+    print(f"{'digest':20} {digest}")
+    if args.torch:
+        print("torch's own facts (torch imported):")
+        for k, v in sorted(fingerprint.torch_facts().items()):
+            print(f"  {k:18} {json.dumps(v)}")
     return 0
 
 

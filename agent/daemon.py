@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as cfgmod
-from . import fingerprint, httpd, keys, torchenv, warmup
+from . import fingerprint, httpd, keys, warmup
 from . import manifest as mf
 from .config import Workload
 from .errors import Cancelled, ObjectNotFound, TorchwarmError, WorkloadsFailed
@@ -185,7 +185,7 @@ class Daemon:
         try:
             self._begin("pass: fingerprint, store, workload list", self.cfg.warmup_timeout_s)
             if not self.fields:  # the environment does not change under a running process
-                self.fields = fingerprint.collect(scratch=torchenv.probe_scratch())
+                self.fields = fingerprint.collect()
             store = self.cfg.open_store()
             workloads = self.cfg.selected(self.only)
         except Exception as e:  # noqa: BLE001 - any error fails the pass, never the loop

@@ -1,110 +1,124 @@
 """The environment fingerprint: every fact a torch.compile cache hit depends on.
 
-Two machines share a cache only if every field is equal. Some fields are in torch's
-own cache keys (torch_key, GPU, CUDA, Triton, thread count); one is not but must be:
-the CPU vector ISA. Torch's FX-graph key leaves it out, so a cache built for AVX512
-*hits* on an AVX2 machine and computes wrong numbers (BRIEF.md, "Facts measured").
-The include-path layout is here because CPU kernel `.so` names hash the compiler
-command line, which holds absolute include paths.
+Two machines share a cache only if every field is equal. Seed and node compute it the
+same way, here, without importing torch or initialising a GPU (a node agent pays
+milliseconds, not torch's import): torch's facts are read from its installed files,
+the CPU's from /proc/cpuinfo, GPUs' from NVML, the rest from the environment.
+`SOURCES` says where each field comes from (`torchwarm fingerprint --sources`).
+
+Fields in torch's own cache keys (its sources, GPU, CUDA, Triton, thread count) only
+need to be at least as fine as torch's: a coarser field would cost a useless download,
+never a wrong result. The CPU code-generation target is not in torch's keys and must be
+exact (cpu.py): a cache built for other CPU extensions *hits* and may compute wrong
+numbers. Values that only say where to cache or log, or that could hold a credential,
+never enter the fingerprint (it is stored in every manifest).
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
 import platform
+import re
 import sys
-import sysconfig
 from pathlib import Path
 from typing import Any
 
+from .cpu import CpuInfo, affinity
 from .errors import ConfigError
-from .torchenv import torch_cache_dir
 
 # Bump when the set or meaning of fields changes: old and new agents then never share.
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2
 
-# TORCHINDUCTOR_* variables that say where or whether to cache, not what to compile.
-_NOT_KEY_RELEVANT = {
-    "TORCHINDUCTOR_CACHE_DIR",
-    "TORCHINDUCTOR_FX_GRAPH_CACHE",
-    "TORCHINDUCTOR_AUTOGRAD_CACHE",
-    "TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE",
-    "TORCHINDUCTOR_AUTOGRAD_REMOTE_CACHE",
-    "TORCHINDUCTOR_COMPILE_THREADS",
+SOURCES = {
+    "fingerprint_version": "torchwarm's own version of this field set",
+    "machine": "platform.machine()",
+    "os": "platform.system()",
+    "libc": "the C library's own version string (confstr CS_GNU_LIBC_VERSION)",
+    "python": "the running interpreter (run torchwarm with the app's Python)",
+    "torch": "torch's dist-info: Version",
+    "torch_git": "torch/version.py: git_version, read as text",
+    "torch_record": "sha256 of torch's dist-info RECORD, which lists every installed file's "
+    "sha256: a change in any of torch's files changes it (stands for torch_key())",
+    "triton": "triton's dist-info: Version",
+    "cuda": "torch/version.py: cuda",
+    "hip": "torch/version.py: hip",
+    "gpus": "NVML (nvidia-ml-py): name and compute capability of every GPU in "
+    "CUDA_VISIBLE_DEVICES; none on a CPU build of torch",
+    "cpu_vec_isa": "/proc/cpuinfo flags and $ATEN_CPU_CAPABILITY, decided as torch's "
+    "pick_vec_isa() decides",
+    "cpu": "/proc/cpuinfo and $TORCHINDUCTOR_CPP_MARCH: with -march=native the CPU's vendor, "
+    "family, model and instruction-set extensions; with a pinned target that target and "
+    "the vector flags torch adds",
+    "threads": "$OMP_NUM_THREADS, $MKL_NUM_THREADS, and the CPUs and physical cores this "
+    "process may run on (what torch.get_num_threads() follows)",
+    "compile_env": "$TORCH_COMPILE_JOB_ID and the TORCHINDUCTOR_* settings of code "
+    "generation (not where or whether to cache, log or connect; plain values only)",
+    "include_layout": "the Python include dir and torch's install dir (CPU kernel .so names "
+    "hash compiler command lines that hold them)",
 }
+
+# TORCHINDUCTOR_* names that say where or whether to cache, log, profile or connect.
+_NOT_CODEGEN = re.compile(
+    r"CACHE|DIR|PATH|URL|HOST|PORT|LOG|DEBUG|TRACE|PROFILE|PROTON|REDIS|REMOTE|KEY|TOKEN"
+    r"|SECRET|PASSWORD|WORKER|THREADS|TIMEOUT|SAVE_ARGS"
+)
+# A plain setting: a number, a flag, a name. Paths, URLs and credentials are not.
+_PLAIN = re.compile(r"[A-Za-z0-9_.,:+-]{0,64}")
+_TRITON_DISTS = ("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu")
 
 
 def compile_env(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment variables that change torch.compile's output or cache keys."""
+    """The environment variables that change torch.compile's output outside its own keys,
+    or change its keys for a reason worth naming in a miss: see SOURCES["compile_env"]."""
     env = os.environ if environ is None else environ
-    return {
-        k: env[k]
-        for k in sorted(env)
-        if (k.startswith("TORCHINDUCTOR_") and k not in _NOT_KEY_RELEVANT)
-        or k == "TORCH_COMPILE_JOB_ID"
-    }
-
-
-def collect(scratch: Path | None = None) -> dict[str, Any]:
-    """Read the fields on this machine. Imports torch; the ISA probe may compile (~5 s once).
-
-    Torch's ISA probe builds a small library in torch's cache dir. With `scratch`, it is
-    built there instead (the node must not touch its cache dir before the install);
-    without, in the current TORCHINDUCTOR_CACHE_DIR (the warm-up: the probe's result then
-    travels with the cache and spares the node's main process the same 5 s).
-    """
-    if scratch is not None:
-        with torch_cache_dir(scratch):
-            return collect()
-    try:
-        import torch
-    except ImportError as e:
-        raise ConfigError(
-            f"cannot import torch ({e}); the fingerprint is read from the app's own torch: "
-            "run torchwarm in the app's image or virtualenv"
-        ) from None
-    from torch._inductor.codecache import torch_key
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-
-    try:
-        import triton  # type: ignore[import-not-found]
-
-        triton_version: str | None = triton.__version__
-    except ImportError:
-        triton_version = None
-
-    gpus: list[str] = []
-    if torch.cuda.is_available():
-        gpus = sorted(
-            {
-                "{} sm_{}{}".format(
-                    torch.cuda.get_device_name(i), *torch.cuda.get_device_capability(i)
-                )
-                for i in range(torch.cuda.device_count())
-            }
+    out = {}
+    for k in sorted(env):
+        wanted = k == "TORCH_COMPILE_JOB_ID" or (
+            k.startswith("TORCHINDUCTOR_") and not _NOT_CODEGEN.search(k[len("TORCHINDUCTOR_") :])
         )
-    libc, libc_version = platform.libc_ver()
+        if wanted and _PLAIN.fullmatch(env[k]):
+            out[k] = env[k]
+    return out
+
+
+def collect(
+    environ: dict[str, str] | None = None, cpuinfo: CpuInfo | None = None
+) -> dict[str, Any]:
+    """Read the fields on this machine, without importing torch (see the module docstring)."""
+    env = dict(os.environ if environ is None else environ)
+    torch = _TorchInstall.find()
+    cpus = affinity()
+    info = CpuInfo.read() if cpuinfo is None else cpuinfo
+    machine = platform.machine()
+    march = env.get("TORCHINDUCTOR_CPP_MARCH") or None
     return {
         "fingerprint_version": FINGERPRINT_VERSION,
-        "machine": platform.machine(),
+        "machine": machine,
         "os": platform.system(),
-        "libc": f"{libc} {libc_version}".strip(),
+        "libc": _libc(),
         "python": f"{sys.implementation.name} {platform.python_version()}",
-        "torch": torch.__version__,
-        "torch_git": torch.version.git_version,
-        "torch_key": torch_key().hex(),
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "hip": torch.version.hip,
-        "gpus": gpus,
-        "cpu_vec_isa": str(pick_vec_isa()),
-        "threads": torch.get_num_threads(),
-        "compile_env": compile_env(),
+        "torch": torch.version,
+        "torch_git": torch.attr("git_version"),
+        "torch_record": torch.record_digest(),
+        "triton": _dist_version(_TRITON_DISTS),
+        "cuda": torch.attr("cuda"),
+        "hip": torch.attr("hip"),
+        "gpus": _gpus(torch, env),
+        "cpu_vec_isa": info.vec_isa(machine, env.get("ATEN_CPU_CAPABILITY")),
+        "cpu": info.target(machine, march, env.get("ATEN_CPU_CAPABILITY")),
+        "threads": {
+            "omp": _plain(env.get("OMP_NUM_THREADS")),
+            "mkl": _plain(env.get("MKL_NUM_THREADS")),
+            "cpus": len(cpus),
+            "cores": info.physical_cores(cpus),
+        },
+        "compile_env": compile_env(env),
         "include_layout": {
-            "python_include": sysconfig.get_paths()["include"],
-            "torch_dir": os.path.dirname(torch.__file__),
+            "python_include": _python_include(),
+            "torch_dir": str(torch.package_dir),
         },
     }
 
@@ -121,3 +135,193 @@ def canonical_json(obj: Any) -> bytes:
 def differences(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
     """Field names whose values differ, for "why did this node miss" messages."""
     return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+
+
+# -- torch, from its files ---------------------------------------------------------------
+
+
+class _TorchInstall:
+    """The torch distribution the app imports, found by its metadata (a `torch` package
+    that shadows it on sys.path, or one that fails to import, changes nothing here)."""
+
+    def __init__(self, dist: Any) -> None:
+        self.dist = dist
+        self.version: str = dist.version
+        self.package_dir = Path(dist.locate_file("torch"))
+        self._version_py: dict[str, Any] | None = None
+
+    @classmethod
+    def find(cls) -> _TorchInstall:
+        from importlib import metadata
+
+        try:
+            return cls(metadata.distribution("torch"))
+        except metadata.PackageNotFoundError:
+            raise ConfigError(
+                "torch is not installed here (no torch dist-info on sys.path); the "
+                "fingerprint is read from the app's own torch: run torchwarm in the app's "
+                "image or virtualenv"
+            ) from None
+
+    def attr(self, name: str) -> Any:
+        """A constant of torch/version.py, read as text (never executed)."""
+        if self._version_py is None:
+            self._version_py = {}
+            try:
+                tree = ast.parse((self.package_dir / "version.py").read_text())
+            except (OSError, SyntaxError, ValueError):
+                tree = ast.Module(body=[], type_ignores=[])
+            for node in tree.body:
+                target = (
+                    node.targets[0]
+                    if isinstance(node, ast.Assign)
+                    else getattr(node, "target", None)
+                )
+                value = getattr(node, "value", None)
+                if isinstance(target, ast.Name) and value is not None:
+                    try:
+                        self._version_py[target.id] = ast.literal_eval(value)
+                    except ValueError:
+                        continue
+        return self._version_py.get(name)
+
+    def record_digest(self) -> str:
+        record = self.dist.read_text("RECORD")
+        if record:
+            return hashlib.sha256(record.encode()).hexdigest()
+        # No RECORD (a source build installed in develop mode): ask torch itself (slow).
+        from torch._inductor.codecache import torch_key  # noqa: PLC0415
+
+        return "torch_key:" + torch_key().hex()
+
+
+def _dist_version(names: tuple[str, ...]) -> str | None:
+    from importlib import metadata
+
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+# -- GPUs ----------------------------------------------------------------------------------
+
+
+def _gpus(torch: _TorchInstall, env: dict[str, str]) -> list[str]:
+    """'<name> sm_<major><minor>' for every visible GPU, as torch would name them."""
+    if torch.attr("cuda") is None and torch.attr("hip") is None:
+        return []  # a CPU build of torch sees no GPU, whatever the machine has
+    if torch.attr("hip") is not None:
+        return _gpus_from_torch()  # ROCm: NVML does not apply; torch's own answer (slow)
+    try:
+        import pynvml  # type: ignore[import-not-found]
+    except ImportError:
+        return _gpus_from_torch()
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return []  # no driver: torch.cuda.is_available() is False as well
+    try:
+        names = set()
+        for handle in _visible(pynvml, env.get("CUDA_VISIBLE_DEVICES")):
+            name = pynvml.nvmlDeviceGetName(handle)
+            name = name.decode() if isinstance(name, bytes) else name
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            names.add(f"{name} sm_{major}{minor}")
+        return sorted(names)
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _visible(pynvml: Any, spec: str | None) -> list[Any]:
+    """NVML handles of the devices CUDA_VISIBLE_DEVICES lets CUDA see, as CUDA parses it:
+    indexes or GPU-/MIG- UUIDs, up to the first entry that names no device."""
+    count = pynvml.nvmlDeviceGetCount()
+    if spec is None:
+        return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+    handles = []
+    for token in (t.strip() for t in spec.split(",")):
+        try:
+            if token.isdigit() and int(token) < count:
+                handles.append(pynvml.nvmlDeviceGetHandleByIndex(int(token)))
+            elif token.startswith(("GPU-", "MIG-")):
+                handles.append(pynvml.nvmlDeviceGetHandleByUUID(token))
+            else:
+                break
+        except pynvml.NVMLError:
+            break
+    return handles
+
+
+def _gpus_from_torch() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return sorted(
+        {
+            "{} sm_{}{}".format(torch.cuda.get_device_name(i), *torch.cuda.get_device_capability(i))
+            for i in range(torch.cuda.device_count())
+        }
+    )
+
+
+# -- the rest --------------------------------------------------------------------------------
+
+
+def _libc() -> str:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError, AttributeError):
+        libc, version = platform.libc_ver()
+        return f"{libc} {version}".strip()
+
+
+def _python_include() -> str:
+    import sysconfig
+
+    return sysconfig.get_paths()["include"]
+
+
+def _plain(value: str | None) -> str | None:
+    return value if value is not None and _PLAIN.fullmatch(value) else None
+
+
+def torch_facts() -> dict[str, Any]:
+    """What torch itself says about the facts above (imports torch; builds its ISA probe in
+    a private temporary folder). For `torchwarm fingerprint --torch` and the tests that
+    check the fields above against torch."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="torchwarm-isa-probe-") as scratch:
+        saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = scratch  # mkdtemp: 0700, this user's
+        try:
+            import torch
+            from torch._inductor import config as inductor_config
+            from torch._inductor.codecache import torch_key
+            from torch._inductor.cpp_builder import _get_cpu_arch_cflags, get_cpp_compiler
+            from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+            isa = pick_vec_isa()
+            return {
+                "torch": torch.__version__,
+                "torch_git": torch.version.git_version,
+                "torch_key": torch_key().hex(),
+                "cuda": torch.version.cuda,
+                "hip": torch.version.hip,
+                "gpus": _gpus_from_torch(),
+                "cpu_vec_isa": str(isa),
+                "cpu_flags": _get_cpu_arch_cflags(get_cpp_compiler())
+                + isa.build_arch_flags().split(),
+                "cpp_march": inductor_config.cpp.march,
+                "threads": torch.get_num_threads(),
+                "torch_dir": os.path.dirname(torch.__file__),
+            }
+        finally:
+            if saved is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved

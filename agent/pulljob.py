@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import errors, fetch, fingerprint, formats, install, torchenv
+from . import errors, fetch, fingerprint, formats, install
 from .config import Config, Workload
 from .errors import InstallError, NoCacheForFingerprint, TorchwarmError, one_line
 from .manifest import Manifest
@@ -108,7 +108,7 @@ class PullJob:
             self.memory = Memory(work)
             self.chan.send("phase", phase="reading this machine's fingerprint")
             t0 = time.perf_counter()
-            fields = fingerprint.collect(scratch=torchenv.probe_scratch())
+            fields = fingerprint.collect()
             self.fields = fields
             self.chan.send("fingerprint", digest=fingerprint.digest(fields),
                            seconds=time.perf_counter() - t0)  # fmt: skip

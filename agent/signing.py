@@ -14,12 +14,17 @@ import binascii
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError, IntegrityError
 from .manifest import Manifest
+
+# cryptography is imported where a key is used: a node without trusted keys never loads it.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 ALGORITHM = "ed25519"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -47,6 +52,8 @@ def generate(name: str) -> tuple[str, str]:
     """A new key pair as (secret text, public text), both `name:base64`."""
     if not _NAME.fullmatch(name):
         raise ConfigError(f"key name {name!r}: use letters, digits, '.', '_', '-', e.g. seed-1")
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = Ed25519PrivateKey.generate()
     secret = base64.b64encode(key.private_bytes_raw()).decode()
     return f"{name}:{secret}", SigningKey(name, key).public_text()
@@ -67,6 +74,8 @@ def _split(text: str, where: str, size: int) -> tuple[str, bytes]:
 
 
 def load_secret(text: str, where: str) -> SigningKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     name, raw = _split(text, where, 32)
     return SigningKey(name, Ed25519PrivateKey.from_private_bytes(raw))
 
@@ -80,6 +89,10 @@ def load_secret_file(path: Path) -> SigningKey:
 
 
 def load_trusted(texts: list[str], where: str) -> TrustedKeys:
+    if not texts:
+        return TrustedKeys({})
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     keys = {}
     for i, text in enumerate(texts):
         name, raw = _split(text, f"{where}[{i}]", 32)
@@ -111,6 +124,8 @@ def verify(m: Manifest, trusted: TrustedKeys, where: str) -> None:
     name, value = sig.get("key"), sig.get("value")
     if sig.get("algorithm") != ALGORITHM or not isinstance(name, str) or not isinstance(value, str):
         raise refuse(f"its signature is not an {ALGORITHM} signature with a key name")
+    from cryptography.exceptions import InvalidSignature
+
     public = trusted.keys.get(name)
     if public is None:
         known = ", ".join(sorted(trusted.keys))

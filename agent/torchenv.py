@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,26 +18,6 @@ def cache_env(cache_dir: Path, base: dict[str, str] | None = None) -> dict[str, 
     env["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
     env.pop("TRITON_CACHE_DIR", None)
     return env
-
-
-def probe_scratch() -> Path:
-    """Where the agent lets torch build its CPU ISA probe when computing a fingerprint.
-
-    Never the node's cache dir (nothing may touch it before the install). Kept across
-    runs, so that only the first pull on a machine pays the probe's compile (~5 s): the
-    user's cache folder, or the temp folder where that is not writable. What is built
-    here is made locally, never read from a store.
-    """
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    fallback = Path(tempfile.gettempdir()) / f"torchwarm-isa-probe-{os.getuid()}"
-    for candidate in (base / "torchwarm" / "isa-probe", fallback):
-        try:
-            candidate.mkdir(parents=True, exist_ok=True)
-            if os.access(candidate, os.W_OK):
-                return candidate
-        except OSError:
-            continue
-    return Path(tempfile.mkdtemp(prefix="torchwarm-isa-probe-"))
 
 
 @contextlib.contextmanager

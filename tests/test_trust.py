@@ -27,7 +27,7 @@ WORKLOAD = {"name": "mlp", "model": "torchwarm.models:mlp", "inputs": [[{"shape"
 @pytest.fixture(scope="session")
 def fields(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """This machine's real fingerprint (a node only resolves manifests made for it)."""
-    return fingerprint.collect(scratch=tmp_path_factory.mktemp("fp"))
+    return fingerprint.collect()
 
 
 @pytest.fixture(scope="session")
