@@ -35,7 +35,7 @@ from . import config as cfgmod
 from . import fingerprint, httpd, keys, torchenv, warmup
 from . import manifest as mf
 from .config import Workload
-from .errors import Cancelled, ObjectNotFound, TorchwarmError, WarmupError
+from .errors import Cancelled, IntegrityError, ObjectNotFound, TorchwarmError, WarmupError
 from .publish import publish_warmup
 
 BACKOFF_START_S = 60.0
@@ -220,10 +220,10 @@ class Daemon:
 
 def _read_manifest(store: Any, key: str) -> mf.Manifest | None:
     try:
-        return mf.parse(store.read(key), key)
+        return mf.parse(store.read(key, mf.MAX_MANIFEST_BYTES), key)
     except ObjectNotFound:
         return None
-    except mf.ManifestError as e:
+    except IntegrityError as e:  # malformed or oversized
         emit("manifest_unreadable", key=key, error=str(e), action="warming up again")
         return None
 

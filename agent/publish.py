@@ -113,7 +113,7 @@ def _write_manifest(store: Store, key: str, m: Manifest) -> str:
         if store.put_if_absent(key, data):
             return "published"
         try:
-            existing = mf.parse(store.read(key), key)
+            existing = mf.parse(store.read(key, mf.MAX_MANIFEST_BYTES), key)
         except ObjectNotFound:
             continue  # deleted (by gc) between our two calls: try to create it again
         except mf.ManifestError:

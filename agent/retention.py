@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import keys
 from . import manifest as mf
-from .errors import ManifestError, ObjectNotFound
+from .errors import IntegrityError, ObjectNotFound
 from .manifest import Manifest
 from .stores import Store
 
@@ -93,10 +93,12 @@ def _manifests(store: Store) -> tuple[list[tuple[str, Manifest]], list[str]]:
         if keys.parse_manifest_key(info.key) is None:
             continue
         try:
-            found.append((info.key, mf.parse(store.read(info.key), info.key)))
+            found.append(
+                (info.key, mf.parse(store.read(info.key, mf.MAX_MANIFEST_BYTES), info.key))
+            )
         except ObjectNotFound:
             continue  # deleted since the listing (another gc, a replacement)
-        except ManifestError:
+        except IntegrityError:  # malformed or oversized
             unreadable.append(info.key)
     return found, unreadable
 

@@ -25,6 +25,8 @@ class FaultProxy(ThreadingHTTPServer):
 
     With `cut_rate`, a fraction of successful answers is cut off half-way through
     the body (the connection closes), as a reset mid-download would.
+    `answers` records, per request, (method, path, status, body bytes sent to the
+    client): what crossed the wire, for tests that bound it.
     The Host header is forwarded as sent, so signatures still verify upstream.
     """
 
@@ -46,11 +48,21 @@ class FaultProxy(ThreadingHTTPServer):
             self.cut = 0
             self.fail_once: Callable[[str, str], bool] | None = None  # (method, path)
             self.seen: list[tuple[str, str]] = []
+            self.answers: list[tuple[str, str, int, int]] = []
             self._rng = random.Random(seed)
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def answered(self, method: str, path: str, status: int, sent: int) -> None:
+        with self._lock:
+            self.answers.append((method, path, status, sent))
+
+    def body_bytes(self, method: str, path_part: str) -> int:
+        """Body bytes sent to the client for `method` requests whose path holds `path_part`."""
+        with self._lock:
+            return sum(n for m, p, _, n in self.answers if m == method and path_part in p)
 
     def draw(self, method: str, path: str) -> tuple[bool, bool]:
         """Decide (answer 503, cut the body) for the next request."""
@@ -95,6 +107,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.end_headers()
             if self.command != "HEAD":  # a HEAD answer has no body (RFC 9110)
                 self.wfile.write(SLOWDOWN)
+            sent = 0 if self.command == "HEAD" else len(SLOWDOWN)
+            self.server.answered(self.command, self.path, 503, sent)
             return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         if "Transfer-Encoding" in self.headers:
@@ -113,9 +127,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.end_headers()
             if cut and len(data) > 1:
                 self.wfile.write(data[: len(data) // 2])
+                self.server.answered(self.command, self.path, resp.status, len(data) // 2)
                 self.close_connection = True
                 return
             self.wfile.write(data)
+            self.server.answered(self.command, self.path, resp.status, len(data))
         finally:
             upstream.close()
 

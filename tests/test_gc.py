@@ -105,7 +105,9 @@ def named_blobs(store: Store) -> dict[str, set[str]]:
     """Each manifest in the store -> the blob keys it names."""
     out = {}
     for info in store.list(keys.MANIFESTS):
-        out[info.key] = {bkey(b) for b in mf.parse(store.read(info.key), info.key).blobs}
+        out[info.key] = {
+            bkey(b) for b in mf.parse(store.read(info.key, mf.MAX_MANIFEST_BYTES), info.key).blobs
+        }
     return out
 
 
@@ -362,11 +364,11 @@ class OtherGcDeletesFirst:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str, limit: int) -> bytes:
         if keys.parse_manifest_key(key) and not self.deleted:
             self.deleted.append(key)
             self.inner.delete(key)
-        return self.inner.read(key)
+        return self.inner.read(key, limit)
 
 
 def test_two_overlapping_gc_runs_do_not_fail(gc_store):

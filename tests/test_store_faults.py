@@ -46,7 +46,7 @@ def test_put_survives_30_percent_503(faulty: FaultProxy) -> None:
     faulty.fail_rate = 0.3
     for i in range(10):
         store.put(f"k{i}", b"v%d" % i)
-    assert [store.read(f"k{i}") for i in range(10)] == [b"v%d" % i for i in range(10)]
+    assert [store.read(f"k{i}", 10) for i in range(10)] == [b"v%d" % i for i in range(10)]
     assert faulty.failed > 0
 
 
@@ -58,7 +58,7 @@ def test_put_file_multipart_survives_30_percent_503(faulty: FaultProxy, tmp_path
     faulty.fail_rate = 0.3
     store.put_file("blob", src)
     faulty.fail_rate = 0.0
-    assert hashlib.sha256(store.read("blob")).digest() == hashlib.sha256(BLOB).digest()
+    assert hashlib.sha256(store.read("blob", len(BLOB))).digest() == hashlib.sha256(BLOB).digest()
 
 
 def test_put_file_retry_sends_only_missing_parts(faulty: FaultProxy, tmp_path: Path) -> None:
@@ -71,7 +71,7 @@ def test_put_file_retry_sends_only_missing_parts(faulty: FaultProxy, tmp_path: P
     part_puts = [p for m, p in faulty.seen if m == "PUT" and "partNumber=" in p]
     completes = [p for m, p in faulty.seen if m == "POST" and "uploadId=" in p]
     assert len(part_puts) == 5 and len(completes) == 2  # 24 MiB in 5 MiB parts
-    assert store.read("blob") == BLOB
+    assert store.read("blob", len(BLOB)) == BLOB
 
 
 def test_download_survives_30_percent_503(faulty: FaultProxy) -> None:
@@ -122,7 +122,7 @@ def test_no_retry_on_not_found(faulty: FaultProxy) -> None:
     store = retrying(faulty.endpoint)
     start = time.monotonic()
     with pytest.raises(ObjectNotFound):
-        store.read("missing")
+        store.read("missing", 100)
     assert time.monotonic() - start < 1.0
 
 
@@ -147,7 +147,7 @@ def test_missing_bucket_says_create_it(
     fake_aws_env(monkeypatch)
     store = open_store("s3://no-such-bucket/p", seaweedfs_server.options)
     with pytest.raises(StoreError, match="does not exist.*create it") as info:
-        store.read("k")
+        store.read("k", 100)
     assert not isinstance(info.value, ObjectNotFound)
 
 
@@ -160,7 +160,7 @@ def test_no_credentials_says_where_to_put_them(
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     store = open_store(f"s3://{BUCKET}/p", moto_server.options)
     with pytest.raises(StoreError, match="no AWS credentials.*AWS_PROFILE"):
-        store.read("k")
+        store.read("k", 100)
 
 
 def test_unreachable_endpoint_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
