@@ -20,7 +20,7 @@ import pytest
 import yaml
 from conftest import torchwarm
 from factories import blob, fields, manifest
-from servers import FAKE_AWS_ENV, S3Server, fake_aws_env
+from servers import BUCKET, FAKE_AWS_ENV, S3Server, fake_aws_env
 
 from torchwarm import keys, retention
 from torchwarm import manifest as mf
@@ -77,7 +77,7 @@ def gc_store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch) -> GcS
     else:
         s3: S3Server = request.getfixturevalue("seaweedfs_server")
         fake_aws_env(monkeypatch)
-        doc["store"] = f"s3://torchwarm-test/gc-{os.urandom(6).hex()}"
+        doc["store"] = f"s3://{BUCKET}/gc-{os.urandom(6).hex()}"
         doc["store_options"] = {"endpoint_url": s3.endpoint, "path_style": True,
                                 "region": "us-east-1"}  # fmt: skip
         options = s3.options

@@ -38,12 +38,8 @@ if TYPE_CHECKING:
     from . import StoreOptions
 
 _GCS_CHUNK_UNIT = 256 << 10  # resumable upload chunks are multiples of 256 KiB
+# Failures below HTTP (no status to classify by); HTTP answers are classified by status.
 _TRANSIENT = (
-    gexc.TooManyRequests,
-    gexc.InternalServerError,
-    gexc.BadGateway,
-    gexc.ServiceUnavailable,
-    gexc.GatewayTimeout,
     auth_exc.TransportError,
     requests.ConnectionError,
     requests.Timeout,
@@ -52,6 +48,9 @@ _TRANSIENT = (
     ConnectionError,
     TimeoutError,
 )
+# errors[0]["reason"] values that mean "slow down or try again", whatever the status
+# (Google APIs have answered rate limits with 403).
+_TRANSIENT_REASONS = {"rateLimitExceeded", "userRateLimitExceeded", "backendError", "internalError"}
 
 
 class _CrcSink:
@@ -124,6 +123,8 @@ class GCSStore:
         return f"the {type(creds).__name__} credentials" if creds else "no credentials"
 
     def _error(self, e: Exception, key: str | None) -> StoreError:
+        """Map an SDK exception by its class, HTTP status and errors[0]["reason"] (never its
+        message text), and by what the call was about: the bucket (key None) or an object."""
         where = self._where(key)
         if isinstance(e, auth_exc.DefaultCredentialsError):
             return StoreError(
@@ -138,28 +139,28 @@ class GCSStore:
                 "check endpoint_url / STORAGE_EMULATOR_HOST and the network path to it"
             )
         if isinstance(e, _TRANSIENT):
-            code = getattr(e, "code", None)
-            what = f"HTTP {code}" if code else type(e).__name__
-            return TransientStoreError(f"{where}: {what} from {self.endpoint}: {_first_line(e)}")
-        if isinstance(e, gexc.NotFound):
-            if "bucket" in str(e.message).lower() or key is None:
+            return TransientStoreError(
+                f"{where}: {type(e).__name__} from {self.endpoint}: {_first_line(e)}"
+            )
+        status, reason = _status(e), _reason(e)
+        if status == 429 or status >= 500 or reason in _TRANSIENT_REASONS:
+            return TransientStoreError(
+                f"{where}: {_http(status, reason)} from {self.endpoint} (throttled or failing)"
+            )
+        if status == 404:
+            if key is None:
                 return StoreError(
                     f"{where}: bucket {self.bucket_name!r} does not exist: "
                     "create it or fix the store URL"
                 )
             return ObjectNotFound(f"{where} does not exist")
-        if isinstance(e, (gexc.Forbidden, gexc.Unauthorized, auth_exc.RefreshError)):
+        if status in (401, 403) or isinstance(e, auth_exc.RefreshError):
             return StoreError(
                 f"{where}: access denied for {self._identity()}: grant it "
                 "roles/storage.objectUser on the bucket, or use other credentials"
             )
-        if isinstance(e, media_exc.InvalidResponse):
-            status = getattr(getattr(e, "response", None), "status_code", 0)
-            if status == 404:
-                return ObjectNotFound(f"{where} does not exist")
-            if status == 429 or status >= 500:
-                return TransientStoreError(f"{where}: HTTP {status} from {self.endpoint}")
-            return StoreError(f"{where}: GCS answered HTTP {status}: {_first_line(e)}")
+        if status:
+            return StoreError(f"{where}: GCS answered {_http(status, reason)}: {_first_line(e)}")
         return StoreError(f"{where}: GCS request failed: {_first_line(e)}")
 
     @contextlib.contextmanager
@@ -339,6 +340,26 @@ class GCSStore:
 def _first_line(e: BaseException) -> str:
     text = str(getattr(e, "message", None) or e).strip()
     return one_line(text.splitlines()[0]) if text else type(e).__name__
+
+
+def _status(e: BaseException) -> int:
+    """The HTTP status of an SDK exception, 0 when it has none."""
+    if isinstance(e, gexc.GoogleAPICallError):
+        return int(e.code or 0)
+    if isinstance(e, media_exc.InvalidResponse):
+        return int(getattr(e.response, "status_code", 0) or 0)
+    return 0
+
+
+def _reason(e: BaseException) -> str:
+    """errors[0]["reason"] of a JSON API error ("notFound", "rateLimitExceeded", ...)."""
+    errors = getattr(e, "errors", None) if isinstance(e, gexc.GoogleAPICallError) else None
+    first = errors[0] if errors else None
+    return str(first.get("reason", "")) if isinstance(first, dict) else ""
+
+
+def _http(status: int, reason: str) -> str:
+    return f"HTTP {status} {reason}" if reason else f"HTTP {status}"
 
 
 def _crc32c(data: bytes) -> bytes:
