@@ -36,7 +36,7 @@ from . import fingerprint, httpd, keys, torchenv, warmup
 from . import manifest as mf
 from .config import Workload
 from .errors import Cancelled, IntegrityError, ObjectNotFound, TorchwarmError, WarmupError
-from .publish import publish_warmup
+from .publish import is_current, publish_warmup
 
 BACKOFF_START_S = 60.0
 STOP_GRACE_S = 8.0  # after SIGTERM, how long a stuck upload may hold the exit
@@ -161,13 +161,11 @@ class Daemon:
         fp = fingerprint.digest(self.fields)
         key = warmup.warmup_key(w, self.cfg.format, fp)
         existing = _read_manifest(store, keys.manifest_key(w.name, fp))
-        signer = self.cfg.signing_key.name if self.cfg.signing_key else None
         # Skip only a current, complete manifest: a missing blob (lost to an operator or a
         # gc race) is healed by warming up and publishing again.
         if (
             existing is not None
-            and existing.warmup.get("warmup_key") == key
-            and existing.signer == signer  # after a key rotation, re-sign by re-publishing
+            and is_current(existing, key, self.cfg.signing_key)
             and all(store.exists(keys.blob_key(b.sha256)) for b in existing.blobs)
         ):
             self.m[w.name]["skipped_total"] += 1

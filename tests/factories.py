@@ -163,4 +163,6 @@ class RecordingStore:
         return recorded
 
     def writes(self) -> list[tuple[str, str]]:
-        return [c for c in self.calls if c[0] in ("put", "put_file", "put_if_absent")]
+        return [
+            c for c in self.calls if c[0] in ("put", "put_file", "put_if_absent", "put_if_version")
+        ]
