@@ -25,8 +25,9 @@ class FaultProxy(ThreadingHTTPServer):
 
     With `cut_rate`, a fraction of successful answers is cut off half-way through
     the body (the connection closes), as a reset mid-download would.
-    `answers` records, per request, (method, path, status, body bytes sent to the
-    client): what crossed the wire, for tests that bound it.
+    `answers` records, per request, (method, path, status, body bytes the proxy sends
+    to the client), before it sends them: an upper bound on what crossed the wire, for
+    tests that bound it.
     The Host header is forwarded as sent, so signatures still verify upstream.
     """
 
@@ -104,11 +105,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.send_response(503)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(SLOWDOWN)))
+            sent = 0 if self.command == "HEAD" else len(SLOWDOWN)
+            self.server.answered(self.command, self.path, 503, sent)
             self.end_headers()
             if self.command != "HEAD":  # a HEAD answer has no body (RFC 9110)
                 self.wfile.write(SLOWDOWN)
-            sent = 0 if self.command == "HEAD" else len(SLOWDOWN)
-            self.server.answered(self.command, self.path, 503, sent)
             return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         if "Transfer-Encoding" in self.headers:
@@ -124,14 +125,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                     self.send_header(k, v)
             length = resp.getheader("Content-Length") if self.command == "HEAD" else len(data)
             self.send_header("Content-Length", str(length or 0))
-            self.end_headers()
             if cut and len(data) > 1:
-                self.wfile.write(data[: len(data) // 2])
-                self.server.answered(self.command, self.path, resp.status, len(data) // 2)
-                self.close_connection = True
-                return
-            self.wfile.write(data)
+                data, self.close_connection = data[: len(data) // 2], True
+            # Recorded before the client can see the answer: a client that stops reading
+            # early cannot outrun the record (what is sent is at most this).
             self.server.answered(self.command, self.path, resp.status, len(data))
+            self.end_headers()
+            self.wfile.write(data)
         finally:
             upstream.close()
 
