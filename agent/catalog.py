@@ -10,7 +10,7 @@ from typing import Any
 
 from . import keys
 from . import manifest as mf
-from .errors import ManifestError
+from .errors import IntegrityError
 from .stores import Store
 
 
@@ -36,8 +36,8 @@ def entries(store: Store) -> list[Entry]:
         if keys.parse_manifest_key(info.key) is None:
             continue
         try:
-            m = mf.parse(store.read(info.key), info.key)
-        except ManifestError:
+            m = mf.parse(store.read(info.key, mf.MAX_MANIFEST_BYTES), info.key)
+        except IntegrityError:  # malformed or oversized: not listed
             continue
         out.append(
             Entry(

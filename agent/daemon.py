@@ -44,8 +44,8 @@ from . import config as cfgmod
 from . import fingerprint, httpd, keys, warmup
 from . import manifest as mf
 from .config import Workload
-from .errors import Cancelled, ObjectNotFound, TorchwarmError, WorkloadsFailed
-from .publish import publish_warmup
+from .errors import Cancelled, IntegrityError, ObjectNotFound, TorchwarmError, WorkloadsFailed
+from .publish import is_current, publish_warmup
 
 BACKOFF_START_S = 60.0
 STOP_GRACE_S = 8.0  # after SIGTERM, how long a stuck upload may hold the exit
@@ -244,13 +244,11 @@ class Daemon:
         key = warmup.warmup_key(w, self.cfg.format, fp)
         manifest_key = keys.manifest_key(w.name, fp)
         existing = _read_manifest(store, manifest_key)
-        signer = self.cfg.signing_key.name if self.cfg.signing_key else None
         # Skip only a current, complete manifest: a missing blob (lost to an operator or a
         # gc race) is healed by warming up and publishing again.
         if (
             existing is not None
-            and existing.warmup.get("warmup_key") == key
-            and existing.signer == signer  # after a key rotation, re-sign by re-publishing
+            and is_current(existing, key, self.cfg.signing_key)
             and all(store.exists(keys.blob_key(b.sha256)) for b in existing.blobs)
         ):
             self._refresh(store, manifest_key, w)
@@ -350,10 +348,10 @@ class Daemon:
 
 def _read_manifest(store: Any, key: str) -> mf.Manifest | None:
     try:
-        return mf.parse(store.read(key), key)
+        return mf.parse(store.read(key, mf.MAX_MANIFEST_BYTES), key)
     except ObjectNotFound:
         return None
-    except mf.ManifestError as e:
+    except IntegrityError as e:  # malformed or oversized
         emit("manifest_unreadable", key=key, error=str(e), action="warming up again")
         return None
 

@@ -46,6 +46,22 @@ class IntegrityError(TorchwarmError):
     exit_code = 4
 
 
+class ObjectTooLarge(IntegrityError):
+    """An object in the store holds more bytes than its reader allows (a manifest over the
+    manifest cap, a blob over its manifest's size); the read stopped at limit + 1 bytes.
+
+    `version` is the object's version token where the store gave one (see
+    Store.read_versioned), so that a publisher can replace it conditionally.
+    """
+
+    def __init__(self, where: str, limit: int, version: str | None = None) -> None:
+        super().__init__(
+            f"{where} holds more than the {limit} bytes allowed for it; refusing it "
+            "(delete that key, then push again from the seed)"
+        )
+        self.where, self.limit, self.version = where, limit, version
+
+
 class ManifestError(IntegrityError):
     """A manifest is malformed, of an unknown version, or for another fingerprint."""
 

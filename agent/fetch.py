@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from . import keys, progress, verify
-from .errors import IntegrityError
+from .errors import IntegrityError, ObjectTooLarge
 from .manifest import BlobRef, Manifest
 from .stores import Store
 
@@ -24,6 +24,8 @@ def fetch_blob(store: Store, blob: BlobRef, dest_dir: Path) -> Path:
     """
     try:
         return _fetch_once(store, blob, dest_dir)
+    except ObjectTooLarge:
+        raise  # the store said how large it is: asking again would only fetch more
     except IntegrityError as first:
         log.info("%s; downloading it once more", first)
     return _fetch_once(store, blob, dest_dir)
@@ -38,7 +40,7 @@ def _fetch_once(store: Store, blob: BlobRef, dest_dir: Path) -> Path:
             progress.Progress(f"downloading {blob.role} {blob.sha256[:12]}", blob.size) as bar,
         ):
             sink = verify.HashingSink(f, on_write=bar.update)
-            store.download(key, sink)
+            store.download(key, sink, limit=blob.size)
         verify.check(blob, sink, f"{store.url}/{key}")
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

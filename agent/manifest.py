@@ -47,7 +47,7 @@ class Manifest:
     warmup: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     created_by: str = ""
-    serial: int = 0  # publish time in microseconds: nodes refuse one older than they installed
+    serial: int = 0  # grows at each write of a key (publish.py); nodes refuse a lower one
     signature: dict[str, Any] | None = None
 
     @property
@@ -83,14 +83,14 @@ class Manifest:
 
     def same_content(self, other: Manifest) -> bool:
         """Whether two manifests install the same bytes for the same environment and the
-        same warm-up, signed by the same key (so that a publisher may keep the older one)."""
+        same warm-up (so that a publisher may keep the older one). Signatures are not
+        compared here: publish.py verifies the stored one with the publisher's key."""
         return (
             self.workload == other.workload
             and self.fingerprint == other.fingerprint
             and self.format == other.format
             and set(self.blobs) == set(other.blobs)
             and self.warmup.get("warmup_key") == other.warmup.get("warmup_key")
-            and self.signer == other.signer
         )
 
     @property

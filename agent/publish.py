@@ -3,6 +3,13 @@
 The order is the store's one invariant: a manifest is written only after every blob it
 names exists, so a publisher killed at any point leaves at worst unreferenced blobs
 (which gc removes), never a manifest that names a missing blob.
+
+The manifest is stamped when it is written: its serial is max(now in µs, the stored
+manifest's serial + 1), then it is signed, and it replaces the stored one only by a
+compare-and-swap against the version just read (Store.put_if_version). So the serial
+at a key only grows, whatever the publishers' clocks and however they race, and a node
+that remembers a serial never sees a lower one become current. A stored manifest that
+does not parse, or does not verify with the publisher's own key, is never kept.
 """
 
 from __future__ import annotations
@@ -11,16 +18,17 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__, keys, progress, verify
 from . import manifest as mf
-from .errors import Cancelled, ObjectNotFound
+from .errors import Cancelled, IntegrityError, ObjectNotFound, ObjectTooLarge, StoreError
 from .formats import Captured
 from .manifest import BlobRef, Manifest
-from .signing import SigningKey, sign
+from .signing import SigningKey, TrustedKeys, sign
+from .signing import verify as verify_signature
 from .stores import Store
 from .warmup import WarmupResult
 
@@ -37,16 +45,19 @@ class PublishReport:
     outcome: str  # "published", "unchanged" (identical manifest already there), "replaced"
 
 
+def now_us() -> int:
+    """The publisher's clock: microseconds since the epoch (a serial's lower bound)."""
+    return time.time_ns() // 1000
+
+
+MANIFEST_WRITE_ATTEMPTS = 5  # conditional writes lost to other publishers before giving up
+
+
 def build_manifest(
-    workload: str,
-    fingerprint: dict,
-    fmt: str,
-    captured: list[Captured],
-    warmup: dict,
-    signing_key: SigningKey | None = None,
+    workload: str, fingerprint: dict, fmt: str, captured: list[Captured], warmup: dict
 ) -> tuple[Manifest, dict[BlobRef, Path]]:
-    """The manifest for captured blob files (signed when a key is given), and which file
-    each BlobRef comes from."""
+    """The manifest for captured blob files, unsigned and with serial 0 (publish stamps
+    and signs it when it writes it), and which file each BlobRef comes from."""
     files: dict[BlobRef, Path] = {}
     for c in captured:
         sha, size = verify.file_sha256(c.path)
@@ -59,10 +70,7 @@ def build_manifest(
         warmup=warmup,
         created_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         created_by=f"torchwarm {__version__} on {socket.gethostname()}",
-        serial=time.time_ns() // 1000,
     )
-    if signing_key is not None:
-        m = sign(m, signing_key)
     return m, files
 
 
@@ -70,10 +78,14 @@ def publish(
     store: Store,
     m: Manifest,
     files: dict[BlobRef, Path],
+    signing_key: SigningKey | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    clock: Callable[[], int] = now_us,
 ) -> PublishReport:
-    """Upload missing blobs, then the manifest; `should_stop()` true before the manifest
-    is written cancels the publish (the blobs stay, unreferenced, for gc)."""
+    """Upload missing blobs, then write the manifest (stamped with a serial from `clock`
+    and signed with `signing_key` as it is written; any serial or signature `m` carries
+    is replaced). `should_stop()` true before the manifest is written cancels the publish
+    (the blobs stay, unreferenced, for gc)."""
     uploaded = present = nbytes = 0
     for blob, path in files.items():
         key = keys.blob_key(blob.sha256)
@@ -94,7 +106,7 @@ def publish(
     if should_stop():
         raise Cancelled(f"publish of {m.workload!r} stopped before its manifest was written")
     key = keys.manifest_key(m.workload, m.fingerprint_digest)
-    outcome = _write_manifest(store, key, m)
+    stored, outcome = _write_manifest(store, key, m, signing_key, clock)
     # A blob that existed when checked may have been swept by a concurrent gc (it was
     # unreferenced and old) before this manifest landed: put back whatever is missing.
     for blob, path in files.items():
@@ -103,26 +115,82 @@ def publish(
                         blob.sha256)  # fmt: skip
             store.put_file(keys.blob_key(blob.sha256), path)
             nbytes += blob.size
-    return PublishReport(key, m, nbytes, uploaded, present, outcome)
+    return PublishReport(key, stored, nbytes, uploaded, present, outcome)
 
 
-def _write_manifest(store: Store, key: str, m: Manifest) -> str:
-    """Create the manifest, or keep an identical one, or replace a different one."""
-    data = m.to_json()
-    for _ in range(3):
-        if store.put_if_absent(key, data):
-            return "published"
+def is_current(stored: Manifest, warmup_key: str, signing_key: SigningKey | None) -> bool:
+    """Whether a stored manifest stands for a warm-up with this key by this publisher: it
+    carries `warmup_key` and is signed the way the publisher signs (it verifies with
+    `signing_key`, or is unsigned when there is none). The daemon skips a workload only
+    then; a manifest forged under the seed's key name is not current."""
+    return stored.warmup.get("warmup_key") == warmup_key and _signed_as(stored, signing_key)
+
+
+def _signed_as(m: Manifest, signing_key: SigningKey | None) -> bool:
+    if signing_key is None:
+        return m.signature is None
+    own = TrustedKeys({signing_key.name: signing_key.key.public_key()})
+    try:
+        verify_signature(m, own, "stored")
+    except IntegrityError:
+        return False
+    return True
+
+
+def _write_manifest(
+    store: Store,
+    key: str,
+    m: Manifest,
+    signing_key: SigningKey | None,
+    clock: Callable[[], int],
+) -> tuple[Manifest, str]:
+    """Create the manifest, or keep an identical one signed as we sign, or replace any
+    other by a conditional write against the version just read, reading again when
+    another writer won. Returns the manifest now stored and the outcome."""
+
+    def stamped(stored_serial: int) -> Manifest:
+        out = replace(m, serial=max(clock(), stored_serial + 1), signature=None)
+        return sign(out, signing_key) if signing_key is not None else out
+
+    ours = stamped(0)
+    sent, outcome = ours.to_json(), "published"
+    if store.put_if_absent(key, sent):
+        return ours, outcome
+    for _ in range(MANIFEST_WRITE_ATTEMPTS):
         try:
-            existing = mf.parse(store.read(key), key)
-        except ObjectNotFound:
-            continue  # deleted (by gc) between our two calls: try to create it again
-        except mf.ManifestError:
-            existing = None  # unreadable: replace it
-        if existing is not None and existing.same_content(m):
-            return "unchanged"  # same bytes already published: keep the older manifest
-        break
-    store.put(key, data)  # a newer warm-up of the same workload replaces the old one
-    return "replaced"
+            data, version = store.read_versioned(key, mf.MAX_MANIFEST_BYTES)
+        except ObjectNotFound:  # deleted (by gc) since: create it again
+            ours = stamped(0)
+            sent, outcome = ours.to_json(), "published"
+            if store.put_if_absent(key, sent):
+                return ours, outcome
+            continue
+        except ObjectTooLarge as e:
+            if e.version is None:
+                raise
+            data, version = b"", e.version
+        if data == sent:
+            return ours, outcome  # our last write landed; only its answer was lost
+        existing = _usable(data, f"{store.url}/{key}")
+        if existing is not None and existing.same_content(m) and _signed_as(existing, signing_key):
+            return existing, "unchanged"  # same bytes already published: keep the older one
+        ours = stamped(existing.serial if existing is not None else 0)
+        sent, outcome = ours.to_json(), "replaced"
+        if store.put_if_version(key, sent, version):
+            return ours, outcome
+    raise StoreError(
+        f"manifest {store.url}/{key}: other publishers replaced it {MANIFEST_WRITE_ATTEMPTS} "
+        "times while this one tried to write it; run one publisher per workload, or try again"
+    )
+
+
+def _usable(data: bytes, where: str) -> Manifest | None:
+    """The stored manifest if it parses, else None (it will be replaced)."""
+    try:
+        return mf.parse(data, where)
+    except mf.ManifestError as e:
+        log.warning("%s; replacing it", e)
+        return None
 
 
 def publish_warmup(
@@ -131,9 +199,9 @@ def publish_warmup(
     signing_key: SigningKey | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> PublishReport:
-    """Build (and sign) the manifest of a warm-up result and publish it."""
+    """Build the manifest of a warm-up result and publish it (signed with `signing_key`):
+    the one entry point of `torchwarm push`, `warmup --push` and the daemon."""
     m, files = build_manifest(
-        result.workload, result.fingerprint, result.format, result.captured, result.summary,
-        signing_key,
-    )  # fmt: skip
-    return publish(store, m, files, should_stop)
+        result.workload, result.fingerprint, result.format, result.captured, result.summary
+    )
+    return publish(store, m, files, signing_key, should_stop)

@@ -29,7 +29,7 @@ def resolve(
     digest = fingerprint.digest(fields)
     key = keys.manifest_key(workload, digest)
     try:
-        data = store.read(key)
+        data = store.read(key, mf.MAX_MANIFEST_BYTES)
     except ObjectNotFound:
         return Miss(explain_miss(store, workload, fields))
     m = mf.parse(data, f"{store.url}/{key}")
@@ -55,7 +55,7 @@ def explain_miss(store: Store, workload: str, fields: dict[str, Any]) -> str:
         if parsed is None or parsed[1] == digest:
             continue
         try:
-            others.append(mf.parse(store.read(info.key), info.key))
+            others.append(mf.parse(store.read(info.key, mf.MAX_MANIFEST_BYTES), info.key))
         except Exception:  # noqa: BLE001 - an explanation must not turn a miss into a failure
             continue
     if not others:

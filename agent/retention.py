@@ -32,7 +32,7 @@ from pathlib import Path
 
 from . import keys
 from . import manifest as mf
-from .errors import ManifestError, ObjectNotFound
+from .errors import IntegrityError, ObjectNotFound
 from .manifest import Manifest
 from .stores import ObjectInfo, Store
 
@@ -139,10 +139,11 @@ def _manifests(store: Store) -> tuple[list[_Entry], list[str]]:
         if keys.parse_manifest_key(info.key) is None:
             continue
         try:
-            found.append(_Entry(info, mf.parse(store.read(info.key), info.key)))
+            data = store.read(info.key, mf.MAX_MANIFEST_BYTES)
+            found.append(_Entry(info, mf.parse(data, info.key)))
         except ObjectNotFound:
             continue  # deleted since the listing (another gc, a replacement)
-        except ManifestError:
+        except IntegrityError:  # malformed or oversized
             unreadable.append(info.key)
     return found, unreadable
 

@@ -163,7 +163,9 @@ class RecordingStore:
         return recorded
 
     def writes(self) -> list[tuple[str, str]]:
-        return [c for c in self.calls if c[0] in ("put", "put_file", "put_if_absent")]
+        return [
+            c for c in self.calls if c[0] in ("put", "put_file", "put_if_absent", "put_if_version")
+        ]
 
 
 def tree(root: Path) -> dict[str, bytes]:

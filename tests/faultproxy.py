@@ -25,6 +25,9 @@ class FaultProxy(ThreadingHTTPServer):
 
     With `cut_rate`, a fraction of successful answers is cut off half-way through
     the body (the connection closes), as a reset mid-download would.
+    `answers` records, per request, (method, path, status, body bytes the proxy sends
+    to the client), before it sends them: an upper bound on what crossed the wire, for
+    tests that bound it.
     The Host header is forwarded as sent, so signatures still verify upstream.
     """
 
@@ -46,11 +49,21 @@ class FaultProxy(ThreadingHTTPServer):
             self.cut = 0
             self.fail_once: Callable[[str, str], bool] | None = None  # (method, path)
             self.seen: list[tuple[str, str]] = []
+            self.answers: list[tuple[str, str, int, int]] = []
             self._rng = random.Random(seed)
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def answered(self, method: str, path: str, status: int, sent: int) -> None:
+        with self._lock:
+            self.answers.append((method, path, status, sent))
+
+    def body_bytes(self, method: str, path_part: str) -> int:
+        """Body bytes sent to the client for `method` requests whose path holds `path_part`."""
+        with self._lock:
+            return sum(n for m, p, _, n in self.answers if m == method and path_part in p)
 
     def draw(self, method: str, path: str) -> tuple[bool, bool]:
         """Decide (answer 503, cut the body) for the next request."""
@@ -92,6 +105,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.send_response(503)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(SLOWDOWN)))
+            sent = 0 if self.command == "HEAD" else len(SLOWDOWN)
+            self.server.answered(self.command, self.path, 503, sent)
             self.end_headers()
             if self.command != "HEAD":  # a HEAD answer has no body (RFC 9110)
                 self.wfile.write(SLOWDOWN)
@@ -110,11 +125,12 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                     self.send_header(k, v)
             length = resp.getheader("Content-Length") if self.command == "HEAD" else len(data)
             self.send_header("Content-Length", str(length or 0))
-            self.end_headers()
             if cut and len(data) > 1:
-                self.wfile.write(data[: len(data) // 2])
-                self.close_connection = True
-                return
+                data, self.close_connection = data[: len(data) // 2], True
+            # Recorded before the client can see the answer: a client that stops reading
+            # early cannot outrun the record (what is sent is at most this).
+            self.server.answered(self.command, self.path, resp.status, len(data))
+            self.end_headers()
             self.wfile.write(data)
         finally:
             upstream.close()

@@ -34,7 +34,7 @@ from faultproxy import FaultProxy
 
 from torchwarm.stores import Store, StoreOptions, open_store
 
-BUCKET = "torchwarm-test"
+BUCKET = "torchwarm-test-bucket"  # "bucket" in the name: errors must not be told by text
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "torchwarmtestkey",
     "AWS_SECRET_ACCESS_KEY": "torchwarmtestsecret",

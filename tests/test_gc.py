@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import torchwarm
 from factories import blob, fields, manifest
-from servers import FAKE_AWS_ENV, S3Server, fake_aws_env
+from servers import BUCKET, FAKE_AWS_ENV, S3Server, fake_aws_env
 
 from torchwarm import keys, retention
 from torchwarm import manifest as mf
@@ -84,7 +84,7 @@ def gc_store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch) -> GcS
     else:
         s3: S3Server = request.getfixturevalue("seaweedfs_server")
         fake_aws_env(monkeypatch)
-        doc["store"] = f"s3://torchwarm-test/gc-{os.urandom(6).hex()}"
+        doc["store"] = f"s3://{BUCKET}/gc-{os.urandom(6).hex()}"
         doc["store_options"] = {"endpoint_url": s3.endpoint, "path_style": True,
                                 "region": "us-east-1"}  # fmt: skip
         options = s3.options
@@ -121,7 +121,9 @@ def named_blobs(store: Store) -> dict[str, set[str]]:
     """Each manifest in the store -> the blob keys it names."""
     out = {}
     for info in store.list(keys.MANIFESTS):
-        out[info.key] = {bkey(b) for b in mf.parse(store.read(info.key), info.key).blobs}
+        out[info.key] = {
+            bkey(b) for b in mf.parse(store.read(info.key, mf.MAX_MANIFEST_BYTES), info.key).blobs
+        }
     return out
 
 
@@ -474,11 +476,11 @@ class OtherGcDeletesFirst:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str, limit: int) -> bytes:
         if keys.parse_manifest_key(key) and not self.deleted:
             self.deleted.append(key)
             self.inner.delete(key)
-        return self.inner.read(key)
+        return self.inner.read(key, limit)
 
 
 def test_two_overlapping_gc_runs_do_not_fail(gc_store):

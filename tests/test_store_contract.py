@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from servers import StoreFactory
 
-from torchwarm.errors import ObjectNotFound
+from torchwarm.errors import ObjectNotFound, ObjectTooLarge
 
 MiB = 1 << 20
 LARGE = os.urandom(40 * MiB)
@@ -39,7 +39,7 @@ def test_put_then_read(store_factory: StoreFactory) -> None:
     """What put stored, read returns."""
     store = store_factory()
     store.put("a/b.json", b'{"x": 1}')
-    assert store.read("a/b.json") == b'{"x": 1}'
+    assert store.read("a/b.json", 100) == b'{"x": 1}'
 
 
 def test_put_replaces(store_factory: StoreFactory) -> None:
@@ -47,13 +47,13 @@ def test_put_replaces(store_factory: StoreFactory) -> None:
     store = store_factory()
     store.put("k", b"old")
     store.put("k", b"new")
-    assert store.read("k") == b"new"
+    assert store.read("k", 100) == b"new"
 
 
 def test_read_missing_raises_object_not_found(store_factory: StoreFactory) -> None:
     """Reading a missing key raises ObjectNotFound."""
     with pytest.raises(ObjectNotFound):
-        store_factory().read("nope/missing")
+        store_factory().read("nope/missing", 100)
 
 
 def test_download_missing_raises_object_not_found(store_factory: StoreFactory) -> None:
@@ -99,7 +99,7 @@ def test_delete(store_factory: StoreFactory) -> None:
     store.delete("k")
     assert not store.exists("k")
     with pytest.raises(ObjectNotFound):
-        store.read("k")
+        store.read("k", 100)
 
 
 def test_delete_missing_is_not_an_error(store_factory: StoreFactory) -> None:
@@ -112,7 +112,7 @@ def test_put_if_absent_creates_once(store_factory: StoreFactory) -> None:
     store = store_factory()
     assert store.put_if_absent("m", b"first") is True
     assert store.put_if_absent("m", b"second") is False
-    assert store.read("m") == b"first"
+    assert store.read("m", 100) == b"first"
 
 
 def test_put_if_absent_race_has_one_winner(store_factory: StoreFactory) -> None:
@@ -132,7 +132,7 @@ def test_put_if_absent_race_has_one_winner(store_factory: StoreFactory) -> None:
         t.join()
     winners = [i for i, won in results.items() if won]
     assert len(results) == 8 and len(winners) == 1
-    assert store.read("race") == f"writer {winners[0]}".encode()
+    assert store.read("race", 100) == f"writer {winners[0]}".encode()
 
 
 def test_download_small_object(store_factory: StoreFactory) -> None:
@@ -169,7 +169,7 @@ def test_put_file_multipart(store_factory: StoreFactory, tmp_path: Path) -> None
     src.write_bytes(LARGE)
     store = store_factory(**TRANSFER)
     store.put_file("blobs/large", src)
-    assert store.read("blobs/large") == LARGE
+    assert store.read("blobs/large", len(LARGE)) == LARGE
     assert [o.size for o in store.list("blobs/")] == [len(LARGE)]
 
 
@@ -179,7 +179,7 @@ def test_put_file_small(store_factory: StoreFactory, tmp_path: Path) -> None:
     src.write_bytes(b"abc" * 1000)
     store = store_factory()
     store.put_file("s", src)
-    assert store.read("s") == b"abc" * 1000
+    assert store.read("s", 3000) == b"abc" * 1000
 
 
 def test_put_file_missing_source_is_os_error(store_factory: StoreFactory, tmp_path: Path) -> None:
@@ -199,7 +199,7 @@ def test_touch_renews_modified_time_keeps_bytes(store_factory: StoreFactory) -> 
     store.touch("blobs/t")
     (after,) = list(store.list("blobs/t"))
     assert after.modified > before.modified
-    assert store.read("blobs/t") == b"same bytes"
+    assert store.read("blobs/t", 100) == b"same bytes"
 
 
 def test_touch_missing_is_not_found(store_factory: StoreFactory) -> None:
@@ -228,3 +228,153 @@ def test_sink_errors_reach_the_caller(store_factory: StoreFactory) -> None:
     with pytest.raises(OSError) as info:
         store.download("k", FullDisk())  # type: ignore[arg-type]
     assert info.value.errno == errno.ENOSPC
+
+
+# -- bounded reads: the store may hold anything of any size ------------------------------
+
+
+def test_read_at_the_limit_returns_the_object(store_factory: StoreFactory) -> None:
+    """An object of exactly `limit` bytes is returned whole; an empty one with limit 0."""
+    store = store_factory()
+    store.put("m", b"12345")
+    store.put("empty", b"")
+    assert store.read("m", 5) == b"12345"
+    assert store.read("empty", 0) == b""
+
+
+def test_read_over_the_limit_is_object_too_large(store_factory: StoreFactory) -> None:
+    """One byte over the limit raises ObjectTooLarge, one line naming the key and limit."""
+    store = store_factory()
+    store.put("manifests/m", b"123456")
+    with pytest.raises(ObjectTooLarge) as info:
+        store.read("manifests/m", 5)
+    message = str(info.value)
+    assert "manifests/m" in message and "5 bytes" in message and "\n" not in message
+
+
+def test_read_large_object_with_small_limit(store_factory: StoreFactory) -> None:
+    """A 40 MiB object read with a 1 MiB limit is refused (not read into memory first)."""
+    store = store_factory(**TRANSFER)
+    store.put("big", LARGE)
+    with pytest.raises(ObjectTooLarge):
+        store.read("big", MiB)
+
+
+def test_download_within_limit(store_factory: StoreFactory) -> None:
+    """download with limit = the object's size writes it whole; limit 0 fits an empty one."""
+    store = store_factory()
+    store.put("blob", b"0123456789")
+    store.put("empty", b"")
+    sink = io.BytesIO()
+    assert store.download("blob", sink, limit=10) == 10
+    assert sink.getvalue() == b"0123456789"
+    assert store.download("empty", io.BytesIO(), limit=0) == 0
+
+
+def test_download_over_limit_writes_nothing(store_factory: StoreFactory) -> None:
+    """A 40 MiB object downloaded with a smaller limit raises ObjectTooLarge before the sink
+    sees a byte (every backend learns the size up front)."""
+    store = store_factory(**TRANSFER)
+    store.put("big", LARGE)
+    sink = HashingSink()
+    with pytest.raises(ObjectTooLarge):
+        store.download("big", sink, limit=len(LARGE) - 1)  # type: ignore[arg-type]
+    assert sink.size == 0
+
+
+# -- versions and compare-and-swap ----------------------------------------------------------
+
+
+def test_read_versioned_token_follows_content(store_factory: StoreFactory) -> None:
+    """read_versioned returns the bytes and a token that changes when the object is replaced."""
+    store = store_factory()
+    store.put("m", b"one")
+    data, v1 = store.read_versioned("m", 100)
+    store.put("m", b"two")
+    data2, v2 = store.read_versioned("m", 100)
+    assert (data, data2) == (b"one", b"two") and v1 != v2
+
+
+def test_put_if_version_replaces_unchanged_object(store_factory: StoreFactory) -> None:
+    """put_if_version with the token just read replaces the object."""
+    store = store_factory()
+    store.put("m", b"one")
+    _, version = store.read_versioned("m", 100)
+    assert store.put_if_version("m", b"two", version) is True
+    assert store.read("m", 100) == b"two"
+
+
+def test_put_if_version_refuses_a_stale_token(store_factory: StoreFactory) -> None:
+    """A token read before another writer replaced the object is refused; that write stays."""
+    store = store_factory()
+    store.put("m", b"one")
+    _, stale = store.read_versioned("m", 100)
+    store.put("m", b"other writer")
+    assert store.put_if_version("m", b"mine", stale) is False
+    assert store.read("m", 100) == b"other writer"
+    _, current = store.read_versioned("m", 100)
+    assert store.put_if_version("m", b"mine", current) is True
+
+
+def test_put_if_version_refuses_a_deleted_object(store_factory: StoreFactory) -> None:
+    """A token of an object deleted since is refused, and nothing is created."""
+    store = store_factory()
+    store.put("m", b"one")
+    _, version = store.read_versioned("m", 100)
+    store.delete("m")
+    assert store.put_if_version("m", b"mine", version) is False
+    assert not store.exists("m")
+
+
+def test_oversized_object_can_be_replaced_conditionally(store_factory: StoreFactory) -> None:
+    """ObjectTooLarge from read_versioned carries a token that put_if_version accepts."""
+    store = store_factory()
+    store.put("m", b"x" * 1000)
+    with pytest.raises(ObjectTooLarge) as info:
+        store.read_versioned("m", 100)
+    assert info.value.version is not None
+    assert store.put_if_version("m", b"small", info.value.version) is True
+    assert store.read("m", 100) == b"small"
+
+
+def test_put_if_version_race_has_one_winner(store_factory: StoreFactory) -> None:
+    """Of 8 threads swapping from the same token, exactly one wins, and its data stays."""
+    store = store_factory()
+    store.put("race", b"base")
+    _, version = store.read_versioned("race", 100)
+    barrier = threading.Barrier(8)
+    results: dict[int, bool] = {}
+
+    def race(i: int) -> None:
+        barrier.wait()
+        results[i] = store.put_if_version("race", f"writer {i}".encode(), version)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, won in results.items() if won]
+    assert len(results) == 8 and len(winners) == 1
+    assert store.read("race", 100) == f"writer {winners[0]}".encode()
+
+
+def test_concurrent_read_modify_write_loses_no_update(store_factory: StoreFactory) -> None:
+    """4 threads each add 1 five times by read_versioned + put_if_version, retrying when
+    refused: the counter ends at 20, so no write overwrote another it had not read."""
+    store = store_factory()
+    store.put("counter", b"0")
+
+    def add_five() -> None:
+        for _ in range(5):
+            while True:
+                data, version = store.read_versioned("counter", 100)
+                if store.put_if_version("counter", b"%d" % (int(data) + 1), version):
+                    break
+
+    threads = [threading.Thread(target=add_five) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.read("counter", 100) == b"20"

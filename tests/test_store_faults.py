@@ -1,4 +1,8 @@
-"""Faults from a real loopback proxy in front of SeaweedFS, and the one-line errors users see."""
+"""Faults from a real loopback proxy in front of SeaweedFS, and the one-line errors users see.
+
+Every test asserts that its fault really happened (the proxy's record of what it answered,
+or the SDK exception at the root of the error), so none can pass without its fault.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from botocore.exceptions import EndpointConnectionError, NoCredentialsError
 from faultproxy import FaultProxy
-from servers import BUCKET, S3Server, fake_aws_env, free_port, s3_options
+from google.api_core import exceptions as gexc
+from servers import BUCKET, fake_aws_env, free_port, s3_options
 
 from torchwarm.errors import ObjectNotFound, StoreError, TransientStoreError
 from torchwarm.stores import open_store
@@ -40,14 +46,19 @@ def retrying(endpoint: str, attempts: int = 25, deadline_s: float = 30.0) -> Ret
     return RetryingStore(inner, attempts, deadline_s, backoff_s=0.01, max_backoff_s=0.2)
 
 
+def answered(proxy: FaultProxy, method: str, status: int) -> int:
+    """How many `method` requests the proxy answered with `status`."""
+    return sum(1 for m, _, s, _ in proxy.answers if m == method and s == status)
+
+
 def test_put_survives_30_percent_503(faulty: FaultProxy) -> None:
     """With 30 % of requests answered 503, put and read succeed."""
     store = retrying(faulty.endpoint)
     faulty.fail_rate = 0.3
     for i in range(10):
         store.put(f"k{i}", b"v%d" % i)
-    assert [store.read(f"k{i}") for i in range(10)] == [b"v%d" % i for i in range(10)]
-    assert faulty.failed > 0
+    assert [store.read(f"k{i}", 10) for i in range(10)] == [b"v%d" % i for i in range(10)]
+    assert answered(faulty, "PUT", 503) > 0 and answered(faulty, "GET", 503) > 0
 
 
 def test_put_file_multipart_survives_30_percent_503(faulty: FaultProxy, tmp_path: Path) -> None:
@@ -58,7 +69,8 @@ def test_put_file_multipart_survives_30_percent_503(faulty: FaultProxy, tmp_path
     faulty.fail_rate = 0.3
     store.put_file("blob", src)
     faulty.fail_rate = 0.0
-    assert hashlib.sha256(store.read("blob")).digest() == hashlib.sha256(BLOB).digest()
+    assert answered(faulty, "PUT", 503) > 0  # parts were refused and sent again
+    assert hashlib.sha256(store.read("blob", len(BLOB))).digest() == hashlib.sha256(BLOB).digest()
 
 
 def test_put_file_retry_sends_only_missing_parts(faulty: FaultProxy, tmp_path: Path) -> None:
@@ -71,7 +83,8 @@ def test_put_file_retry_sends_only_missing_parts(faulty: FaultProxy, tmp_path: P
     part_puts = [p for m, p in faulty.seen if m == "PUT" and "partNumber=" in p]
     completes = [p for m, p in faulty.seen if m == "POST" and "uploadId=" in p]
     assert len(part_puts) == 5 and len(completes) == 2  # 24 MiB in 5 MiB parts
-    assert store.read("blob") == BLOB
+    assert faulty.fail_once is None and answered(faulty, "POST", 503) == 1
+    assert store.read("blob", len(BLOB)) == BLOB
 
 
 def test_download_survives_30_percent_503(faulty: FaultProxy) -> None:
@@ -81,6 +94,7 @@ def test_download_survives_30_percent_503(faulty: FaultProxy) -> None:
     faulty.fail_rate = 0.3
     sink = io.BytesIO()
     assert store.download("blob", sink) == len(BLOB)
+    assert answered(faulty, "GET", 503) > 0
     assert sink.getvalue() == BLOB
 
 
@@ -107,10 +121,11 @@ def test_all_503_fails_within_deadline_with_one_line(faulty: FaultProxy, tmp_pat
         lambda: store.download("k", io.BytesIO()),
     ]
     for call in calls:
-        start = time.monotonic()
+        start, refused = time.monotonic(), faulty.failed
         with pytest.raises(StoreError) as info:
             call()
         assert time.monotonic() - start < 2.0 + 1.0
+        assert faulty.failed - refused > 1  # answered 503, and retried
         message = str(info.value)
         assert "\n" not in message
         assert "503" in message and "try again later" in message
@@ -122,45 +137,45 @@ def test_no_retry_on_not_found(faulty: FaultProxy) -> None:
     store = retrying(faulty.endpoint)
     start = time.monotonic()
     with pytest.raises(ObjectNotFound):
-        store.read("missing")
+        store.read("missing", 100)
     assert time.monotonic() - start < 1.0
+    assert [(m, s) for m, _, s, _ in faulty.answers] == [("GET", 404)]  # asked once
 
 
 def test_access_denied_names_identity_and_is_not_retried(
-    seaweedfs_server: S3Server, monkeypatch: pytest.MonkeyPatch
+    faulty: FaultProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Unknown credentials fail at once, with one line that names the access key."""
-    fake_aws_env(monkeypatch)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "intruderkey")
-    store = open_store(f"s3://{BUCKET}/p", seaweedfs_server.options)
+    store = open_store(f"s3://{BUCKET}/p", s3_options(faulty.endpoint))
     start = time.monotonic()
     with pytest.raises(StoreError) as info:
         store.put("k", b"v")
     assert time.monotonic() - start < 2.0
     assert "intruderkey" in str(info.value) and "\n" not in str(info.value)
+    assert [(m, s) for m, _, s, _ in faulty.answers] == [("PUT", 403)]  # refused, not retried
 
 
-def test_missing_bucket_says_create_it(
-    seaweedfs_server: S3Server, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_missing_bucket_says_create_it(faulty: FaultProxy) -> None:
     """A missing bucket is a StoreError that says to create it, not ObjectNotFound."""
-    fake_aws_env(monkeypatch)
-    store = open_store("s3://no-such-bucket/p", seaweedfs_server.options)
+    store = open_store("s3://no-such-bucket/p", s3_options(faulty.endpoint))
     with pytest.raises(StoreError, match="does not exist.*create it") as info:
-        store.read("k")
+        store.read("k", 100)
     assert not isinstance(info.value, ObjectNotFound)
+    assert [(m, s) for m, _, s, _ in faulty.answers] == [("GET", 404)]
 
 
 def test_no_credentials_says_where_to_put_them(
-    moto_server: S3Server, monkeypatch: pytest.MonkeyPatch
+    faulty: FaultProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without any AWS credentials the error names the places the SDK looks."""
-    fake_aws_env(monkeypatch)
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    store = open_store(f"s3://{BUCKET}/p", moto_server.options)
-    with pytest.raises(StoreError, match="no AWS credentials.*AWS_PROFILE"):
-        store.read("k")
+    store = open_store(f"s3://{BUCKET}/p", s3_options(faulty.endpoint))
+    with pytest.raises(StoreError, match="no AWS credentials.*AWS_PROFILE") as info:
+        store.read("k", 100)
+    assert isinstance(info.value.__cause__, NoCredentialsError)
+    assert faulty.answers == []  # nothing was sent
 
 
 def test_unreachable_endpoint_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -171,6 +186,8 @@ def test_unreachable_endpoint_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(StoreError, match="cannot reach the S3 endpoint") as info:
         open_store(f"s3://{BUCKET}/p", options).exists("k")
     assert endpoint in str(info.value) and "\n" not in str(info.value)
+    assert "gave up after 2 attempts" in str(info.value)  # each one refused
+    assert isinstance(info.value.__cause__.__cause__, EndpointConnectionError)
 
 
 def test_gcs_missing_bucket_says_create_it(
@@ -179,5 +196,6 @@ def test_gcs_missing_bucket_says_create_it(
     """On GCS, listing a missing bucket is a StoreError that says to create it."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.emulator_host)
     store = open_store("gs://no-such-bucket/p")
-    with pytest.raises(StoreError, match="create it"):
+    with pytest.raises(StoreError, match="create it") as info:
         list(store.list(""))
+    assert isinstance(info.value.__cause__, gexc.NotFound)  # the server's 404

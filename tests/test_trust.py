@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from torchwarm import archive, fingerprint, keys, node, signing
 from torchwarm import config as cfgmod
 from torchwarm.errors import ConfigError, IntegrityError
 from torchwarm.formats import Captured
-from torchwarm.publish import build_manifest, publish
+from torchwarm.publish import build_manifest, now_us, publish
 from torchwarm.stores.local import LocalStore
 
 WORKLOAD = {"name": "mlp", "model": "torchwarm.models:mlp", "inputs": [[{"shape": [1, 8]}]]}
@@ -42,20 +41,17 @@ class Setup:
         self.cache_dir = tmp / "node" / "inductor"
 
     def publish(self, key: signing.SigningKey | None, content: bytes = b"entry", serial=None):
-        """Publish a one-file cache tree as the seed would; return the manifest."""
+        """Publish a one-file cache tree as the seed would (with a clock reading `serial`,
+        when given); return the manifest stored."""
         tree = self.tmp / f"tree-{content.hex()}"
         (tree / "fxgraph").mkdir(parents=True, exist_ok=True)
         (tree / "fxgraph" / "entry").write_bytes(content)
         blob = self.tmp / f"{content.hex()}.tar.zst"
         archive.write(tree, ["fxgraph/entry"], blob)
         captured = [Captured("cachedir", blob, archive.MEDIA_TYPE)]
-        m, files = build_manifest("mlp", self.fields, "cachedir", captured, {}, None)
-        if serial is not None:
-            m = replace(m, serial=serial)
-        if key is not None:
-            m = signing.sign(m, key)
-        publish(self.store, m, files)
-        return m
+        m, files = build_manifest("mlp", self.fields, "cachedir", captured, {})
+        clock = (lambda: serial) if serial is not None else now_us
+        return publish(self.store, m, files, key, clock=clock).manifest
 
     def manifest_path(self) -> Path:
         return self.store.root / keys.manifest_key("mlp", fingerprint.digest(self.fields))

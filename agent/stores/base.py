@@ -27,22 +27,39 @@ class ObjectInfo:
 class Store(Protocol):
     url: str
 
-    def read(self, key: str) -> bytes:
-        """Return the whole object. For small objects (manifests).
+    def read(self, key: str, limit: int) -> bytes:
+        """Return the whole object if it holds at most `limit` bytes (manifests).
 
-        Raises ObjectNotFound when the key does not exist, StoreError when the
-        store cannot answer.
+        The store is not trusted with sizes: a backend asks for at most limit + 1 bytes
+        (a ranged request) and raises ObjectTooLarge when the object is larger, having
+        read at most limit + 1 bytes of it. Raises ObjectNotFound when the key does not
+        exist, StoreError when the store cannot answer.
         """
         ...
 
-    def download(self, key: str, sink: BinaryIO) -> int:
+    def read_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
+        """Like read, and also the object's version token, for put_if_version.
+
+        The token names exactly the bytes returned: S3 the ETag, GCS the generation, the
+        local folder a digest of the size and the first limit + 1 bytes. Equal content may
+        give an equal token (S3 ETags are content hashes), which is harmless to a
+        compare-and-swap. ObjectTooLarge carries the token in `.version` where the backend
+        had one, so that an oversized object can be replaced conditionally too.
+        """
+        ...
+
+    def download(self, key: str, sink: BinaryIO, limit: int | None = None) -> int:
         """Write the object's bytes to `sink` in order, and return how many were written.
 
         The caller hashes what arrives and owns `sink` (a temp file): on error
         it discards whatever was written. Raises ObjectNotFound / StoreError.
-        Cloud backends also take `offset=N` (start at byte N) and set
-        `resumable_download = True`, so that RetryingStore can resume a broken
-        download without writing a byte twice.
+        With `limit` (a blob's size from its manifest), never requests more than
+        limit + 1 bytes in all nor writes more than `limit` to the sink, and raises
+        ObjectTooLarge when the object is larger (before the first byte where the
+        store tells the size up front).
+        Cloud backends also take `offset=N` (start at byte N; `limit` still counts from
+        byte 0) and set `resumable_download = True`, so that RetryingStore can resume a
+        broken download without writing a byte twice.
         """
         ...
 
@@ -59,6 +76,17 @@ class Store(Protocol):
 
         Atomic against concurrent writers: of several racing calls exactly one
         returns True. The losers' data is not stored.
+        """
+        ...
+
+    def put_if_version(self, key: str, data: bytes, version: str) -> bool:
+        """Replace the object only if it is still the one `version` (from read_versioned)
+        names; return whether it was replaced (a compare-and-swap).
+
+        False when another writer replaced or deleted the object since: the caller reads
+        again and decides anew. Atomic against every other write to the key. S3:
+        PutObject with If-Match; GCS: ifGenerationMatch; local folder: a lock (see
+        local.py).
         """
         ...
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -22,7 +23,14 @@ from google.auth import exceptions as auth_exc
 from google.cloud import storage
 from google.cloud.storage import exceptions as media_exc
 
-from ..errors import ObjectNotFound, StoreError, TransientStoreError, one_line
+from ..errors import (
+    ObjectNotFound,
+    ObjectTooLarge,
+    StoreError,
+    TorchwarmError,
+    TransientStoreError,
+    one_line,
+)
 from .base import ObjectInfo, check_key
 from .transfer import write_ranges_in_order
 
@@ -30,12 +38,8 @@ if TYPE_CHECKING:
     from . import StoreOptions
 
 _GCS_CHUNK_UNIT = 256 << 10  # resumable upload chunks are multiples of 256 KiB
+# Failures below HTTP (no status to classify by); HTTP answers are classified by status.
 _TRANSIENT = (
-    gexc.TooManyRequests,
-    gexc.InternalServerError,
-    gexc.BadGateway,
-    gexc.ServiceUnavailable,
-    gexc.GatewayTimeout,
     auth_exc.TransportError,
     requests.ConnectionError,
     requests.Timeout,
@@ -44,6 +48,9 @@ _TRANSIENT = (
     ConnectionError,
     TimeoutError,
 )
+# errors[0]["reason"] values that mean "slow down or try again", whatever the status
+# (Google APIs have answered rate limits with 403).
+_TRANSIENT_REASONS = {"rateLimitExceeded", "userRateLimitExceeded", "backendError", "internalError"}
 
 
 class _CrcSink:
@@ -56,6 +63,21 @@ class _CrcSink:
     def write(self, data: bytes) -> int:
         self.crc.update(data)
         return self.sink.write(data)
+
+
+class _Capped:
+    """Collects at most `cap` bytes; one more raises `overflow()`, so a server that sends
+    more than was asked for is cut off after cap + 1 bytes instead of filling memory."""
+
+    def __init__(self, cap: int, overflow: Callable[[], Exception]) -> None:
+        self.buf = io.BytesIO()
+        self.cap = cap
+        self.overflow = overflow
+
+    def write(self, data: bytes) -> int:
+        if self.buf.tell() + len(data) > self.cap:
+            raise self.overflow()
+        return self.buf.write(data)
 
 
 class GCSStore:
@@ -101,6 +123,8 @@ class GCSStore:
         return f"the {type(creds).__name__} credentials" if creds else "no credentials"
 
     def _error(self, e: Exception, key: str | None) -> StoreError:
+        """Map an SDK exception by its class, HTTP status and errors[0]["reason"] (never its
+        message text), and by what the call was about: the bucket (key None) or an object."""
         where = self._where(key)
         if isinstance(e, auth_exc.DefaultCredentialsError):
             return StoreError(
@@ -115,36 +139,36 @@ class GCSStore:
                 "check endpoint_url / STORAGE_EMULATOR_HOST and the network path to it"
             )
         if isinstance(e, _TRANSIENT):
-            code = getattr(e, "code", None)
-            what = f"HTTP {code}" if code else type(e).__name__
-            return TransientStoreError(f"{where}: {what} from {self.endpoint}: {_first_line(e)}")
-        if isinstance(e, gexc.NotFound):
-            if "bucket" in str(e.message).lower() or key is None:
+            return TransientStoreError(
+                f"{where}: {type(e).__name__} from {self.endpoint}: {_first_line(e)}"
+            )
+        status, reason = _status(e), _reason(e)
+        if status == 429 or status >= 500 or reason in _TRANSIENT_REASONS:
+            return TransientStoreError(
+                f"{where}: {_http(status, reason)} from {self.endpoint} (throttled or failing)"
+            )
+        if status == 404:
+            if key is None:
                 return StoreError(
                     f"{where}: bucket {self.bucket_name!r} does not exist: "
                     "create it or fix the store URL"
                 )
             return ObjectNotFound(f"{where} does not exist")
-        if isinstance(e, (gexc.Forbidden, gexc.Unauthorized, auth_exc.RefreshError)):
+        if status in (401, 403) or isinstance(e, auth_exc.RefreshError):
             return StoreError(
                 f"{where}: access denied for {self._identity()}: grant it "
                 "roles/storage.objectUser on the bucket, or use other credentials"
             )
-        if isinstance(e, media_exc.InvalidResponse):
-            status = getattr(getattr(e, "response", None), "status_code", 0)
-            if status == 404:
-                return ObjectNotFound(f"{where} does not exist")
-            if status == 429 or status >= 500:
-                return TransientStoreError(f"{where}: HTTP {status} from {self.endpoint}")
-            return StoreError(f"{where}: GCS answered HTTP {status}: {_first_line(e)}")
+        if status:
+            return StoreError(f"{where}: GCS answered {_http(status, reason)}: {_first_line(e)}")
         return StoreError(f"{where}: GCS request failed: {_first_line(e)}")
 
     @contextlib.contextmanager
     def _mapped(self, key: str | None) -> Iterator[None]:
         try:
             yield
-        except StoreError:
-            raise
+        except TorchwarmError:
+            raise  # ours: a StoreError already mapped, or ObjectTooLarge
         except Exception as e:  # the SDK raises from several trees; none may escape
             if isinstance(e, (ValueError, TypeError)) and not isinstance(
                 e, (gexc.GoogleAPIError, media_exc.InvalidResponse)
@@ -161,41 +185,80 @@ class GCSStore:
 
     # -- the Store protocol --------------------------------------------------------
 
-    def read(self, key: str) -> bytes:
-        with self._mapped(key):
-            return self._blob(key).download_as_bytes(
-                raw_download=True, checksum="crc32c", retry=None, timeout=self._timeout
-            )
+    def read(self, key: str, limit: int) -> bytes:
+        return self.read_versioned(key, limit)[0]
 
-    def download(self, key: str, sink: BinaryIO, offset: int = 0) -> int:
+    def read_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
+        """The object's metadata first (size, generation, CRC32C): one over `limit` is
+        refused unread; otherwise that generation is read with a ranged GET for bytes
+        0..limit (at most limit + 1 bytes, whatever the metadata claimed) and checked
+        against the CRC32C. The version token is the generation."""
+        where = self._where(key)
+        with self._mapped(key):
+            meta = self._meta(key)
+            version = str(meta.generation)
+            if int(meta.size or 0) > limit:
+                raise ObjectTooLarge(where, limit, version)
+            out = _Capped(limit, lambda: ObjectTooLarge(where, limit, version))
+            if meta.size:  # an empty object has no byte 0 to ask for
+                self._range(key, meta.generation, 0, limit + 1, out)
+            data = out.buf.getvalue()
+            if meta.crc32c and _crc32c(data) != base64.b64decode(meta.crc32c):
+                raise TransientStoreError(f"{where}: CRC32C mismatch (corrupted in transit)")
+            return data, version
+
+    def _meta(self, key: str) -> Any:
+        meta = self._bucket.get_blob(self._key(key), retry=None, timeout=self._timeout)
+        if meta is None:
+            raise ObjectNotFound(f"{self._where(key)} does not exist")
+        return meta
+
+    def _range(self, key: str, generation: int, lo: int, hi: int, sink: Any) -> None:
+        """Stream bytes [lo, hi) of one generation of the object into `sink`."""
+        try:
+            self._blob(key, generation=generation).download_to_file(
+                sink,
+                start=lo,
+                end=hi - 1,
+                raw_download=True,
+                checksum=None,
+                retry=None,
+                timeout=self._timeout,
+            )
+        except gexc.NotFound:
+            # That generation is gone: replaced or deleted since its metadata was read.
+            raise TransientStoreError(
+                f"{self._where(key)}: changed while being read; reading it again"
+            ) from None
+
+    def download(self, key: str, sink: BinaryIO, offset: int = 0, limit: int | None = None) -> int:
         """Write the object (from byte `offset`) to `sink`; ranges in parallel when large.
 
-        One metadata GET gives size, generation and CRC32C; every range is pinned to
-        that generation. A whole download (offset 0) is checked against the CRC32C.
+        One metadata GET gives size, generation and CRC32C: an object over `limit` is
+        refused there, before any byte is requested; every range is pinned to that
+        generation. A whole download (offset 0) is checked against the CRC32C.
         """
+        where = self._where(key)
         with self._mapped(key):
-            meta = self._bucket.get_blob(self._key(key), retry=None, timeout=self._timeout)
-            if meta is None:
-                raise ObjectNotFound(f"{self._where(key)} does not exist")
+            meta = self._meta(key)
             size = int(meta.size or 0)
+            if limit is not None and size > limit:
+                raise ObjectTooLarge(where, limit)
             if offset >= size:
                 return 0
-            blob = self._blob(key, generation=meta.generation)
             out = _CrcSink(sink) if offset == 0 and meta.crc32c else None
 
             def fetch(lo: int, hi: int) -> bytes:
+                buf = _Capped(
+                    hi - lo,
+                    lambda: TransientStoreError(f"{where}: the store sent more than was asked"),
+                )
                 with self._mapped(key):
-                    data = blob.download_as_bytes(
-                        start=lo,
-                        end=hi - 1,
-                        raw_download=True,
-                        checksum=None,
-                        retry=None,
-                        timeout=self._timeout,
-                    )
+                    self._range(key, meta.generation, lo, hi, buf)
+                data = buf.buf.getvalue()
                 if len(data) != hi - lo:
                     raise TransientStoreError(
-                        f"{self._where(key)}: short read ({len(data)} of {hi - lo} bytes)"
+                        f"{where}: short read ({len(data)} of {hi - lo} bytes)"
                     )
                 return data
 
@@ -208,7 +271,7 @@ class GCSStore:
                 )
             if out is not None and out.crc.digest() != base64.b64decode(meta.crc32c):
                 raise TransientStoreError(
-                    f"{self._where(key)}: CRC32C mismatch after download (corrupted in transit)"
+                    f"{where}: CRC32C mismatch after download (corrupted in transit)"
                 )
             return size - offset
 
@@ -233,6 +296,16 @@ class GCSStore:
                 )
             except gexc.PreconditionFailed:
                 return False
+            return True
+
+    def put_if_version(self, key: str, data: bytes, version: str) -> bool:
+        with self._mapped(key):
+            try:
+                self._blob(key).upload_from_string(
+                    data, if_generation_match=int(version), retry=None, timeout=self._timeout
+                )
+            except gexc.PreconditionFailed:
+                return False  # another generation now, or none (deleted)
             return True
 
     def exists(self, key: str) -> bool:
@@ -267,3 +340,27 @@ class GCSStore:
 def _first_line(e: BaseException) -> str:
     text = str(getattr(e, "message", None) or e).strip()
     return one_line(text.splitlines()[0]) if text else type(e).__name__
+
+
+def _status(e: BaseException) -> int:
+    """The HTTP status of an SDK exception, 0 when it has none."""
+    if isinstance(e, gexc.GoogleAPICallError):
+        return int(e.code or 0)
+    if isinstance(e, media_exc.InvalidResponse):
+        return int(getattr(e.response, "status_code", 0) or 0)
+    return 0
+
+
+def _reason(e: BaseException) -> str:
+    """errors[0]["reason"] of a JSON API error ("notFound", "rateLimitExceeded", ...)."""
+    errors = getattr(e, "errors", None) if isinstance(e, gexc.GoogleAPICallError) else None
+    first = errors[0] if errors else None
+    return str(first.get("reason", "")) if isinstance(first, dict) else ""
+
+
+def _http(status: int, reason: str) -> str:
+    return f"HTTP {status} {reason}" if reason else f"HTTP {status}"
+
+
+def _crc32c(data: bytes) -> bytes:
+    return google_crc32c.Checksum(data).digest()

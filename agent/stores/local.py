@@ -3,30 +3,45 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import ObjectNotFound, StoreError
-from ..fsutil import atomic_writer, fsync_dir
+from ..errors import ObjectNotFound, ObjectTooLarge, StoreError
+from ..fsutil import fsync_dir
 from .base import ObjectInfo, check_key
 
 _CHUNK = 1 << 20
 _TMP_SUFFIX = ".tmp"
+_LOCK_NAME = ".torchwarm.lock"
 
 
 class LocalStore:
-    """Objects are files under `root`; every write is temp file + fsync + rename."""
+    """Objects are files under `root`; every write is temp file + fsync + rename.
+
+    Every write to a folder (put, put_file, put_if_absent, put_if_version, delete) takes
+    an exclusive flock on that folder's `.torchwarm.lock` for its final step only (the
+    rename, link or unlink; the bytes are written before), so that put_if_version's
+    compare and swap is atomic against every writer of the store, across processes.
+    On NFS this relies on the server's lock support (Linux maps flock onto NFSv4 locks).
+    A version token is `size-n-sha256(first n bytes)`, n = min(size, limit + 1): a content
+    digest like S3's ETag, computed without reading more than limit + 1 bytes.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.url = root.as_uri()
 
     def _path(self, key: str) -> Path:
-        return self.root / check_key(key)
+        path = self.root / check_key(key)
+        if path.name == _LOCK_NAME:
+            raise ValueError(f"invalid store key {key!r}: the name of the folder lock")
+        return path
 
     def _open(self, key: str) -> BinaryIO:
         path = self._path(key)
@@ -37,49 +52,53 @@ class LocalStore:
         except OSError as e:
             raise StoreError(f"cannot read {path}: {e.strerror}") from e
 
-    def read(self, key: str) -> bytes:
-        with self._open(key) as f:
-            return f.read()
+    def read(self, key: str, limit: int) -> bytes:
+        return self.read_versioned(key, limit)[0]
 
-    def download(self, key: str, sink: BinaryIO) -> int:
+    def read_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
         with self._open(key) as f:
+            data, version = _head(f, limit + 1)
+        if len(data) > limit:
+            raise ObjectTooLarge(f"{self.url}/{key}", limit, version)
+        return data, version
+
+    def download(self, key: str, sink: BinaryIO, limit: int | None = None) -> int:
+        where = f"{self.url}/{key}"
+        with self._open(key) as f:
+            if limit is not None and os.fstat(f.fileno()).st_size > limit:
+                raise ObjectTooLarge(where, limit)
             n = 0
-            while chunk := f.read(_CHUNK):
+            # Never read past limit + 1: a file that grows while it is read is caught too.
+            while chunk := f.read(_CHUNK if limit is None else min(_CHUNK, limit + 1 - n)):
+                if limit is not None and n + len(chunk) > limit:
+                    raise ObjectTooLarge(where, limit)
                 sink.write(chunk)
                 n += len(chunk)
             return n
 
     def put(self, key: str, data: bytes) -> None:
-        with self._writing(key) as f:
-            f.write(data)
+        self._commit(key, lambda f: f.write(data), _replace)
 
     def put_file(self, key: str, path: Path) -> None:
-        with path.open("rb") as src, self._writing(key) as f:  # a bad source: OSError, as S3/GCS
-            shutil.copyfileobj(src, f, _CHUNK)
+        with path.open("rb") as src:  # a bad source: OSError, as S3/GCS
+            self._commit(key, lambda f: shutil.copyfileobj(src, f, _CHUNK), _replace)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
-        target = self._path(key)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(
-                prefix=f".{target.name}.", suffix=_TMP_SUFFIX, dir=target.parent
-            )
+        return self._commit(key, lambda f: f.write(data), _link)
+
+    def put_if_version(self, key: str, data: bytes, version: str) -> bool:
+        def swap(tmp: str, target: Path) -> bool:
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.chmod(tmp, 0o644)
-                # link(2) fails with EEXIST if the name exists: exactly one racer wins.
-                os.link(tmp, target)
-            finally:
-                os.unlink(tmp)
-        except FileExistsError:
-            return False
-        except OSError as e:
-            raise StoreError(f"cannot write {target}: {e.strerror}") from e
-        fsync_dir(target.parent)
-        return True
+                with target.open("rb") as f:
+                    current = _head(f, int(version.split("-")[1]))[1]
+            except FileNotFoundError:
+                return False  # deleted since it was read
+            if current != version:
+                return False
+            os.replace(tmp, target)
+            return True
+
+        return self._commit(key, lambda f: f.write(data), swap)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -89,8 +108,8 @@ class LocalStore:
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
         for dirpath, _dirs, files in os.walk(base):
             for name in files:
-                if name.startswith(".") and name.endswith(_TMP_SUFFIX):
-                    continue  # a write in progress
+                if name == _LOCK_NAME or name.startswith(".") and name.endswith(_TMP_SUFFIX):
+                    continue  # the folder lock, or a write in progress
                 full = Path(dirpath, name)
                 key = full.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
@@ -107,14 +126,68 @@ class LocalStore:
             raise StoreError(f"cannot touch {self._path(key)}: {e.strerror}") from e
 
     def delete(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._path(key).unlink()
+        target = self._path(key)
+        if not target.parent.is_dir():
+            return
+        try:
+            with self._locked(target.parent), contextlib.suppress(FileNotFoundError):
+                target.unlink()
+        except OSError as e:
+            raise StoreError(f"cannot delete {target}: {e.strerror}") from e
 
-    @contextlib.contextmanager
-    def _writing(self, key: str) -> Iterator[BinaryIO]:
+    def _commit(
+        self, key: str, fill: Callable[[BinaryIO], object], swap: Callable[[str, Path], bool]
+    ) -> bool:
+        """Write a fsynced temp file beside the target with `fill`, then, holding the
+        folder's lock, let `swap(temp, target)` put it in place; return what swap says."""
         target = self._path(key)
         try:
-            with atomic_writer(target) as f:
-                yield f
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{target.name}.", suffix=_TMP_SUFFIX, dir=target.parent
+            )
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    fill(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o644)
+                with self._locked(target.parent):
+                    done = swap(tmp, target)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
         except OSError as e:
             raise StoreError(f"cannot write {target}: {e.strerror}") from e
+        if done:
+            fsync_dir(target.parent)
+        return done
+
+    @contextlib.contextmanager
+    def _locked(self, folder: Path) -> Iterator[None]:
+        fd = os.open(folder / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes
+            yield
+        finally:
+            os.close(fd)
+
+
+def _head(f: BinaryIO, n: int) -> tuple[bytes, str]:
+    """The first `n` bytes of an open object file, and the version token they give."""
+    size = os.fstat(f.fileno()).st_size
+    data = f.read(n)
+    return data, f"{size}-{len(data)}-{hashlib.sha256(data).hexdigest()}"
+
+
+def _replace(tmp: str, target: Path) -> bool:
+    os.replace(tmp, target)
+    return True
+
+
+def _link(tmp: str, target: Path) -> bool:
+    try:
+        os.link(tmp, target)  # fails with EEXIST if the name exists: exactly one racer wins
+    except FileExistsError:
+        return False
+    return True

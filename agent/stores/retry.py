@@ -109,24 +109,28 @@ class RetryingStore:
             ) from e
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def read(self, key: str) -> bytes:
-        return self._call(f"read({key})", lambda: self.inner.read(key))
+    def read(self, key: str, limit: int) -> bytes:
+        return self._call(f"read({key})", lambda: self.inner.read(key, limit))
 
-    def download(self, key: str, sink: BinaryIO) -> int:
+    def read_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
+        return self._call(f"read({key})", lambda: self.inner.read_versioned(key, limit))
+
+    def download(self, key: str, sink: BinaryIO, limit: int | None = None) -> int:
         counting = _CountingSink(sink)
         out = cast(BinaryIO, counting)
         resumable: Any = self.inner if getattr(self.inner, "resumable_download", False) else None
 
         def attempt() -> int:
             if resumable is not None:
-                resumable.download(key, out, offset=counting.written)
+                # `limit` counts from byte 0: the backend never asks past it in all.
+                resumable.download(key, out, offset=counting.written, limit=limit)
                 return counting.written
             if counting.written:
                 raise StoreError(
                     f"{self.url}/{key}: download failed after {counting.written} bytes "
                     "and this store cannot resume; try again"
                 )
-            return self.inner.download(key, out)
+            return self.inner.download(key, out, limit)
 
         return self._call(f"download({key})", attempt)
 
@@ -140,6 +144,13 @@ class RetryingStore:
         # If an attempt's request reached the store but its answer was lost, the retry
         # sees our own object and returns False: the data is stored either way.
         return self._call(f"put_if_absent({key})", lambda: self.inner.put_if_absent(key, data))
+
+    def put_if_version(self, key: str, data: bytes, version: str) -> bool:
+        # As for put_if_absent: if a write landed but its answer was lost, the retry sees
+        # our own object as a change and returns False; the caller reads again and sees it.
+        return self._call(
+            f"put_if_version({key})", lambda: self.inner.put_if_version(key, data, version)
+        )
 
     def exists(self, key: str) -> bool:
         return self._call(f"exists({key})", lambda: self.inner.exists(key))

@@ -28,13 +28,14 @@ from botocore.exceptions import (
     ConnectionClosedError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    IncompleteReadError,
     NoCredentialsError,
     PartialCredentialsError,
     ReadTimeoutError,
     ResponseStreamingError,
 )
 
-from ..errors import ObjectNotFound, StoreError, TransientStoreError, one_line
+from ..errors import ObjectNotFound, ObjectTooLarge, StoreError, TransientStoreError, one_line
 from .base import ObjectInfo, check_key
 from .transfer import write_ranges_in_order
 
@@ -60,6 +61,7 @@ _NETWORK_ERRORS = (
     ReadTimeoutError,
     ConnectionClosedError,
     ResponseStreamingError,
+    IncompleteReadError,  # a body shorter than its Content-Length
 )
 
 
@@ -221,40 +223,81 @@ class S3Store:
 
     # -- the Store protocol --------------------------------------------------------
 
-    def read(self, key: str) -> bytes:
-        with self._mapped(key):
-            resp = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
-            return resp["Body"].read()
+    def read(self, key: str, limit: int) -> bytes:
+        return self._read(key, limit)[0]
 
-    def download(self, key: str, sink: BinaryIO, offset: int = 0) -> int:
+    def read_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
+        data, etag = self._read(key, limit)
+        if not etag:
+            raise StoreError(
+                f"{self._where(key)}: the store sent no ETag, which conditional writes need; "
+                "use an S3 store that sends ETags"
+            )
+        return data, etag
+
+    def _read(self, key: str, limit: int) -> tuple[bytes, str]:
+        """One GET for `bytes=0-limit`: the server sends at most limit + 1 bytes, and its
+        Content-Range tells the whole size, so an oversized object is refused unread."""
+        where = self._where(key)
+        with self._mapped(key):
+            resp = self._ranged_get(key, 0, limit + 1)
+            etag = str(resp.get("ETag") or "")
+            total = _total_size(resp)
+            if total > limit:
+                _read_body(resp, 0)
+                raise ObjectTooLarge(where, limit, etag or None)
+            data = _read_body(resp, total)
+            if len(data) != total:
+                raise TransientStoreError(f"{where}: short read ({len(data)} of {total} bytes)")
+            return data, etag
+
+    def _ranged_get(self, key: str, start: int, end: int) -> Any:
+        """GET bytes [start, end); None when the object ends at or before `start` (non-zero).
+
+        An empty object answers 416 to every range, so a 416 at offset 0 is followed by
+        a plain GET; its body is then read only as far as the caller allows.
+        """
+        full = self._key(key)
+        try:
+            return self._client.get_object(
+                Bucket=self.bucket, Key=full, Range=f"bytes={start}-{end - 1}"
+            )
+        except ClientError as e:
+            if _code(e) != "InvalidRange":
+                raise
+            if start:
+                return None
+            return self._client.get_object(Bucket=self.bucket, Key=full)
+
+    def download(self, key: str, sink: BinaryIO, offset: int = 0, limit: int | None = None) -> int:
         """Write the object (from byte `offset`) to `sink`; ranges in parallel when large.
 
-        The first GET asks for one chunk; its Content-Range tells the size. A small
-        object is then done in one request; a large one fetches the remaining
-        chunks in parallel, pinned to the first answer's ETag.
+        The first GET asks for one chunk (never past byte `limit`); its Content-Range tells
+        the size. An object over `limit` is refused there, before a byte reaches the sink. A
+        small object is then done in one request; a large one fetches the remaining chunks
+        in parallel, pinned to the first answer's ETag.
         """
         chunk = self.options.chunk_size
         full = self._key(key)
+        where = self._where(key)
+        if limit is not None and offset > limit:
+            raise ObjectTooLarge(where, limit)
+        end = offset + chunk if limit is None else min(offset + chunk, limit + 1)
         with self._mapped(key):
-            try:
-                resp = self._client.get_object(
-                    Bucket=self.bucket, Key=full, Range=f"bytes={offset}-{offset + chunk - 1}"
-                )
-            except ClientError as e:
-                if _code(e) != "InvalidRange":
-                    raise
-                if offset:
-                    return 0  # nothing left past `offset`
-                resp = self._client.get_object(Bucket=self.bucket, Key=full)  # empty object
-            first = resp["Body"].read()
+            resp = self._ranged_get(key, offset, end)
+            if resp is None:
+                return 0  # nothing left past `offset`
             if offset and not resp.get("ContentRange"):
-                raise StoreError(f"{self._where(key)}: the store ignored a Range request")
-            total = _total_size(resp.get("ContentRange"), offset + len(first))
-            expected = min(chunk, total - offset)
+                _read_body(resp, 0)
+                raise StoreError(f"{where}: the store ignored a Range request")
+            total = _total_size(resp)
+            if limit is not None and total > limit:
+                _read_body(resp, 0)
+                raise ObjectTooLarge(where, limit)
+            expected = max(0, min(end, total) - offset)
+            first = _read_body(resp, expected)
             if len(first) != expected:
-                raise TransientStoreError(
-                    f"{self._where(key)}: short read ({len(first)} of {expected} bytes)"
-                )
+                raise TransientStoreError(f"{where}: short read ({len(first)} of {expected} bytes)")
             sink.write(first)
             start = offset + len(first)
             if start >= total:
@@ -267,10 +310,10 @@ class S3Store:
                     r = self._client.get_object(
                         Bucket=self.bucket, Key=full, Range=f"bytes={lo}-{hi - 1}", **extra
                     )
-                    data = r["Body"].read()
+                    data = _read_body(r, hi - lo)
                 if len(data) != hi - lo:
                     raise TransientStoreError(
-                        f"{self._where(key)}: short read ({len(data)} of {hi - lo} bytes)"
+                        f"{where}: short read ({len(data)} of {hi - lo} bytes)"
                     )
                 return data
 
@@ -369,6 +412,19 @@ class S3Store:
                 raise
             return True
 
+    def put_if_version(self, key: str, data: bytes, version: str) -> bool:
+        with self._mapped(key):
+            try:
+                self._client.put_object(
+                    Bucket=self.bucket, Key=self._key(key), Body=data, IfMatch=version
+                )
+            except ClientError as e:
+                # 412: replaced since; AWS answers 404 NoSuchKey (SeaweedFS 412) if deleted.
+                if _code(e) in ("PreconditionFailed", "NoSuchKey"):
+                    return False
+                raise
+            return True
+
     def exists(self, key: str) -> bool:
         with self._mapped(key):
             try:
@@ -408,13 +464,27 @@ class S3Store:
             )
 
 
-def _total_size(content_range: str | None, fallback: int) -> int:
-    """The total from 'bytes 0-99/1234'; `fallback` when the store sent the whole object."""
+def _total_size(resp: Any) -> int:
+    """The object's size: the total of a Content-Range ('bytes 0-99/1234'), or the
+    Content-Length of an answer that holds the whole object."""
+    content_range = resp.get("ContentRange")
     if content_range and "/" in content_range:
         total = content_range.rsplit("/", 1)[1]
         if total.isdigit():
             return int(total)
-    return fallback
+    return int(resp.get("ContentLength") or 0)
+
+
+def _read_body(resp: Any, n: int) -> bytes:
+    """At most `n` bytes of an answer's body; a body not read to its end is closed, so
+    that what the server sends past `n` is never read."""
+    body = resp["Body"]
+    length = resp.get("ContentLength")
+    if length is not None and int(length) <= n:
+        return body.read()  # to its end (Content-Length bounds it): the connection is reused
+    data = body.read(n) if n > 0 else b""
+    body.close()
+    return data
 
 
 def _code(e: ClientError) -> str:
