@@ -10,13 +10,14 @@ Fields in torch's own cache keys (its sources, GPU, CUDA, Triton, thread count) 
 need to be at least as fine as torch's: a coarser field would cost a useless download,
 never a wrong result. The CPU code-generation target is not in torch's keys and must be
 exact (cpu.py): a cache built for other CPU extensions *hits* and may compute wrong
-numbers. Values that only say where to cache or log, or that could hold a credential,
-never enter the fingerprint (it is stored in every manifest).
+numbers. Where torch keeps its caches, and anything that names a connection or could hold
+a credential, never enters the fingerprint (it is stored in every manifest).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import os
@@ -54,33 +55,41 @@ SOURCES = {
     "the vector flags torch adds",
     "threads": "$OMP_NUM_THREADS, $MKL_NUM_THREADS, and the CPUs and physical cores this "
     "process may run on (what torch.get_num_threads() follows)",
-    "compile_env": "$TORCH_COMPILE_JOB_ID and the TORCHINDUCTOR_* settings of code "
-    "generation (not where or whether to cache, log or connect; plain values only)",
+    "compile_env": "$TORCH_COMPILE_JOB_ID and the TORCHINDUCTOR_* settings (not the cache "
+    "location or switches, no connection or credential; a path enters as its digest)",
     "include_layout": "the Python include dir and torch's install dir (CPU kernel .so names "
     "hash compiler command lines that hold them)",
 }
 
-# TORCHINDUCTOR_* names that say where or whether to cache, log, profile or connect.
-_NOT_CODEGEN = re.compile(
-    r"CACHE|DIR|PATH|URL|HOST|PORT|LOG|DEBUG|TRACE|PROFILE|PROTON|REDIS|REMOTE|KEY|TOKEN"
-    r"|SECRET|PASSWORD|WORKER|THREADS|TIMEOUT|SAVE_ARGS"
+# TORCHINDUCTOR_* variables left out: where torch keeps its caches and whether it uses
+# them (a node's differ by design), and anything naming a connection or a credential.
+_LEFT_OUT = re.compile(
+    r"CACHE_DIR|(FX_GRAPH|AUTOGRAD)_CACHE(_DEFAULT)?"
+    r"|.*(^|_)(URL|URI|HOST|PORT|REDIS|REMOTE|KEY|TOKEN|SECRET|PASSWORD|PASS|AUTH|CREDENTIALS?)"
+    r"(_|$).*"
 )
-# A plain setting: a number, a flag, a name. Paths, URLs and credentials are not.
+# A plain setting: a number, a flag, a name. Other values (paths) enter as a digest.
 _PLAIN = re.compile(r"[A-Za-z0-9_.,:+-]{0,64}")
 _TRITON_DISTS = ("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu")
 
 
 def compile_env(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment variables that change torch.compile's output outside its own keys,
-    or change its keys for a reason worth naming in a miss: see SOURCES["compile_env"]."""
+    """The variables that set how torch generates code: TORCH_COMPILE_JOB_ID (PGO profiles,
+    outside torch's keys) and the TORCHINDUCTOR_* settings, which torch 2.13 puts in its
+    FX-graph key almost all (163 of its 169 config variables, log paths included), so that
+    a miss they cause is named. Left out: cache location and switches, and connections and
+    credentials (`_LEFT_OUT`). A value that is not a plain setting (a path) enters as
+    "sha256:" and 16 hex digits: it separates caches as torch does, and says nothing."""
     env = os.environ if environ is None else environ
     out = {}
     for k in sorted(env):
-        wanted = k == "TORCH_COMPILE_JOB_ID" or (
-            k.startswith("TORCHINDUCTOR_") and not _NOT_CODEGEN.search(k[len("TORCHINDUCTOR_") :])
-        )
-        if wanted and _PLAIN.fullmatch(env[k]):
-            out[k] = env[k]
+        if k == "TORCH_COMPILE_JOB_ID" or (
+            k.startswith("TORCHINDUCTOR_") and not _LEFT_OUT.fullmatch(k[len("TORCHINDUCTOR_") :])
+        ):
+            value = env[k]
+            if not _PLAIN.fullmatch(value):
+                value = "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:16]
+            out[k] = value
     return out
 
 
@@ -110,8 +119,8 @@ def collect(
         "cpu_vec_isa": info.vec_isa(machine, env.get("ATEN_CPU_CAPABILITY")),
         "cpu": info.target(machine, march, env.get("ATEN_CPU_CAPABILITY")),
         "threads": {
-            "omp": _plain(env.get("OMP_NUM_THREADS")),
-            "mkl": _plain(env.get("MKL_NUM_THREADS")),
+            "omp": _count(env.get("OMP_NUM_THREADS")),
+            "mkl": _count(env.get("MKL_NUM_THREADS")),
             "cpus": len(cpus),
             "cores": info.physical_cores(cpus),
         },
@@ -285,19 +294,26 @@ def _python_include() -> str:
     return sysconfig.get_paths()["include"]
 
 
-def _plain(value: str | None) -> str | None:
-    return value if value is not None and _PLAIN.fullmatch(value) else None
+def _count(value: str | None) -> str | None:
+    """A thread-count variable as OpenMP and MKL read it ("4", or "4,2" nested); anything
+    else they ignore, and so does the fingerprint."""
+    return value.strip() if value and re.fullmatch(r"\s*\d+(,\d+)*\s*", value) else None
 
 
-def torch_facts() -> dict[str, Any]:
-    """What torch itself says about the facts above (imports torch; builds its ISA probe in
-    a private temporary folder). For `torchwarm fingerprint --torch` and the tests that
-    check the fields above against torch."""
+def torch_facts(scratch: Path | None = None) -> dict[str, Any]:
+    """What torch itself says about the facts above (imports torch). For `torchwarm
+    fingerprint --torch` and the tests that check the fields above against torch.
+
+    torch builds and loads an ISA-probe library in its cache dir: in `scratch`, or by
+    default in a private temporary folder (mkdtemp: 0700, this user's), never a shared
+    one where another user could plant the library torch loads."""
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="torchwarm-isa-probe-") as scratch:
+    with contextlib.ExitStack() as stack:
+        if scratch is None:
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tw-isa-")))
         saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = scratch  # mkdtemp: 0700, this user's
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(scratch)
         try:
             import torch
             from torch._inductor import config as inductor_config
@@ -317,6 +333,12 @@ def torch_facts() -> dict[str, Any]:
                 "cpu_flags": _get_cpu_arch_cflags(get_cpp_compiler())
                 + isa.build_arch_flags().split(),
                 "cpp_march": inductor_config.cpp.march,
+                # The inductor settings torch puts in its FX-graph key (env-set ones too).
+                "inductor_config": hashlib.sha256(
+                    json.dumps(
+                        inductor_config.save_config_portable(), sort_keys=True, default=str
+                    ).encode()  # fmt: skip
+                ).hexdigest(),
                 "threads": torch.get_num_threads(),
                 "torch_dir": os.path.dirname(torch.__file__),
             }

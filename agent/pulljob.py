@@ -51,19 +51,21 @@ class Failure:
         """The error to raise in the supervisor (fail-closed): the worker's own class."""
         found = getattr(errors, self.kind, None)
         if isinstance(found, type) and issubclass(found, TorchwarmError):
-            return found(self.message)
+            error = found.__new__(found)  # its message as sent, whatever its __init__ takes
+            Exception.__init__(error, self.message)
+            return error
         return PullFailed(self.message, self.exit_code)
 
     @classmethod
     def of(cls, e: BaseException) -> Failure:
         if isinstance(e, TorchwarmError):
             return cls(type(e).__name__, e.exit_code, one_line(str(e)))
-        if isinstance(e, OSError):
+        if isinstance(e, OSError):  # this node's disk or files: a full disk, an I/O error
             where = f" ({e.filename})" if e.filename else ""
             return cls(
                 "InstallError",
                 InstallError.exit_code,
-                f"cannot write the cache on this node: {e.strerror or e}{where}",
+                one_line(f"I/O error on this node: {e.strerror or e}{where}"),
             )
         return cls("InternalError", 1, one_line(f"internal error: {type(e).__name__}: {e} (a bug)"))
 

@@ -1,0 +1,454 @@
+"""Never worse than cold: `pull`, `run` and `serve` in fail-open mode against everything
+that can go wrong around a node, each in a fresh process (the real CLI).
+
+Whatever happens short of SIGKILL of the agent, fail-open ends with exit 0 (or the exec
+of the app), the previous cache tree or none (never a partial one), and a ready marker
+that says `cold` and why in one line. With `--require`: non-zero, one line, nothing
+installed, no marker. Stores hold a synthetic cache made for this machine's fingerprint
+(no compiling): a pull that works installs exactly its files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+import zstandard
+from conftest import WORKLOAD
+from factories import make_tree, tree
+from servers import BUCKET, FAKE_AWS_ENV, fake_aws_env, free_port, s3_options
+from tcpfaults import Fault, TcpFaultProxy
+
+from torchwarm import archive, fingerprint, keys
+from torchwarm import manifest as mf
+from torchwarm.formats import Captured
+from torchwarm.publish import build_manifest, publish
+from torchwarm.stores import open_store
+from torchwarm.stores.local import LocalStore
+
+CLI = [sys.executable, "-m", "torchwarm.cli"]
+INJECT = str(Path(__file__).with_name("inject"))
+CACHE = {f"fxgraph/entry-{i}": os.urandom(2048) for i in range(8)} | {"kernels/k.so": b"so" * 99}
+PREVIOUS = {"earlier-entry": b"from a previous boot"}
+DEADLINE = 4.0
+
+
+@dataclass
+class Node:
+    """A config for one node: a local store (or another one), a cache volume, a marker."""
+
+    root: Path
+    doc: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def config(self) -> Path:
+        path = self.root / "node.yaml"
+        path.write_text(yaml.safe_dump(self.doc))
+        return path
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.doc["cache_dir"])
+
+    @property
+    def marker(self) -> Path:
+        return self.cache_dir.parent / "torchwarm-ready.json"
+
+    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **self.env})  # fmt: skip
+
+
+def synthetic_capture(folder: Path, files: dict[str, bytes]) -> list[Captured]:
+    src = make_tree(folder / "tree", files)
+    dest = folder / "cachedir.tar.zst"
+    archive.write(src, sorted(files), dest)
+    return [Captured("cachedir", dest, archive.MEDIA_TYPE)]
+
+
+def seeded(tmp_path: Path, unpacked: bool = True, captured: list[Captured] | None = None) -> Node:
+    """A local store holding a synthetic cache for this machine's fingerprint."""
+    store = LocalStore(tmp_path / "store")
+    caps = captured or synthetic_capture(tmp_path / "capture", CACHE)
+    summary = {"unpacked_bytes": sum(map(len, CACHE.values()))} if unpacked else {}
+    m, files = build_manifest("mlp", fingerprint.collect(), "cachedir", caps, summary)
+    publish(store, m, files)
+    volume = tmp_path / "volume"
+    volume.mkdir(exist_ok=True)
+    doc = {"store": store.url, "cache_dir": str(volume / "inductor"), "workloads": [WORKLOAD]}
+    return Node(tmp_path, doc)
+
+
+def s3_node(tmp_path: Path, port: int) -> Node:
+    """A node whose store is an S3 endpoint on 127.0.0.1:port (down or stuck)."""
+    (tmp_path / "volume").mkdir(exist_ok=True)
+    doc = {
+        "store": "s3://torchwarm-test-bucket/down",
+        "store_options": {
+            "endpoint_url": f"http://127.0.0.1:{port}",
+            "path_style": True,
+            "region": "us-east-1",
+            "attempts": 2,
+            "connect_timeout_s": 1,
+            "read_timeout_s": 60,
+        },  # fmt: skip
+        "cache_dir": str(tmp_path / "volume" / "inductor"),
+        "deadline_s": DEADLINE,
+        "workloads": [WORKLOAD],
+    }
+    return Node(tmp_path, doc, dict(FAKE_AWS_ENV))
+
+
+@pytest.fixture
+def black_hole() -> Iterator[int]:
+    """A loopback port that accepts connections and never answers."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield srv.getsockname()[1]
+    stop.set()
+    t.join()
+    for c in held:
+        c.close()
+    srv.close()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[Path, int], None]]:
+    """mount(path, kib): a real, small tmpfs at `path`, unmounted after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs (a real full filesystem) needs root")
+    mounted: list[Path] = []
+
+    def mount(path: Path, kib: int) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)],
+                       check=True)  # fmt: skip
+        mounted.append(path)
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def hostile_archive(path: Path) -> Captured:
+    """A tar+zstd whose one member's name holds a NUL byte (kept in a PAX header)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("fxgraph/" + "a" * 120 + "\x00.so")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(zstandard.ZstdCompressor().compress(buf.getvalue()))
+    return Captured("cachedir", path, archive.MEDIA_TYPE)
+
+
+def manifest_key_of(node: Node) -> Path:
+    return Path(node.doc["store"][len("file://") :]) / keys.manifest_key(
+        "mlp", fingerprint.digest(fingerprint.collect())
+    )
+
+
+# -- the scenarios: each makes a node and says what its cold reason must name -----------
+
+
+def healthy(tmp_path, request):
+    return seeded(tmp_path), None
+
+
+def no_manifest(tmp_path, request):
+    node = seeded(tmp_path)
+    manifest_key_of(node).unlink()
+    return node, "no cache for workload"
+
+
+def store_refused(tmp_path, request):
+    return s3_node(tmp_path, free_port()), "cannot reach the S3 endpoint"
+
+
+def store_stuck(tmp_path, request):
+    return s3_node(tmp_path, request.getfixturevalue("black_hole")), "deadline"
+
+
+def any_exception(tmp_path, request):
+    node = seeded(tmp_path)
+    node.env["TORCHWARM_TEST_INJECT"] = "torchwarm.resolve:resolve:raise"
+    return node, "internal error: RuntimeError: injected fault"
+
+
+def oserror_at_read(tmp_path, request):
+    node = seeded(tmp_path)
+    node.env["TORCHWARM_TEST_INJECT"] = "torchwarm.stores.local:LocalStore.download:oserror"
+    return node, "Input/output error"
+
+
+def worker_killed(tmp_path, request):
+    node = seeded(tmp_path)
+    node.env["TORCHWARM_TEST_INJECT"] = "torchwarm.fetch:fetch:kill-self"
+    return node, "killed by signal 9"
+
+
+def stuck_in_c(tmp_path, request):
+    node = seeded(tmp_path)
+    node.doc["deadline_s"] = DEADLINE
+    node.env["TORCHWARM_TEST_INJECT"] = "torchwarm.fetch:fetch:c-sleep"
+    return node, "deadline"
+
+
+# The blob is ~17 KiB (random, so it does not compress), unpacked ~17 KiB more.
+def disk_full_space_check(tmp_path, request):
+    node = seeded(tmp_path)
+    request.getfixturevalue("tmpfs")(tmp_path / "volume", 12)
+    return node, "not enough free space"
+
+
+def disk_full_at_download(tmp_path, request):
+    """The filesystem really fills up while the blob downloads (the space check is told
+    there is plenty)."""
+    node = seeded(tmp_path)
+    request.getfixturevalue("tmpfs")(tmp_path / "volume", 12)
+    node.env["TORCHWARM_TEST_INJECT"] = "os:statvfs:roomy"
+    return node, "No space left on device"
+
+
+def disk_full_at_install(tmp_path, request):
+    """Room for the download, not for the unpacked tree (a manifest that does not say its
+    unpacked size, as older seeds wrote them)."""
+    node = seeded(tmp_path, unpacked=False)
+    request.getfixturevalue("tmpfs")(tmp_path / "volume", 24)
+    return node, "no space left"
+
+
+def nul_member(tmp_path, request):
+    return seeded(tmp_path, captured=[hostile_archive(tmp_path / "evil.tar.zst")]), "NUL"
+
+
+def wrongly_typed_option(tmp_path, request):
+    node = seeded(tmp_path)
+    node.doc["store_options"] = {"connect_timeout_s": "soon"}
+    return node, "store_options.connect_timeout_s is 'soon'; expected a number"
+
+
+def huge_manifest(tmp_path, request):
+    node = seeded(tmp_path)
+    path = manifest_key_of(node)
+    with path.open("ab") as f:
+        f.write(b" " * (mf.MAX_MANIFEST_BYTES + 10))
+    return node, "bytes allowed"
+
+
+def huge_blob(tmp_path, request):
+    node = seeded(tmp_path)
+    doc = json.loads(manifest_key_of(node).read_bytes())
+    blob = Path(node.doc["store"][len("file://") :]) / keys.blob_key(doc["blobs"][0]["sha256"])
+    with blob.open("ab") as f:
+        f.write(os.urandom(1 << 20))
+    return node, "bytes allowed"
+
+
+def absurd_size(tmp_path, request):
+    """An (unsigned) manifest that claims a 1 TB blob: refused before any byte moves."""
+    node = seeded(tmp_path)
+    path = manifest_key_of(node)
+    doc = json.loads(path.read_bytes())
+    doc["blobs"][0]["size"] = 1 << 40
+    path.write_text(json.dumps(doc))
+    return node, "not enough free space"
+
+
+def range_stalled(tmp_path, request):
+    """An S3 blob fetched in parallel ranges, one of which stalls mid-body for longer than
+    the deadline: blocked reader threads must neither outlive the deadline nor hold the
+    agent's exit."""
+    server = request.getfixturevalue("seaweedfs_server")
+    big = {"fxgraph/big": os.urandom(12 << 20)}
+    caps = synthetic_capture(tmp_path / "capture", big)
+    m, files = build_manifest("mlp", fingerprint.collect(), "cachedir", caps, {})
+    url = f"s3://{BUCKET}/stall-{uuid.uuid4().hex[:12]}"
+    with pytest.MonkeyPatch.context() as mp:
+        fake_aws_env(mp)
+        publish(open_store(url, s3_options(server.endpoint)), m, files)
+    proxy = TcpFaultProxy(
+        int(server.endpoint.rsplit(":", 1)[1]),
+        match=lambda method, path: method == "GET" and "/blobs/" in path,
+        stall_s=120,
+    )
+    proxy.plan(Fault("pass"), Fault("stall", at=0.5))  # the second range stalls
+    request.addfinalizer(proxy.close)
+    node = s3_node(tmp_path, 0)
+    node.doc["store"] = url
+    node.doc["store_options"].update(endpoint_url=proxy.endpoint, chunk_size=5 << 20,
+                                     concurrency=2, attempts=1)  # fmt: skip
+    return node, "deadline"
+
+
+SCENARIOS: dict[str, Callable[..., tuple[Node, str | None]]] = {
+    f.__name__.replace("_", "-"): f
+    for f in (
+        healthy,
+        no_manifest,
+        store_refused,
+        store_stuck,
+        any_exception,
+        oserror_at_read,
+        worker_killed,
+        stuck_in_c,
+        disk_full_space_check,
+        disk_full_at_download,
+        disk_full_at_install,
+        nul_member,
+        wrongly_typed_option,
+        huge_manifest,
+        huge_blob,
+        absurd_size,
+        range_stalled,
+    )
+}
+
+
+def reasons(doc: dict) -> list[str]:
+    return [doc["reason"]] if doc.get("reason") else [w["reason"] for w in doc["workloads"]]
+
+
+def assert_cold(node: Node, why: str, before: dict[str, bytes]) -> None:
+    """The marker says cold and why, in one line each; the tree is as it was."""
+    doc = json.loads(node.marker.read_text())
+    assert doc["status"] == "cold"
+    assert all(r and "\n" not in r for r in reasons(doc))
+    assert any(why in r for r in reasons(doc)), reasons(doc)
+    assert tree(node.cache_dir) == before
+
+
+def assert_warm(node: Node) -> None:
+    assert json.loads(node.marker.read_text())["status"] == "warm"
+    assert tree(node.cache_dir) == {**PREVIOUS, **CACHE}
+
+
+@pytest.fixture(params=sorted(SCENARIOS))
+def scenario(request, tmp_path) -> tuple[Node, str | None]:
+    node, why = SCENARIOS[request.param](tmp_path, request)
+    node.env["PYTHONPATH"] = os.pathsep.join([INJECT, os.environ.get("PYTHONPATH", "")])
+    make_tree(node.cache_dir, PREVIOUS)  # an earlier boot's tree, to keep intact
+    return node, why
+
+
+def test_pull_fail_open(scenario):
+    """`pull`: exit 0, one `starting cold` line, a cold marker saying why, tree untouched."""
+    node, why = scenario
+    t0 = time.monotonic()
+    proc = node.run("pull", "-c", str(node.config))
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - t0 < DEADLINE + 2 + 1  # + the interpreter's own start
+    if why is None:
+        return assert_warm(node)
+    assert "starting cold" in proc.stdout and why in proc.stdout
+    assert_cold(node, why, PREVIOUS)
+
+
+def test_pull_fail_closed(scenario):
+    """`pull --require`: non-zero, one line on stderr, nothing installed, no marker."""
+    node, why = scenario
+    proc = node.run("pull", "-c", str(node.config), "--require")
+    if why is None:
+        return assert_warm(node)
+    assert proc.returncode != 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and why in lines[0], lines
+    assert not node.marker.exists() and tree(node.cache_dir) == PREVIOUS
+
+
+APP = "import os; print('APP RAN with', os.environ.get('TORCHINDUCTOR_CACHE_DIR'))"
+
+
+def test_run_fail_open(scenario):
+    """`run -- APP`: the app runs, with the cache dir set, whatever the pull met."""
+    node, why = scenario
+    proc = node.run("run", "-c", str(node.config), "--", sys.executable, "-c", APP)
+    assert proc.returncode == 0, proc.stderr
+    assert f"APP RAN with {node.cache_dir}" in proc.stdout
+    if why is None:
+        return assert_warm(node)
+    assert "starting cold" in proc.stderr
+    assert_cold(node, why, PREVIOUS)
+
+
+def readyz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def test_serve_fail_open(scenario):
+    """`serve`: /readyz turns 200 (ready: cold) within the deadline, and SIGTERM exits 0."""
+    node, why = scenario
+    port = free_port()
+    proc = subprocess.Popen([*CLI, "serve", "-c", str(node.config), "--listen",
+                             f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **node.env})  # fmt: skip
+    try:
+        deadline = time.monotonic() + DEADLINE + 10
+        status, body = readyz(port)
+        while status != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            status, body = readyz(port)
+        assert status == 200, body
+        assert body.strip() == ("ready: warm" if why is None else "ready: cold")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+    if why is None:
+        return assert_warm(node)
+    assert_cold(node, why, PREVIOUS)
+
+
+def test_one_workload_that_fails_leaves_the_others_warm(tmp_path):
+    """Two workloads, one of whose blobs cannot be installed: the other is installed and
+    warm, the failing one starts cold and says why."""
+    node = seeded(tmp_path)
+    evil = hostile_archive(tmp_path / "evil.tar.zst")
+    m, files = build_manifest("evil", fingerprint.collect(), "cachedir", [evil], {})
+    publish(LocalStore(tmp_path / "store"), m, files)
+    node.doc["workloads"] = [WORKLOAD, {**WORKLOAD, "name": "evil"}]
+    proc = node.run("pull", "-c", str(node.config))
+    assert proc.returncode == 0
+    doc = json.loads(node.marker.read_text())
+    assert doc["status"] == "partial"
+    by_name = {w["workload"]: w for w in doc["workloads"]}
+    assert by_name["mlp"]["status"] == "warm" and by_name["evil"]["status"] == "cold"
+    assert "NUL" in by_name["evil"]["reason"]
+    assert tree(node.cache_dir) == CACHE
