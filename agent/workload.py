@@ -21,6 +21,8 @@ from .errors import ConfigError, WarmupError
 COUNTERS = {
     "inductor": ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass"),
     "aot_autograd": ("autograd_cache_hit", "autograd_cache_miss", "autograd_cache_bypass"),
+    # Precompiled Dynamo entries (TORCH_CACHING_PRECOMPILE=1): a hit skips Dynamo too.
+    "dynamo_cache": ("dynamo_cache_hit", "dynamo_cache_miss", "dynamo_cache_error"),
 }
 
 

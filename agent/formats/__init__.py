@@ -9,10 +9,13 @@ from ..errors import ConfigError
 from .base import Captured, Format
 from .cachedir import CacheDirFormat
 from .megacache import MegaCacheFormat
+from .precompile import PrecompileFormat
 
 __all__ = ["Captured", "Format", "get", "FORMATS"]
 
-FORMATS: dict[str, Format] = {f.name: f for f in (CacheDirFormat(), MegaCacheFormat())}
+FORMATS: dict[str, Format] = {
+    f.name: f for f in (CacheDirFormat(), MegaCacheFormat(), PrecompileFormat())
+}
 
 
 def get(name: str) -> Format:
