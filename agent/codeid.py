@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.machinery
+import importlib.util
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,11 +53,19 @@ def top_level(model: str) -> str:
 def code_files(package: str, search_path: Sequence[str] | None = None) -> dict[str, Path]:
     """The code files of the top-level `package`: a stable name for each -> its path.
 
-    Found with importlib's PathFinder, which reads directories and never executes the
-    package. Raises ConfigError when nothing on the search path provides `package`.
+    Found as `import` would find it but never executed: without `search_path`, by this
+    interpreter's finders (sys.meta_path: sys.path entries, and editable installs, whose
+    finders map names to folders outside sys.path); with it, by importlib's PathFinder
+    over those folders only. A top-level name has no parent package to import first.
+    Raises ConfigError when nothing provides `package`.
     """
-    path = [str(p) for p in (sys.path if search_path is None else search_path)]
-    spec = importlib.machinery.PathFinder.find_spec(package, path)
+    if search_path is None:
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError) as e:
+            raise ConfigError(f"package {package!r} cannot be located: {e}") from None
+    else:
+        spec = importlib.machinery.PathFinder.find_spec(package, [str(p) for p in search_path])
     if spec is None:
         raise ConfigError(f"package {package!r} is not on this Python's path")
     files: dict[str, Path] = {}
@@ -87,7 +95,8 @@ def _walk(root: Path) -> list[Path]:
 
 
 def code_identity(model: str, search_path: Sequence[str] | None = None) -> CodeIdentity:
-    """The identity of the code behind `model` as found on `search_path` (sys.path)."""
+    """The identity of the code behind `model`, found on `search_path` (default: as this
+    interpreter would import it)."""
     package = top_level(model)
     files = code_files(package, search_path)
     h = hashlib.sha256(f"torchwarm-code-identity-1\0{package}\0".encode())

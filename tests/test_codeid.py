@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import torchwarm
 from torchwarm import codeid
 from torchwarm.config import CompileOptions, TensorSpec, Workload
 from torchwarm.errors import ConfigError
@@ -100,6 +101,15 @@ def test_a_top_level_module_is_hashed_with_its_sibling_modules(tmp_path):
     assert before.package == "mymodel" and before.files == 2
     (tmp_path / "helpers.py").write_text("def f(): return 2\n")
     assert codeid.code_identity("mymodel:build", [str(tmp_path)]).sha256 != before.sha256
+
+
+def test_without_a_search_path_the_interpreters_finders_are_used():
+    """An editable install (a meta-path finder, not a sys.path entry, as torchwarm's own
+    dev install) is found and hashed without a search path."""
+    agent = Path(torchwarm.__file__).parent
+    expected = sum(1 for p in agent.rglob("*.py") if "__pycache__" not in p.parts)
+    got = codeid.code_identity("torchwarm.models:mlp")
+    assert got.package == "torchwarm" and got.files == expected
 
 
 def test_a_missing_package_is_a_config_error_naming_it(tmp_path):
