@@ -14,12 +14,19 @@ import binascii
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError, IntegrityError
 from .manifest import Manifest
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+
+# cryptography is imported where a key is used, not here: a node or seed without keys
+# (the local-folder path, e.g. an offline GPU box) then runs without the package.
 
 ALGORITHM = "ed25519"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -47,6 +54,8 @@ def generate(name: str) -> tuple[str, str]:
     """A new key pair as (secret text, public text), both `name:base64`."""
     if not _NAME.fullmatch(name):
         raise ConfigError(f"key name {name!r}: use letters, digits, '.', '_', '-', e.g. seed-1")
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = Ed25519PrivateKey.generate()
     secret = base64.b64encode(key.private_bytes_raw()).decode()
     return f"{name}:{secret}", SigningKey(name, key).public_text()
@@ -67,6 +76,8 @@ def _split(text: str, where: str, size: int) -> tuple[str, bytes]:
 
 
 def load_secret(text: str, where: str) -> SigningKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     name, raw = _split(text, where, 32)
     return SigningKey(name, Ed25519PrivateKey.from_private_bytes(raw))
 
@@ -80,6 +91,10 @@ def load_secret_file(path: Path) -> SigningKey:
 
 
 def load_trusted(texts: list[str], where: str) -> TrustedKeys:
+    if not texts:
+        return TrustedKeys({})
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     keys = {}
     for i, text in enumerate(texts):
         name, raw = _split(text, f"{where}[{i}]", 32)
@@ -101,6 +116,7 @@ def sign(m: Manifest, key: SigningKey) -> Manifest:
 
 def verify(m: Manifest, trusted: TrustedKeys, where: str) -> None:
     """Raise IntegrityError unless `m` carries a valid signature by a trusted key."""
+    from cryptography.exceptions import InvalidSignature
 
     def refuse(why: str) -> IntegrityError:
         return IntegrityError(f"manifest {where}: {why}; refusing it")
