@@ -44,6 +44,7 @@ class Cell:
     fmt: str
     warmup_s: float | None = None
     node_s: float | None = None
+    load_s: float | None = None  # of node_s: torch.compile(), where precompile loads
     local_warm_s: float | None = None
     counters: str = ""
     note: str = ""
@@ -174,6 +175,7 @@ def node_cell(cfg: str, work: Path, cell: Cell, env: dict[str, str]) -> None:
         step = "node probe"
         r = probe(cfg, node, cell.workload, env=got["app_env"])
         cell.node_s, cell.counters = r["first_call_s"], counters_line(r["counters"])
+        cell.load_s = r.get("compile_s")
         cell.extra["node_max_abs_diff"] = max(s["max_abs_diff"] for s in r["input_sets"])
         step = "local-warm probe"
         cell.local_warm_s = probe(cfg, node, cell.workload)["first_call_s"]
@@ -189,10 +191,12 @@ def fmt_s(x: float | None) -> str:
 
 
 def render(cells: list[Cell], cold: dict[str, Any], env_line: str, wall: float) -> str:
-    head = ("| mode | format | cold | node after pull | local-warm | node / local-warm | "
+    head = ("| mode | format | cold | node after pull | of which load | local-warm | "
+            "node / local-warm | "
             "node counters (dynamo, fxgraph, aot hit/miss) | max diff | note |")  # fmt: skip
-    lines = [f"{env_line}; first call of every input set, compile included, torch "
-             f"import excluded; {wall:.0f} s in all", "", head, "|" + "---|" * 9]  # fmt: skip
+    lines = [f"{env_line}; seconds of torch.compile() + the first call of every input set "
+             f"(compile included, imports excluded); {wall:.0f} s in all", "", head,
+             "|" + "---|" * 10]  # fmt: skip
     for c in cells:
         cd = cold.get(c.mode)
         cold_s = f"{cd:.2f} s" if isinstance(cd, float) else str(cd)
@@ -200,7 +204,8 @@ def render(cells: list[Cell], cold: dict[str, Any], env_line: str, wall: float) 
                  else "-")  # fmt: skip
         diff = c.extra.get("node_max_abs_diff")
         lines.append(
-            f"| {c.mode} | {c.fmt} | {cold_s} | {fmt_s(c.node_s)} | {fmt_s(c.local_warm_s)} | "
+            f"| {c.mode} | {c.fmt} | {cold_s} | {fmt_s(c.node_s)} | {fmt_s(c.load_s)} | "
+            f"{fmt_s(c.local_warm_s)} | "
             f"{ratio} | {c.counters or '-'} | {'-' if diff is None else f'{diff:.1e}'} | "
             f"{c.note} |"
         )

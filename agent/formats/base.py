@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Captured:
-    role: str  # what the blob is to its format: "cachedir", "megacache", "kernels"
+    role: str  # what the blob is to its format: "cachedir", "megacache", "kernels", "dynamo"
     path: Path
     media_type: str
 
