@@ -98,8 +98,8 @@ def main() -> int:
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--tiny", action="store_true", help="a one-block d=32 model (script test)")
     ap.add_argument("--jobs", type=int, default=0, help="parallel warm-ups (default: all)")
-    ap.add_argument("--budget-s", type=float, default=330.0,
-                    help="no new probe after this many seconds (default: 330)")  # fmt: skip
+    ap.add_argument("--budget-s", type=float, default=300.0,
+                    help="no new probe after this many seconds (default: 300)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None, help="write gpu-table.txt, gpu.json here")
     a = ap.parse_args()
     t0 = time.monotonic()
