@@ -106,6 +106,29 @@ def extract(src: Path, dest: Path, limits: Limits = Limits()) -> list[str]:
     return names
 
 
+def members(src: Path, limits: Limits = Limits()) -> list[str]:
+    """The names of the regular files in `src`, checked as extract() checks them; writes
+    nothing."""
+    names: list[str] = []
+    try:
+        with (
+            src.open("rb") as raw,
+            zstandard.ZstdDecompressor().stream_reader(raw) as zr,
+            tarfile.open(fileobj=zr, mode="r|") as tar,
+        ):
+            for member in tar:
+                rel = _check_member(member, src)
+                if len(names) >= limits.max_members:
+                    raise ArchiveError(
+                        f"{src.name}: more than {limits.max_members} members; refusing"
+                    )
+                if member.isreg():
+                    names.append(rel)
+    except (tarfile.TarError, zstandard.ZstdError, EOFError) as e:
+        raise ArchiveError(f"{src.name}: not a valid tar+zstd archive ({e})") from None
+    return names
+
+
 def _check_member(member: tarfile.TarInfo, src: Path) -> str:
     name = member.name
     where = f"{src.name}: member {name!r}"

@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .signing import SigningKey, TrustedKeys
 from .stores import Store, StoreOptions, open_store
 
-FORMATS = ("cachedir", "megacache")
+FORMATS = ("cachedir", "megacache", "precompile")
 DEFAULT_FORMAT = "cachedir"  # measured faster on the node; see README "Measured"
 DEFAULT_DEADLINE_S = 300.0  # a node never waits longer than this on a sick store
 # A warm-up child still running after this is killed (with its children): a hung compile

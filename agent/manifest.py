@@ -17,8 +17,12 @@ from .errors import ManifestError
 
 FORMAT_VERSION = 1
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_KNOWN_FORMATS = ("cachedir", "megacache")
-_ROLES = {"cachedir": {"cachedir"}, "megacache": {"megacache", "kernels"}}
+_KNOWN_FORMATS = ("cachedir", "megacache", "precompile")
+_ROLES = {
+    "cachedir": {"cachedir"},
+    "megacache": {"megacache", "kernels"},
+    "precompile": {"cachedir", "dynamo"},
+}
 MAX_MANIFEST_BYTES = 1 << 20
 
 
@@ -143,6 +147,9 @@ def parse(data: bytes, where: str) -> Manifest:
     claimed = get("fingerprint_digest", str)
     if fingerprint.digest(fp) != claimed:
         raise bad("fingerprint_digest does not match its fingerprint fields")
+    warmup = get("warmup", dict)
+    if fmt == "precompile":
+        _check_precompile(warmup.get("precompile"), bad)
     serial = get("serial", int)
     if serial < 0:
         raise bad("field 'serial' is negative")
@@ -154,12 +161,47 @@ def parse(data: bytes, where: str) -> Manifest:
         fingerprint=fp,
         format=fmt,
         blobs=blobs,
-        warmup=get("warmup", dict),
+        warmup=warmup,
         created_at=get("created_at", str),
         created_by=get("created_by", str),
         serial=serial,
         signature=signature,
     )
+
+
+def _check_precompile(meta: Any, bad: Any) -> None:
+    """warmup.precompile of a precompile manifest: the node decides from it (precompile.py).
+
+    A scheme this reader does not know is left to that decision (which then leaves the
+    entries out); the fields of scheme 1 must have their types.
+    """
+    if not isinstance(meta, dict):
+        raise bad("format 'precompile' needs an object warmup.precompile")
+    scheme = meta.get("scheme")
+    if not isinstance(scheme, int) or isinstance(scheme, bool):
+        raise bad("warmup.precompile.scheme is not an integer")
+    if scheme != 1:
+        return
+    ident = meta.get("code_identity")
+    if (
+        not isinstance(ident, dict)
+        or not isinstance(ident.get("package"), str)
+        or not isinstance(ident.get("sha256"), str)
+        or not _SHA256.fullmatch(ident["sha256"])
+        or not isinstance(ident.get("files"), int)
+    ):
+        raise bad("warmup.precompile.code_identity needs package, sha256 and files")
+    if not isinstance(meta.get("workload_sha256"), str) or not _SHA256.fullmatch(
+        meta["workload_sha256"]
+    ):
+        raise bad("warmup.precompile.workload_sha256 is not 64 lowercase hex digits")
+    keys = meta.get("dynamo_keys")
+    if (
+        not isinstance(keys, list)
+        or not keys
+        or not all(isinstance(k, str) and _SHA256.fullmatch(k) for k in keys)
+    ):
+        raise bad("warmup.precompile.dynamo_keys is not a non-empty list of sha256 keys")
 
 
 def _blob(b: Any, i: int, bad: Any) -> BlobRef:

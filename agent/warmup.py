@@ -161,6 +161,7 @@ def warmup(
     captured = fmt.capture(cache, out_dir)
     unpacked = sum((cache / m).stat().st_size for m in formats.cache_members(cache))
     summary = {
+        **fmt.manifest_fields(w, out_dir),
         "mode": w.mode,
         "device": w.device,
         "compile": w.compile.as_kwargs(),
@@ -231,9 +232,11 @@ def _child(argv: list[str]) -> int:
 
     try:
         w = cfgmod.parse_workload(json.loads(a.workload_json), "--workload-json")
+        fmt = formats.get(a.format)
+        fmt.prepare_in_process(w, a.out)
         report = workload.run(w)  # first: its first-call time is the honest cold figure
         fields = fingerprint.collect()
-        formats.get(a.format).save_in_process(a.out)
+        fmt.save_in_process(w, a.out)
     except TorchwarmError as e:
         print(f"torchwarm: error: {e}", file=sys.stderr)
         return e.exit_code

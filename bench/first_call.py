@@ -1,63 +1,46 @@
 """First-call seconds on a fresh node, per capture format: cold, after pull, local-warm.
 
-Every number comes from `torchwarm probe` in a new process (torch import excluded, the
-compile included), run side by side in one invocation because this machine is noisy:
+Every number comes from `torchwarm probe` in a new process: torch.compile() plus the first
+call of every input set (torch and backend imports excluded), run side by side in one
+invocation because this machine is noisy:
     cold          empty cache dir
-    node          empty cache dir, then `torchwarm pull` from a local-folder store
-    local-warm    the node's cache dir again, now warmed by its own first run
-Usage: python bench/first_call.py [-c configs/example.yaml] [--formats cachedir,megacache]
-       [--repeat 3]
+    node          empty cache dir, then a pull from a local-folder store; for `precompile`
+                  the app runs with TORCH_CACHING_PRECOMPILE=1 when the pull installed
+                  the precompiled entries (bench/nodes.py), which torch loads in
+                  torch.compile() ("load" below; milliseconds on the FX-graph path)
+    local-warm    the node's cache dir again, now warmed by its own first run, without
+                  precompile: the speed a node reaches through the FX-graph cache
+Usage: python bench/first_call.py [-c configs/example.yaml]
+       [--formats cachedir,megacache,precompile] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def torchwarm(*args: str, env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "torchwarm.cli", *args],
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    if proc.returncode != 0:
-        sys.exit(f"torchwarm {args[0]} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def probe(config: str, cache_dir: Path, workload: str) -> dict:
-    out = torchwarm("probe", "-c", config, "--workload", workload, "--cache-dir", str(cache_dir),
-                    "--json")  # fmt: skip
-    return json.loads(out.strip().splitlines()[-1])
+from nodes import ROOT, counters_line, probe, pull, torchwarm
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-c", "--config", default=str(ROOT / "configs" / "example.yaml"))
     ap.add_argument("--workload", default=None, help="default: the config's first workload")
-    ap.add_argument("--formats", default="cachedir,megacache",
+    ap.add_argument("--formats", default="cachedir,megacache,precompile",
                     help="comma-separated, or 'config' for the config's own format")  # fmt: skip
     ap.add_argument("--repeat", type=int, default=3, help="nodes per format (median reported)")
     a = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
     from torchwarm import config as cfgmod
 
     cfg = cfgmod.load(a.config)
     workload = a.workload or cfg.workloads[0].name
     formats = [cfg.format] if a.formats == "config" else a.formats.split(",")
     rows: dict[str, dict[str, list[float]]] = {}
+    counters: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="torchwarm-bench-") as tmp:
         work = Path(tmp)
         envs = {}
@@ -66,7 +49,7 @@ def main() -> int:
                          "TORCHWARM_FORMAT": fmt}  # fmt: skip
             print(f"[{fmt}] seed: warm-up and push …", flush=True)
             torchwarm("warmup", "-c", a.config, "--workload", workload, "--push", env=envs[fmt])
-            rows[fmt] = {"node": [], "local-warm": []}
+            rows[fmt] = {"node": [], "load": [], "local-warm": []}
         cold = []
         # Rounds interleave the formats so that machine noise hits them alike.
         for i in range(a.repeat):
@@ -76,24 +59,30 @@ def main() -> int:
             line = [f"round {i + 1}/{a.repeat}: cold {cold[-1]:.2f} s"]
             for fmt in formats:
                 node = work / f"node-{fmt}-{i}" / "inductor"
-                torchwarm("pull", "-c", a.config, "--workload", workload, "--require",
-                          "--cache-dir", str(node), env=envs[fmt])  # fmt: skip
-                after_pull = probe(a.config, node, workload)
-                if after_pull["counters"]["fxgraph_cache_miss"]:
-                    sys.exit(f"[{fmt}] the node missed torch's cache: {after_pull['counters']}")
+                got = pull(a.config, workload, node, env=envs[fmt])
+                if fmt == "precompile" and not got["precompiled"]:
+                    print(f"[{fmt}] entries left out: {got['reason']}", flush=True)
+                after_pull = probe(a.config, node, workload, env=got["app_env"])
+                c = after_pull["counters"]
+                if c["fxgraph_cache_miss"] and not c.get("dynamo_cache_hit"):
+                    sys.exit(f"[{fmt}] the node missed torch's cache: {c}")
+                counters[fmt] = counters_line(c)
                 rows[fmt]["node"].append(after_pull["first_call_s"])
+                rows[fmt]["load"].append(after_pull["compile_s"])
                 rows[fmt]["local-warm"].append(probe(a.config, node, workload)["first_call_s"])
-                line.append(f"{fmt} node {rows[fmt]['node'][-1]:.2f} s / local-warm "
+                line.append(f"{fmt} node {rows[fmt]['node'][-1]:.3f} s / local-warm "
                             f"{rows[fmt]['local-warm'][-1]:.2f} s")  # fmt: skip
             print(", ".join(line), flush=True)
     c = statistics.median(cold)
-    print(f"\nworkload {workload!r}, median of {a.repeat} fresh node(s) per format, "
-          f"first call in seconds (compile included)")  # fmt: skip
-    print(f"{'format':10} {'cold':>7} {'node':>7} {'local-warm':>11} {'node/local-warm':>16} "
-          f"{'cold/node':>10}")  # fmt: skip
+    print(f"\nworkload {workload!r}, median of {a.repeat} fresh node(s) per format, seconds "
+          f"of torch.compile() + first calls (node: of which load in torch.compile())")  # fmt: skip
+    print(f"{'format':10} {'cold':>7} {'node':>7} {'load':>6} {'local-warm':>11} "
+          f"{'node/local-warm':>16} {'cold/node':>10}  node counters (hit/miss)")  # fmt: skip
     for fmt, r in rows.items():
         n, w = statistics.median(r["node"]), statistics.median(r["local-warm"])
-        print(f"{fmt:10} {c:7.2f} {n:7.2f} {w:11.2f} {n / w:16.2f} {c / n:10.2f}")
+        load = statistics.median(r["load"])
+        print(f"{fmt:10} {c:7.2f} {n:7.3f} {load:6.3f} {w:11.2f} {n / w:16.3f} {c / n:10.1f}  "
+              f"{counters[fmt]}")  # fmt: skip
     return 0
 
 

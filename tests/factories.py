@@ -53,8 +53,8 @@ def manifest(
 ) -> Manifest:
     """A valid Manifest; `blobs` defaults to one blob per role the format needs."""
     if blobs is None:
-        roles = ("cachedir",) if fmt == "cachedir" else ("kernels", "megacache")
-        blobs = tuple(blob(r, r.encode()) for r in roles)
+        roles = {"megacache": ("kernels", "megacache"), "precompile": ("cachedir", "dynamo")}
+        blobs = tuple(blob(r, r.encode()) for r in roles.get(fmt, ("cachedir",)))
     extra.setdefault("created_at", "2024-01-02T03:04:05Z")
     extra.setdefault("created_by", "torchwarm test")
     extra.setdefault("warmup", {"input_sets": [[{"shape": [4, 64], "dynamic": [0]}]]})

@@ -1,6 +1,8 @@
 """Capture formats: how a warm cache becomes blobs, and how blobs become a cache again.
 
-Every format implements the same three steps (see base.py); `get(name)` picks one.
+Every format implements the same steps (see base.py): prepare and save in the warm-up
+child, capture after it, describe for the manifest, install on the node. `get(name)`
+picks one.
 """
 
 from __future__ import annotations
@@ -9,10 +11,13 @@ from ..errors import ConfigError
 from .base import Captured, Format, cache_members
 from .cachedir import CacheDirFormat
 from .megacache import MegaCacheFormat
+from .precompile import PrecompileFormat
 
 __all__ = ["Captured", "Format", "cache_members", "get", "FORMATS"]
 
-FORMATS: dict[str, Format] = {f.name: f for f in (CacheDirFormat(), MegaCacheFormat())}
+FORMATS: dict[str, Format] = {
+    f.name: f for f in (CacheDirFormat(), MegaCacheFormat(), PrecompileFormat())
+}
 
 
 def get(name: str) -> Format:

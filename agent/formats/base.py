@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..config import Workload
 
 
 @dataclass(frozen=True)
 class Captured:
-    role: str  # what the blob is to its format: "cachedir", "megacache", "kernels"
+    role: str  # what the blob is to its format: "cachedir", "megacache", "kernels", "dynamo"
     path: Path
     media_type: str
 
@@ -18,7 +21,12 @@ class Captured:
 class Format(Protocol):
     name: str
 
-    def save_in_process(self, out_dir: Path) -> None:
+    def prepare_in_process(self, w: Workload, out_dir: Path) -> None:
+        """In the warm-up child, before compiling: set torch up for this capture, or raise
+        ConfigError (one line) for a workload the format cannot capture."""
+        ...
+
+    def save_in_process(self, w: Workload, out_dir: Path) -> None:
         """In the warm-up child, after compiling: save what only that process can see."""
         ...
 
@@ -26,24 +34,52 @@ class Format(Protocol):
         """After the child has exited: turn its cache dir (and saves) into blob files."""
         ...
 
-    def install(self, blobs: dict[str, Path], staging: Path) -> None:
-        """Fill the directory `staging` (the future cache dir) from verified blob files."""
+    def manifest_fields(self, w: Workload, out_dir: Path) -> dict[str, Any]:
+        """Extra fields for the manifest's `warmup` object (docs/format.md), after capture."""
+        ...
+
+    def install(self, blobs: dict[str, Path], staging: Path, *, precompiled: bool = False) -> None:
+        """Fill the directory `staging` (the future cache dir) from verified blob files.
+
+        `precompiled`: install precompiled Dynamo entries, for formats that carry them
+        (precompile.decide() says whether they may be). False leaves them out and removes
+        this capture's entries left by an earlier install; other formats ignore it.
+        """
         ...
 
 
+def disable_caching_precompile() -> None:
+    """Compile without torch's precompile mode even if TORCH_CACHING_PRECOMPILE=1 is set
+    on the seed: its Dynamo entries must travel only in the `precompile` format, which
+    checks the model code on the node, and its AOTAutograd keys (a random backend id in
+    each) would never hit on a node."""
+    import torch._dynamo.config
+
+    torch._dynamo.config.caching_precompile = False
+
+
 # Lock files, torch's in-flight temp files (write_atomic: "<name>.<pid>.<tid>.tmp") and
-# torchwarm's own files never travel.
+# torchwarm's own files never travel. Dynamo's precompiled entries (`dynamo/`) travel
+# only in their own blob of the `precompile` format.
+DYNAMO_DIR = "dynamo"
 _TRANSIENT_DIRS = {"locks"}
 _TRANSIENT_SUFFIXES = (".lock", ".tmp")
 
 
-def cache_members(cache_dir: Path, suffix: str | None = None) -> list[str]:
-    """Relative paths of the persistent files in a cache dir, optionally only `*suffix`."""
+def cache_members(cache_dir: Path, suffix: str | None = None, dynamo: bool = False) -> list[str]:
+    """Relative paths of the persistent files in a cache dir, optionally only `*suffix`.
+
+    Files under `dynamo/` are left out, or with `dynamo=True` are the only ones listed.
+    """
     out = []
     for dirpath, dirnames, filenames in os.walk(cache_dir):
         rel_dir = Path(dirpath).relative_to(cache_dir)
         if rel_dir == Path("."):
-            dirnames[:] = [d for d in dirnames if d not in _TRANSIENT_DIRS]
+            dirnames[:] = [
+                d for d in dirnames if d not in _TRANSIENT_DIRS and (d == DYNAMO_DIR) == dynamo
+            ]
+            if dynamo:
+                continue  # files at the top level are not Dynamo entries
         for name in filenames:
             if name.endswith(_TRANSIENT_SUFFIXES) or name.startswith(".torchwarm"):
                 continue

@@ -7,15 +7,22 @@ Needs no torch on the node to install: it is files in, files out.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .. import archive
-from .base import Captured, cache_members
+from .base import Captured, cache_members, disable_caching_precompile
+
+if TYPE_CHECKING:
+    from ..config import Workload
 
 
 class CacheDirFormat:
     name = "cachedir"
 
-    def save_in_process(self, out_dir: Path) -> None:
+    def prepare_in_process(self, w: Workload, out_dir: Path) -> None:
+        disable_caching_precompile()
+
+    def save_in_process(self, w: Workload, out_dir: Path) -> None:
         """Nothing: the files on disk are the whole capture."""
 
     def capture(self, cache_dir: Path, out_dir: Path) -> list[Captured]:
@@ -23,5 +30,8 @@ class CacheDirFormat:
         archive.write(cache_dir, cache_members(cache_dir), dest)
         return [Captured("cachedir", dest, archive.MEDIA_TYPE)]
 
-    def install(self, blobs: dict[str, Path], staging: Path) -> None:
+    def manifest_fields(self, w: Workload, out_dir: Path) -> dict[str, Any]:
+        return {}
+
+    def install(self, blobs: dict[str, Path], staging: Path, *, precompiled: bool = False) -> None:
         archive.extract(blobs["cachedir"], staging)

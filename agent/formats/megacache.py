@@ -11,11 +11,15 @@ the entries into torch's own layout.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .. import archive
 from ..errors import ArchiveError
 from ..torchenv import torch_cache_dir
-from .base import Captured, cache_members
+from .base import Captured, cache_members, disable_caching_precompile
+
+if TYPE_CHECKING:
+    from ..config import Workload
 
 MEDIA_TYPE = "application/vnd.pytorch.cache-artifacts"
 
@@ -23,7 +27,10 @@ MEDIA_TYPE = "application/vnd.pytorch.cache-artifacts"
 class MegaCacheFormat:
     name = "megacache"
 
-    def save_in_process(self, out_dir: Path) -> None:
+    def prepare_in_process(self, w: Workload, out_dir: Path) -> None:
+        disable_caching_precompile()
+
+    def save_in_process(self, w: Workload, out_dir: Path) -> None:
         import torch
 
         saved = torch.compiler.save_cache_artifacts()
@@ -38,7 +45,10 @@ class MegaCacheFormat:
             Captured("kernels", kernels, archive.MEDIA_TYPE),
         ]
 
-    def install(self, blobs: dict[str, Path], staging: Path) -> None:
+    def manifest_fields(self, w: Workload, out_dir: Path) -> dict[str, Any]:
+        return {}
+
+    def install(self, blobs: dict[str, Path], staging: Path, *, precompiled: bool = False) -> None:
         import torch
 
         archive.extract(blobs["kernels"], staging)

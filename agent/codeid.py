@@ -1,0 +1,131 @@
+"""Code identity: a digest of the model's code, computed from files, without importing them.
+
+Precompiled Dynamo entries skip the tracing that would notice most code changes: torch
+checks the source lines of the functions it inlined, but an edited module-level constant
+or a function chosen in `__init__` runs the seed's code with no warning (docs/precompile.md).
+So the seed records this identity and a node installs the entries only if its own copy of
+the code gives the same one.
+
+What is hashed: the top-level package of the workload's `model` (the whole package, since
+the factory's module imports its siblings), found the way `import` would find it on the
+search path but never imported. Inside it: Python sources and native extension modules.
+Data files, caches and other packages are not hashed (docs/precompile.md says why).
+For a top-level module (`mymodel:build`), its directory's other top-level `.py` files
+are hashed with it: they are what it can import as siblings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import Workload
+
+# What counts as code in a package: sources and native extension modules.
+CODE_SUFFIXES = (".py", *importlib.machinery.EXTENSION_SUFFIXES)
+_SKIP_DIRS = {"__pycache__"}
+
+
+@dataclass(frozen=True)
+class CodeIdentity:
+    package: str  # the top-level import name that was hashed
+    sha256: str  # over the sorted (path, content digest) list
+    files: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"package": self.package, "sha256": self.sha256, "files": self.files}
+
+
+def top_level(model: str) -> str:
+    """The top-level import name of a `package.module:callable` spec."""
+    return model.partition(":")[0].split(".")[0]
+
+
+def code_files(package: str, search_path: Sequence[str] | None = None) -> dict[str, Path]:
+    """The code files of the top-level `package`: a stable name for each -> its path.
+
+    Found as `import` would find it but never executed: without `search_path`, by this
+    interpreter's finders (sys.meta_path: sys.path entries, and editable installs, whose
+    finders map names to folders outside sys.path); with it, by importlib's PathFinder
+    over those folders only. A top-level name has no parent package to import first.
+    Raises ConfigError when nothing provides `package`.
+    """
+    if search_path is None:
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError) as e:
+            raise ConfigError(f"package {package!r} cannot be located: {e}") from None
+    else:
+        spec = importlib.machinery.PathFinder.find_spec(package, [str(p) for p in search_path])
+    if spec is None:
+        raise ConfigError(f"package {package!r} is not on this Python's path")
+    files: dict[str, Path] = {}
+    if spec.submodule_search_locations is not None:  # a package (regular or namespace)
+        for i, root in enumerate(spec.submodule_search_locations):
+            for f in _walk(Path(root)):
+                files[f"{i}/{f.relative_to(root).as_posix()}"] = f
+    elif spec.origin and Path(spec.origin).is_file():
+        origin = Path(spec.origin)
+        files[origin.name] = origin
+        for sibling in sorted(origin.parent.glob("*.py")):
+            if sibling.is_file():
+                files.setdefault(sibling.name, sibling)
+    else:
+        raise ConfigError(f"package {package!r} has no source files to hash (built in?)")
+    return files
+
+
+def _walk(root: Path) -> list[Path]:
+    out = []
+    for p in sorted(root.rglob("*")):
+        if any(part in _SKIP_DIRS for part in p.relative_to(root).parts):
+            continue
+        if p.name.endswith(CODE_SUFFIXES) and p.is_file():
+            out.append(p)
+    return out
+
+
+def code_identity(model: str, search_path: Sequence[str] | None = None) -> CodeIdentity:
+    """The identity of the code behind `model`, found on `search_path` (default: as this
+    interpreter would import it)."""
+    package = top_level(model)
+    files = code_files(package, search_path)
+    h = hashlib.sha256(f"torchwarm-code-identity-1\0{package}\0".encode())
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + _file_sha256(files[name]).encode() + b"\0")
+    return CodeIdentity(package, h.hexdigest(), len(files))
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def workload_identity(w: Workload) -> str:
+    """A digest of the workload settings that shape the compiled code.
+
+    Torch drops identity guards in precompile mode, so a model built with other
+    arguments (say, another activation picked in `__init__`) would run the seed's graph.
+    Input shapes and the seed are left out: guards check shapes, and weights are inputs.
+    """
+    doc = {
+        "model": w.model,
+        "model_kwargs": dict(w.model_kwargs),
+        "mode": w.mode,
+        "device": w.device,
+        "compile": w.compile.as_kwargs(),
+    }
+    data = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(data.encode()).hexdigest()

@@ -1,0 +1,175 @@
+"""`precompile`: the whole cache dir (as `cachedir`) plus torch's precompiled Dynamo entries.
+
+The seed compiles in torch's caching-precompile mode (TORCH_CACHING_PRECOMPILE), and
+save_cache_artifacts() writes one Dynamo entry per compiled top-level function to
+`<cache>/dynamo/<sha256(qualname + first line)>/entry`: Dynamo's bytecode and guards
+plus the compiled graphs with their kernels. A node that loads it skips tracing and
+compiling (first call in milliseconds). The entry is checked by torch only for Python,
+torch and GPU versions and the source lines of the functions it inlined, so a node
+installs it only when precompile.decide() finds the same model code and settings.
+
+Two blobs:
+  cachedir   every other file of the cache dir (FX graphs, AOTAutograd entries, kernels),
+             so a guard failure, a shape never warmed or a node without precompile
+             compiles from a warm FX-graph cache
+  dynamo     the `dynamo/<key>/entry` files
+After compiling, the seed runs the workload once more without precompile mode, so that
+the AOTAutograd entries such a node looks up (other keys than precompile's) exist too.
+docs/precompile.md has the measurements behind each choice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import archive, codeid
+from ..errors import ArchiveError, ConfigError, WarmupError
+from ..precompile import SCHEME
+from .base import DYNAMO_DIR, Captured, cache_members
+
+if TYPE_CHECKING:
+    from ..config import Workload
+
+STATE = "precompile.json"  # in the warm-up out dir: what the child tells capture/manifest
+_ENTRY = re.compile(r"dynamo/([0-9a-f]{64})/entry")
+
+
+class PrecompileFormat:
+    name = "precompile"
+
+    def prepare_in_process(self, w: Workload, out_dir: Path) -> None:
+        if w.mode == "train":
+            # Measured on torch 2.13: the node's first backward through a loaded entry
+            # raises "TypeError: assigned grad expected to be a Tensor or None".
+            raise ConfigError(
+                f"workload {w.name!r}: format 'precompile' cannot capture mode: train "
+                "(a node's backward through torch's precompiled entries fails); "
+                "use format cachedir for training workloads"
+            )
+        identity = codeid.code_identity(w.model)  # before anything imports the model
+        import torch._dynamo.bytecode_transformation as bt
+        import torch._dynamo.config
+
+        torch._dynamo.config.caching_precompile = True
+        # An entry installs globals named by Dynamo's process-wide counter (e.g.
+        # `__builtins_dict___0`). A node that loads it and then recompiles (a shape never
+        # warmed) draws the same names from its own counter, from 0, and torch 2.13 fails
+        # with "Name ... already exists in scope". Starting the seed's counter far away,
+        # at a base drawn from the workload, keeps the names apart.
+        if not isinstance(getattr(bt, "_unique_id_counter", None), itertools.count):
+            raise WarmupError(
+                f"this torch ({torch.__version__}) has no Dynamo unique-id counter where "
+                "torchwarm expects it; format 'precompile' is not supported with it"
+            )
+        bt._unique_id_counter = itertools.count(_id_base(w))
+        _write_state(out_dir, {"code_identity": identity.to_dict()})
+
+    def save_in_process(self, w: Workload, out_dir: Path) -> None:
+        import torch
+        import torch._dynamo.config
+        from torch._dynamo.utils import counters
+
+        from .. import workload
+
+        torch.compiler.save_cache_artifacts()  # writes the Dynamo entries in this mode
+        keys = dynamo_keys(workload.cache_dir())
+        if not keys:
+            raise WarmupError(
+                f"workload {w.name!r}: torch wrote no precompiled Dynamo entry (it "
+                "bypasses graphs it cannot serialize); use format cachedir for it"
+            )
+        state = _read_state(out_dir)
+        if codeid.code_identity(w.model).to_dict() != state["code_identity"]:
+            raise WarmupError(
+                f"workload {w.name!r}: the model code changed during the warm-up; run it again"
+            )
+        # The FX-graph path's own pass: a node without precompile mode (or whose entries
+        # were left out) looks up AOTAutograd entries under other keys than this mode
+        # wrote, and every FX graph should hit.
+        torch._dynamo.config.caching_precompile = False
+        torch._dynamo.reset()
+        counters.clear()
+        t0 = time.perf_counter()
+        report = workload.run(w)
+        state["dynamo_keys"] = keys
+        state["fallback"] = {
+            "counters": report.counters,
+            "first_call_s": round(report.first_call_s, 3),
+            "so_files": report.new_so_files,
+            "wall_s": round(time.perf_counter() - t0, 3),
+        }
+        _write_state(out_dir, state)
+
+    def capture(self, cache_dir: Path, out_dir: Path) -> list[Captured]:
+        rest, entries = out_dir / "cachedir.tar.zst", out_dir / "dynamo.tar.zst"
+        archive.write(cache_dir, cache_members(cache_dir), rest)
+        archive.write(cache_dir, cache_members(cache_dir, dynamo=True), entries)
+        return [
+            Captured("cachedir", rest, archive.MEDIA_TYPE),
+            Captured("dynamo", entries, archive.MEDIA_TYPE),
+        ]
+
+    def manifest_fields(self, w: Workload, out_dir: Path) -> dict[str, Any]:
+        state = _read_state(out_dir)
+        return {
+            "precompile": {
+                "scheme": SCHEME,
+                "code_identity": state["code_identity"],
+                "workload_sha256": codeid.workload_identity(w),
+                "dynamo_keys": state["dynamo_keys"],
+                "fallback": state["fallback"],
+            }
+        }
+
+    def install(self, blobs: dict[str, Path], staging: Path, *, precompiled: bool = False) -> None:
+        rest = archive.extract(blobs["cachedir"], staging)
+        if any(n.split("/", 1)[0] == DYNAMO_DIR for n in rest):
+            raise ArchiveError(
+                f"{blobs['cachedir'].name}: the cachedir blob of a precompile capture holds "
+                "Dynamo entries; refusing (they travel only in the dynamo blob)"
+            )
+        keys = []
+        for name in archive.members(blobs["dynamo"]):
+            m = _ENTRY.fullmatch(name)
+            if m is None:
+                raise ArchiveError(
+                    f"{blobs['dynamo'].name}: member {name!r} is not a Dynamo entry "
+                    "(dynamo/<sha256>/entry); refusing"
+                )
+            keys.append(m.group(1))
+        if precompiled:
+            archive.extract(blobs["dynamo"], staging)
+            return
+        for key in keys:  # an entry an earlier install left must not outlive its check
+            shutil.rmtree(staging / DYNAMO_DIR / key, ignore_errors=True)
+
+
+def dynamo_keys(cache_dir: Path) -> list[str]:
+    """The keys of the Dynamo entries in a cache dir."""
+    root = cache_dir / DYNAMO_DIR
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if _ENTRY.fullmatch(f"{DYNAMO_DIR}/{p.name}/entry") and (p / "entry").is_file()
+    )
+
+
+def _id_base(w: Workload) -> int:
+    return 10**6 * (1 + int(codeid.workload_identity(w)[:6], 16) % 4096)
+
+
+def _write_state(out_dir: Path, state: dict[str, Any]) -> None:
+    (out_dir / STATE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+def _read_state(out_dir: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((out_dir / STATE).read_text())
+    return doc
