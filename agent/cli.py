@@ -299,7 +299,7 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import node, report, torchenv
+    from . import node, precompile, report, torchenv
 
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
@@ -311,6 +311,7 @@ def _run(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     sys.stdout.flush()
     env = torchenv.cache_env(Path(rep.cache_dir)) if rep.cache_dir else dict(os.environ)
+    env.update(precompile.app_env(w.__dict__ for w in rep.workloads))
     try:
         os.execvpe(argv[0], argv, env)
     except OSError as e:

@@ -56,15 +56,17 @@ SOURCES = {
     "threads": "$OMP_NUM_THREADS, $MKL_NUM_THREADS, and the CPUs and physical cores this "
     "process may run on (what torch.get_num_threads() follows)",
     "compile_env": "$TORCH_COMPILE_JOB_ID and the TORCHINDUCTOR_* settings (not the cache "
-    "location or switches, no connection or credential; a path enters as its digest)",
+    "location or switches, the compile thread count, connections or credentials; a path "
+    "enters as its digest)",
     "include_layout": "the Python include dir and torch's install dir (CPU kernel .so names "
     "hash compiler command lines that hold them)",
 }
 
 # TORCHINDUCTOR_* variables left out: where torch keeps its caches and whether it uses
-# them (a node's differ by design), and anything naming a connection or a credential.
+# them (a node's differ by design), how many processes compile (not in torch's key
+# either: seeds often compile with more), and anything naming a connection or credential.
 _LEFT_OUT = re.compile(
-    r"CACHE_DIR|(FX_GRAPH|AUTOGRAD)_CACHE(_DEFAULT)?"
+    r"CACHE_DIR|(FX_GRAPH|AUTOGRAD)_CACHE(_DEFAULT)?|COMPILE_THREADS"
     r"|.*(^|_)(URL|URI|HOST|PORT|REDIS|REMOTE|KEY|TOKEN|SECRET|PASSWORD|PASS|AUTH|CREDENTIALS?)"
     r"(_|$).*"
 )
@@ -76,10 +78,11 @@ _TRITON_DISTS = ("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-tri
 def compile_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """The variables that set how torch generates code: TORCH_COMPILE_JOB_ID (PGO profiles,
     outside torch's keys) and the TORCHINDUCTOR_* settings, which torch 2.13 puts in its
-    FX-graph key almost all (163 of its 169 config variables, log paths included), so that
-    a miss they cause is named. Left out: cache location and switches, and connections and
-    credentials (`_LEFT_OUT`). A value that is not a plain setting (a path) enters as
-    "sha256:" and 16 hex digits: it separates caches as torch does, and says nothing."""
+    FX-graph key nearly all (log paths and timeouts included: measured), so that a miss
+    they cause is named. Left out (`_LEFT_OUT`): the cache location and switches, the
+    compile thread count, connections and credentials. A value that is not a plain
+    setting (a path) enters as "sha256:" and 16 hex digits: it separates caches as torch
+    does, and says nothing."""
     env = os.environ if environ is None else environ
     out = {}
     for k in sorted(env):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import errors, fetch, fingerprint, formats, install
+from . import errors, fetch, fingerprint, formats, install, precompile
 from .config import Config, Workload
 from .errors import InstallError, NoCacheForFingerprint, TorchwarmError, one_line
 from .manifest import Manifest
@@ -128,52 +128,67 @@ class PullJob:
     # -- the two modes ----------------------------------------------------------------
 
     def _each_on_its_own(self, store: Store, downloads: Path) -> None:
-        for w in self.workloads:
+        found = self._resolve_all(store, stop_at_failure=False)
+        manifests = [m for _, m in found]
+        for w, m in found:
             target = downloads / w.name
             try:
-                hit = self._fetch(store, w, target, [])
-                if hit is not None:
-                    self._install([hit])
+                self._space(downloads, [m])
+                self._install([(m, self._fetch(store, w, m, target))], manifests)
             except Exception as e:  # noqa: BLE001 - this workload fails; the others go on
-                self.chan.send("failed", workload=w.name, failure=Failure.of(e).__dict__)
+                self._failed(w, e)
             finally:
                 shutil.rmtree(target, ignore_errors=True)
 
     def _all_or_nothing(self, store: Store, downloads: Path) -> None:
+        found = self._resolve_all(store, stop_at_failure=True)
+        if len(found) < len(self.workloads):
+            return  # one failed (and said so): fail-closed installs nothing
+        manifests = [m for _, m in found]
         hits: list[Hit] = []
-        manifests: list[Manifest] = []
-        for w in self.workloads:
+        for i, (w, m) in enumerate(found):
             try:
-                hit = self._fetch(store, w, downloads / w.name, manifests)
+                if i == 0:
+                    self._space(downloads, manifests)  # all of them, before the first byte
+                hits.append((m, self._fetch(store, w, m, downloads / w.name)))
             except Exception as e:  # noqa: BLE001 - fail-closed: stop at the first failure
-                self.chan.send("failed", workload=w.name, failure=Failure.of(e).__dict__)
+                self._failed(w, e)
                 return
-            if hit is None:
-                return
-            hits.append(hit)
-            manifests.append(hit[0])
-        self._install(hits)
+        self._install(hits, manifests)
 
     # -- the steps ----------------------------------------------------------------------
 
-    def _fetch(self, store: Store, w: Workload, dest: Path, pending: list[Manifest]) -> Hit | None:
-        """Resolve, check, download and verify one workload's blobs; None on a miss.
-        `pending`: manifests fetched before and not yet installed (they share the space)."""
-        self.chan.send("phase", phase=f"resolving {w.name!r} in {store.url}")
-        found = resolve(store, w.name, self.fields, self.cfg.trusted_keys)
-        if isinstance(found, Miss):
-            failure = Failure.of(NoCacheForFingerprint(found.reason))
-            self.chan.send("failed", workload=w.name, failure=failure.__dict__)
-            return None
-        self.memory.check(found, store.url)
-        self._space(dest.parent, [*pending, found])
+    def _failed(self, w: Workload, e: BaseException) -> None:
+        self.chan.send("failed", workload=w.name, failure=Failure.of(e).__dict__)
+
+    def _resolve_all(self, store: Store, stop_at_failure: bool) -> list[tuple[Workload, Manifest]]:
+        """Each workload's verified manifest for this fingerprint, not older than what this
+        node installed before; a workload that has none fails (and is left out)."""
+        found = []
+        for w in self.workloads:
+            self.chan.send("phase", phase=f"resolving {w.name!r} in {store.url}")
+            try:
+                m = resolve(store, w.name, self.fields, self.cfg.trusted_keys)
+                if isinstance(m, Miss):
+                    raise NoCacheForFingerprint(m.reason)
+                self.memory.check(m, store.url)
+            except Exception as e:  # noqa: BLE001 - said per workload
+                self._failed(w, e)
+                if stop_at_failure:
+                    break
+                continue
+            found.append((w, m))
+        return found
+
+    def _fetch(self, store: Store, w: Workload, m: Manifest, dest: Path) -> dict[str, Path]:
+        """Download and verify one workload's blobs into `dest`."""
         dest.mkdir(parents=True, exist_ok=True)
-        self.chan.send("phase", phase=f"downloading {w.name!r} ({found.size} bytes) from "
+        self.chan.send("phase", phase=f"downloading {w.name!r} ({m.size} bytes) from "
                        f"{store.url}")  # fmt: skip
         t0 = time.perf_counter()
-        blobs = fetch.fetch(store, found, dest)
+        blobs = fetch.fetch(store, m, dest)
         self.chan.send("timing", name=f"fetch_s.{w.name}", seconds=time.perf_counter() - t0)
-        return found, blobs
+        return blobs
 
     def _space(self, where: Path, manifests: list[Manifest]) -> None:
         """Refuse to start a download that the filesystem cannot hold, unpacked included."""
@@ -189,12 +204,21 @@ class PullJob:
                 f"unpacked), {free} available; enlarge the cache volume"
             )
 
-    def _install(self, hits: list[Hit]) -> None:
+    def _install(self, hits: list[Hit], pulled: list[Manifest]) -> None:
+        """Swap the hits in together. A precompile capture brings its precompiled entries
+        only where precompile.decide() allows (`pulled`: every manifest of this pull)."""
         names = [m.workload for m, _ in hits]
+        by_name = {w.name: w for w in self.workloads}
+        decided = {
+            m.workload: precompile.decide(m, by_name[m.workload], [o for o in pulled if o is not m])
+            for m, _ in hits
+            if m.format == precompile.FORMAT
+        }
 
         def fill(staging: Path) -> None:
             for m, blobs in hits:
-                formats.get(m.format).install(blobs, staging)
+                entries = m.workload in decided and decided[m.workload].install
+                formats.get(m.format).install(blobs, staging, precompiled=entries)
 
         self.chan.send("phase", phase=f"installing {', '.join(names)}")
         t0 = time.perf_counter()
@@ -203,9 +227,12 @@ class PullJob:
         self.chan.send("timing", name=f"install_s.{'+'.join(names)}",
                        seconds=time.perf_counter() - t0)  # fmt: skip
         for m, _ in hits:
+            d = decided.get(m.workload)
             outcome = WorkloadOutcome(
                 m.workload, "warm", "", f"{m.workload}/{m.fingerprint_digest}", m.format,
                 [b.to_dict() for b in m.blobs], m.size, _warmup_summary(m),
+                precompiled=bool(d and d.install),
+                precompile_reason=d.reason if d is not None and not d.install else "",
             )  # fmt: skip
             self.chan.send("installed", outcome=outcome.__dict__)
 

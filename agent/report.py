@@ -17,6 +17,9 @@ class WorkloadOutcome:
     blobs: list[dict[str, Any]] = field(default_factory=list)
     bytes: int = 0
     warmup: dict[str, Any] = field(default_factory=dict)  # the seed's counters, to compare
+    precompiled: bool = False  # precompiled Dynamo entries installed: run the app with
+    # TORCH_CACHING_PRECOMPILE=1 (`torchwarm run` does)
+    precompile_reason: str = ""  # why a precompile capture's entries were left out
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> WorkloadOutcome:
@@ -58,6 +61,12 @@ def describe(report: PullReport) -> list[str]:
         if o.status == "warm":
             lines.append(f"warm: {o.workload} ({o.format}, {o.bytes} bytes) installed in "
                          f"{report.cache_dir}")  # fmt: skip
+            if o.precompiled:
+                lines.append(f"precompiled: {o.workload}: run the app with "
+                             "TORCH_CACHING_PRECOMPILE=1 (torchwarm run sets it)")  # fmt: skip
+            elif o.precompile_reason:
+                lines.append(f"precompiled entries left out: {o.workload}: {o.precompile_reason} "
+                             "(still warm through the FX-graph cache)")  # fmt: skip
         else:
             lines.append(f"starting cold: {o.workload}: {o.reason}")
     where = (

@@ -91,6 +91,7 @@ def test_compile_env_keeps_settings_and_leaves_out_places_and_credentials():
         "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE": "1",
         "TORCHINDUCTOR_CACHE_DIR": "/var/cache/torchwarm/inductor",
         "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+        "TORCHINDUCTOR_COMPILE_THREADS": "16",
         "HOME": "/root",
     }
     got = fingerprint.compile_env(env)
