@@ -299,7 +299,7 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import node, precompile, report, torchenv
+    from . import api, node, report
 
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
@@ -310,8 +310,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"torchwarm: {line}", file=sys.stderr)  # the app owns stdout
     sys.stderr.flush()
     sys.stdout.flush()
-    env = torchenv.cache_env(Path(rep.cache_dir)) if rep.cache_dir else dict(os.environ)
-    env.update(precompile.app_env(w.__dict__ for w in rep.workloads))
+    env = api.app_env(rep)
     try:
         os.execvpe(argv[0], argv, env)
     except OSError as e:

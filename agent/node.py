@@ -25,13 +25,14 @@ import select
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from . import config as cfgmod
-from . import marker
+from . import marker, stores
 from .config import Config
 from .errors import DeadlineExceeded, TorchwarmError, one_line
 from .pulljob import Channel, Failure, PullJob
@@ -143,11 +144,17 @@ class Supervisor:
         except TorchwarmError as e:
             self.fatal = Failure.of(e)
             return
+        stores.preload(self.cfg.store)
         self.to_parent, child_out = os.pipe()
         child_in, self.to_child = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        with warnings.catch_warnings():
+            # Python 3.12+ warns when a process with threads forks (the Python API may run
+            # in one). The worker runs only torchwarm's code, imported before the fork, and
+            # the deadline bounds it whatever happens.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
         if pid == 0:  # the worker
             os.close(self.to_parent)
             os.close(self.to_child)

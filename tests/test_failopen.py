@@ -31,7 +31,7 @@ import pytest
 import yaml
 import zstandard
 from conftest import WORKLOAD
-from factories import make_tree, tree
+from factories import make_tree, publish_synthetic, synthetic_capture, tree
 from servers import BUCKET, FAKE_AWS_ENV, fake_aws_env, free_port, s3_options
 from tcpfaults import Fault, TcpFaultProxy
 
@@ -76,20 +76,10 @@ class Node:
                               env={**os.environ, **self.env})  # fmt: skip
 
 
-def synthetic_capture(folder: Path, files: dict[str, bytes]) -> list[Captured]:
-    src = make_tree(folder / "tree", files)
-    dest = folder / "cachedir.tar.zst"
-    archive.write(src, sorted(files), dest)
-    return [Captured("cachedir", dest, archive.MEDIA_TYPE)]
-
-
 def seeded(tmp_path: Path, unpacked: bool = True, captured: list[Captured] | None = None) -> Node:
     """A local store holding a synthetic cache for this machine's fingerprint."""
     store = LocalStore(tmp_path / "store")
-    caps = captured or synthetic_capture(tmp_path / "capture", CACHE)
-    summary = {"unpacked_bytes": sum(map(len, CACHE.values()))} if unpacked else {}
-    m, files = build_manifest("mlp", fingerprint.collect(), "cachedir", caps, summary)
-    publish(store, m, files)
+    publish_synthetic(store, tmp_path / "capture", CACHE, unpacked=unpacked, captured_=captured)
     volume = tmp_path / "volume"
     volume.mkdir(exist_ok=True)
     doc = {"store": store.url, "cache_dir": str(volume / "inductor"), "workloads": [WORKLOAD]}

@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from .base import ObjectInfo, Store
 from .local import LocalStore
 
-__all__ = ["ObjectInfo", "Store", "StoreOptions", "open_store", "SCHEMES"]
+__all__ = ["ObjectInfo", "Store", "StoreOptions", "open_store", "preload", "SCHEMES"]
 
 SCHEMES = ("file", "s3", "gs")
 
@@ -38,6 +38,16 @@ class StoreOptions:
     chunk_size: int = 16 << 20  # bytes per ranged GET and per multipart part
     multipart_threshold: int = 64 << 20  # put_file uses multipart / resumable above this
     concurrency: int = 8  # parallel ranges or parts per transfer
+
+
+def preload(url: str) -> None:
+    """Import the modules of `url`'s backend now (before the pull forks its worker, so that
+    the worker imports nothing that another thread of this process might be importing)."""
+    scheme = urlparse(url).scheme
+    if scheme == "s3":
+        from . import retry, s3  # noqa: F401
+    elif scheme == "gs":
+        from . import gcs, retry  # noqa: F401
 
 
 def open_store(url: str, options: StoreOptions | None = None) -> Store:
