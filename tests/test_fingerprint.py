@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from importlib import metadata
 from pathlib import Path
 
@@ -226,3 +227,40 @@ def test_fingerprint_cli_runs_in_a_clean_environment():
     proc = subprocess.run([sys.executable, "-m", "torchwarm.cli", "fingerprint"], env=env,
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0 and "digest" in proc.stdout
+
+
+def test_torchs_isa_probe_is_built_in_a_private_folder(tmp_path):
+    """`fingerprint --torch` lets torch build and load its ISA-probe library only in a fresh
+    folder of this user's, mode 0700, never in a predictable shared one that another user
+    created first (here: the name an older torchwarm used, owned by uid 4242)."""
+    planted = tmp_path / f"torchwarm-isa-probe-{os.getuid()}"
+    planted.mkdir()
+    (planted / "planted.so").write_bytes(b"not a library")
+    if os.geteuid() == 0:
+        os.chown(planted, 4242, 4242)
+    before = sorted(p.name for p in planted.iterdir()), planted.stat().st_mtime_ns
+    code = textwrap.dedent("""
+        import json, os, stat, sys, tempfile
+        tempfile.tempdir = sys.argv[1]
+        import torch._inductor.cpu_vec_isa as isa
+        from torchwarm import fingerprint
+        seen = {}
+        real = isa.pick_vec_isa
+        def spy():
+            d = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+            st = os.stat(d)
+            seen.update(dir=d, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid)
+            return real()
+        isa.pick_vec_isa = spy
+        fingerprint.torch_facts()
+        print(json.dumps(seen))
+    """)
+    env = {**os.environ, "HOME": str(tmp_path / "no-home"), "XDG_CACHE_HOME": "/proc/none"}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(seen["dir"]).parent == tmp_path and Path(seen["dir"]) != planted
+    assert seen["mode"] == 0o700 and seen["uid"] == os.getuid()
+    assert (sorted(p.name for p in planted.iterdir()), planted.stat().st_mtime_ns) == before
+    assert not Path(seen["dir"]).exists()  # removed afterwards
