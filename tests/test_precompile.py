@@ -8,6 +8,7 @@ dir, filled by the format's own install; hits are read from torch's counters.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from torchwarm import config as cfgmod
 from torchwarm.config import Workload
 from torchwarm.formats import get as get_format
 from torchwarm.manifest import Manifest
-from torchwarm.publish import build_manifest
+from torchwarm.publish import build_manifest, publish_warmup
+from torchwarm.stores.local import LocalStore
 from torchwarm.warmup import WarmupResult
 
 pytestmark = pytest.mark.compile
@@ -226,3 +228,53 @@ def test_train_mode_is_refused_at_warmup_in_one_line(tmp_path):
     assert out.returncode != 0
     (line,) = out.stderr.strip().splitlines()
     assert "mode: train" in line and "format cachedir" in line
+
+
+def pull_node(seed: PcSeed, tmp_path: Path, app: Path) -> tuple[Path, dict[str, str]]:
+    """A local store holding the seed's capture, a node config, and the node's environment
+    (the app's package on PYTHONPATH, as the node agent runs in the app's image)."""
+    store = LocalStore(tmp_path / "store")
+    publish_warmup(store, seed.result)
+    cfg = write_config(tmp_path / "node.yaml")
+    doc = yaml.safe_load(cfg.read_text())
+    doc.update(store=store.url, cache_dir=str(tmp_path / "vol" / "inductor"))
+    cfg.write_text(yaml.safe_dump(doc))
+    return cfg, {"PYTHONPATH": str(app)}
+
+
+SHOW_ENV = "import json, os; print(json.dumps(dict(os.environ)))"
+
+
+def test_pull_installs_the_entries_and_run_turns_precompile_on(pc_seed, tmp_path):
+    """`pull` installs the entries (the marker says precompiled), `run` starts the app with
+    TORCH_CACHING_PRECOMPILE=1, and the app's first call is a Dynamo cache hit."""
+    cfg, env = pull_node(pc_seed, tmp_path, pc_seed.app)
+    out = torchwarm("pull", "-c", str(cfg), "--require", env=env)
+    assert "precompiled: tiny" in out.stdout
+    marker = json.loads((tmp_path / "vol" / "torchwarm-ready.json").read_text())
+    assert marker["workloads"][0]["precompiled"] is True
+    ran = torchwarm("run", "-c", str(cfg), "--", sys.executable, "-c", SHOW_ENV, env=env)
+    app_env = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert app_env["TORCH_CACHING_PRECOMPILE"] == "1"
+    r = probe(tmp_path / "vol" / "inductor", pc_seed.app, precompile_on=True)
+    assert r["counters"]["dynamo_cache_hit"] == 1 and right_numbers(r)
+
+
+def test_pull_with_stale_code_leaves_the_entries_out_and_says_why(pc_seed, tmp_path):
+    """The node's package differs in a submodule: the pull installs the capture without its
+    entries and says why in one line; `run` leaves precompile off; the app computes the
+    right numbers (its graph differs too, so it compiles: no entry is used)."""
+    app = stale_copy(tmp_path)
+    cfg, env = pull_node(pc_seed, tmp_path, app)
+    out = torchwarm("pull", "-c", str(cfg), "--require", env=env)
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("precompiled entries left out")]
+    assert "model code differs" in line
+    marker = json.loads((tmp_path / "vol" / "torchwarm-ready.json").read_text())
+    (w,) = marker["workloads"]
+    assert w["status"] == "warm" and w["precompiled"] is False
+    assert "model code differs" in w["precompile_reason"]
+    assert not (tmp_path / "vol" / "inductor" / "dynamo").exists()
+    ran = torchwarm("run", "-c", str(cfg), "--", sys.executable, "-c", SHOW_ENV, env=env)
+    assert "TORCH_CACHING_PRECOMPILE" not in json.loads(ran.stdout.strip().splitlines()[-1])
+    r = probe(tmp_path / "vol" / "inductor", app, precompile_on=False)
+    assert r["counters"]["dynamo_cache_hit"] == 0 and right_numbers(r)
