@@ -413,7 +413,8 @@ def _probe_workloads(cfg: cfgmod.Config, args: argparse.Namespace) -> None:
                 f"{w.name}: first call {r.first_call_s:.2f} s; "
                 f"fxgraph hit {c['fxgraph_cache_hit']} "
                 f"miss {c['fxgraph_cache_miss']}; aot_autograd hit {c['autograd_cache_hit']} "
-                f"miss {c['autograd_cache_miss']}; kernels compiled {r.new_so_files}"
+                f"miss {c['autograd_cache_miss']}; dynamo cache hit {c['dynamo_cache_hit']} "
+                f"miss {c['dynamo_cache_miss']}; kernels compiled {r.new_so_files}"
             )
 
 

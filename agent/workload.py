@@ -130,6 +130,10 @@ def run(workload: Workload) -> RunReport:
 
     root = cache_dir()
     so_before = count_so(root)
+    # Each workload compiles as in a process of its own (as its warm-up did): no compiled
+    # code or automatic-dynamic state of an earlier workload, and counters of this run only.
+    torch._dynamo.reset()
+    before = _counters(counters)
     model = build(workload)
     if workload.compile.backend == "inductor":
         # Imported by torch.compile() below; an import, like torch's own, is not timed.
@@ -158,7 +162,7 @@ def run(workload: Workload) -> RunReport:
                 [list(s.shape) for s in specs], [list(s.dynamic) for s in specs], elapsed, diff
             )
         )
-    flat = {name: int(counters[group][name]) for group, names in COUNTERS.items() for name in names}
+    flat = {k: v - before[k] for k, v in _counters(counters).items()}
     return RunReport(
         workload=workload.name,
         cache_dir=str(root),
@@ -168,3 +172,7 @@ def run(workload: Workload) -> RunReport:
         new_so_files=count_so(root) - so_before,
         compile_s=compile_s,
     )
+
+
+def _counters(counters: Any) -> dict[str, int]:
+    return {name: int(counters[group][name]) for group, names in COUNTERS.items() for name in names}

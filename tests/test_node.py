@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import WORKLOAD
+import yaml
+from conftest import WORKLOAD, torchwarm
 
 pytestmark = pytest.mark.compile
 
@@ -99,3 +100,19 @@ def test_corrupted_blob_is_refused_and_nothing_installed(node_factory):
     lines = closed.stderr.strip().splitlines()
     assert len(lines) == 1 and "sha256" in lines[0] and "refusing" in lines[0]
     assert not node.cache_dir.exists()
+
+
+def test_probe_counts_each_workload_on_its_own(node_factory):
+    """Two workloads probed in one process: each line counts its own hits (not the running
+    total) and the second is not disturbed by the first's compiled code."""
+    node = node_factory()
+    node.pull("--require")
+    doc = yaml.safe_load(node.config.read_text())
+    doc["workloads"] = [WORKLOAD, {**WORKLOAD, "name": "mlp-again"}]
+    both = node.config.with_name("both.yaml")
+    both.write_text(yaml.safe_dump(doc))
+    out = torchwarm("probe", "-c", str(both), "--json")
+    reports = [json.loads(line) for line in out.stdout.strip().splitlines()[-2:]]
+    for r in reports:
+        assert r["counters"]["fxgraph_cache_hit"] == N_SETS
+        assert r["counters"]["fxgraph_cache_miss"] == 0
