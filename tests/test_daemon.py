@@ -573,3 +573,37 @@ def test_healthz_says_503_when_a_step_runs_past_its_timeout(tmp_path, seaweedfs_
     assert body.startswith("stuck: workload 'tiny': checking the store has run "), body
     assert "past its 2 s timeout (warmup_timeout_s)" in body
     assert code == 0
+
+
+@pytest.mark.compile
+def test_daemon_repairs_a_manifest_forged_under_its_key_name(tmp_path):
+    """A manifest whose signature names the seed's key but does not verify (a forgery left
+    by someone with bucket access): `daemon --once` does not skip it but warms up and
+    publishes one that verifies, with a higher serial; the next pass then skips."""
+    from torchwarm import keys as keytree
+    from torchwarm import manifest as mf
+    from torchwarm import signing
+    from torchwarm.stores.local import LocalStore
+
+    secret, public = signing.generate("seed-1")
+    trusted = signing.load_trusted([public], "test")
+    config = local_config(tmp_path, [TINY])
+    env = {**ENV, "TORCHWARM_SIGNING_KEY": secret}
+    assert cli(config, env, "daemon", "--once").returncode == 0
+    store = LocalStore(tmp_path / "store")
+    (info,) = [i for i in store.list(keytree.MANIFESTS)]
+    good = mf.parse(store.read(info.key, mf.MAX_MANIFEST_BYTES), info.key)
+    forged_sig = {**(good.signature or {}), "value": good.signature["value"][::-1]}
+    forged = mf.Manifest(**{**good.__dict__, "signature": forged_sig, "created_by": "mallory"})
+    store.put(info.key, forged.to_json())
+    with pytest.raises(Exception, match="does not match its content"):
+        signing.verify(forged, trusted, info.key)
+    second = cli(config, env, "daemon", "--once")
+    assert second.returncode == 0, second.stderr
+    events = [json.loads(line)["event"] for line in second.stdout.splitlines()]
+    assert "published" in events and "skipped_present" not in events
+    repaired = mf.parse(store.read(info.key, mf.MAX_MANIFEST_BYTES), info.key)
+    signing.verify(repaired, trusted, info.key)  # raises if it does not verify
+    assert repaired.serial > good.serial
+    third = cli(config, env, "daemon", "--once")
+    assert "skipped_present" in [json.loads(line)["event"] for line in third.stdout.splitlines()]
