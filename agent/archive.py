@@ -16,7 +16,7 @@ import io
 import os
 import stat
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -63,6 +63,39 @@ def extract(src: Path, dest: Path, limits: Limits = Limits()) -> list[str]:
     through: `dest` may hold hard links shared with a live cache tree.
     """
     names: list[str] = []
+    try:
+        for member, rel, tar in _checked(src, limits):
+            try:
+                if member.isdir():
+                    (dest / rel).mkdir(parents=True, exist_ok=True)
+                    continue
+                fileobj = tar.extractfile(member)
+                assert fileobj is not None  # regular file, checked above
+                _write_member(dest / rel, fileobj, member.size, member.mode & 0o111 != 0)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise InstallError(
+                        f"no space left in {dest} while unpacking {rel!r}; enlarge the cache volume"
+                    ) from None
+                raise ArchiveError(
+                    f"{src.name}: member {rel!r} cannot be written ({e.strerror}); "
+                    "the archive clashes with itself or the cache tree"
+                ) from None
+            names.append(rel)
+    except _INVALID as e:  # a member's bytes read here, not in _checked
+        raise _invalid(src, e) from None
+    return names
+
+
+def members(src: Path, limits: Limits = Limits()) -> list[str]:
+    """The names of the regular files in `src`, checked as extract() checks them; writes
+    nothing."""
+    return [rel for member, rel, _ in _checked(src, limits) if member.isreg()]
+
+
+def _checked(src: Path, limits: Limits) -> Iterator[tuple[tarfile.TarInfo, str, tarfile.TarFile]]:
+    """Stream `src`'s members, each checked (_check_member) and within `limits`, with its
+    safe relative name and the open archive (to read it from, before the next one)."""
     total = count = 0
     try:
         with (
@@ -83,50 +116,16 @@ def extract(src: Path, dest: Path, limits: Limits = Limits()) -> list[str]:
                         f"{src.name}: uncompressed size exceeds the limit "
                         f"({limits.max_total_bytes} bytes in all); refusing"
                     )
-                try:
-                    if member.isdir():
-                        (dest / rel).mkdir(parents=True, exist_ok=True)
-                        continue
-                    fileobj = tar.extractfile(member)
-                    assert fileobj is not None  # regular file, checked above
-                    _write_member(dest / rel, fileobj, member.size, member.mode & 0o111 != 0)
-                except OSError as e:
-                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise InstallError(
-                            f"no space left in {dest} while unpacking {rel!r}; "
-                            "enlarge the cache volume"
-                        ) from None
-                    raise ArchiveError(
-                        f"{src.name}: member {rel!r} cannot be written ({e.strerror}); "
-                        "the archive clashes with itself or the cache tree"
-                    ) from None
-                names.append(rel)
-    except (tarfile.TarError, zstandard.ZstdError, EOFError) as e:
-        raise ArchiveError(f"{src.name}: not a valid tar+zstd archive ({e})") from None
-    return names
+                yield member, rel, tar
+    except _INVALID as e:
+        raise _invalid(src, e) from None
 
 
-def members(src: Path, limits: Limits = Limits()) -> list[str]:
-    """The names of the regular files in `src`, checked as extract() checks them; writes
-    nothing."""
-    names: list[str] = []
-    try:
-        with (
-            src.open("rb") as raw,
-            zstandard.ZstdDecompressor().stream_reader(raw) as zr,
-            tarfile.open(fileobj=zr, mode="r|") as tar,
-        ):
-            for member in tar:
-                rel = _check_member(member, src)
-                if len(names) >= limits.max_members:
-                    raise ArchiveError(
-                        f"{src.name}: more than {limits.max_members} members; refusing"
-                    )
-                if member.isreg():
-                    names.append(rel)
-    except (tarfile.TarError, zstandard.ZstdError, EOFError) as e:
-        raise ArchiveError(f"{src.name}: not a valid tar+zstd archive ({e})") from None
-    return names
+_INVALID = (tarfile.TarError, zstandard.ZstdError, EOFError)
+
+
+def _invalid(src: Path, e: BaseException) -> ArchiveError:
+    return ArchiveError(f"{src.name}: not a valid tar+zstd archive ({e})")
 
 
 def _check_member(member: tarfile.TarInfo, src: Path) -> str:

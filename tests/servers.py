@@ -284,3 +284,30 @@ def fault_proxy(seaweedfs_server: S3Server) -> Iterator[FaultProxy]:
     yield server
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def black_hole() -> Iterator[int]:
+    """A loopback TCP port that accepts connections and never answers: a hung store."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield srv.getsockname()[1]
+    stop.set()
+    t.join()
+    for c in held:
+        c.close()
+    srv.close()

@@ -9,11 +9,9 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -147,33 +145,6 @@ def test_exec_form_hands_over_the_process(node_factory):
     assert "TRITON_CACHE_DIR" not in doc["env"]
     assert "warm: mlp" in err
     assert (node.cache_dir / "fxgraph").is_dir()
-
-
-@pytest.fixture
-def black_hole() -> Iterator[int]:
-    """A loopback TCP port that accepts connections and never answers: a hung store."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(64)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(srv.accept()[0])
-            except OSError:
-                continue
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    yield srv.getsockname()[1]
-    stop.set()
-    t.join()
-    for c in held:
-        c.close()
-    srv.close()
 
 
 def s3_config(tmp_path: Path, port: int, deadline_s: float) -> Path:
