@@ -5,7 +5,7 @@ cumulative per process) and gives every warm-up an empty cache dir, so the captu
 holds exactly what the workload needs. The child runs `python -m torchwarm.warmup`,
 gets its workload as JSON (never the config, nor any TORCHWARM_* variable: it runs the
 user's model code and must hold no signing key), and runs in a process group of its
-own, killed whole when the warm-up passes its timeout.
+own, killed whole when the warm-up passes its timeout (command.py).
 
 Output folder layout (what `torchwarm push --from DIR` reads):
     DIR/<workload>/warmup.json   fingerprint, counters, timings, captured blob files
@@ -17,25 +17,20 @@ Output folder layout (what `torchwarm push --from DIR` reads):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import threading
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from . import command, fingerprint, formats, manifest, torchenv
 from . import config as cfgmod
-from . import fingerprint, formats, manifest, torchenv
 from .config import Config, Workload
 from .errors import Cancelled, ConfigError, TorchwarmError, WarmupError
 from .formats import Captured
@@ -132,28 +127,22 @@ def warmup(
         sys.executable, "-m", "torchwarm.warmup", "--workload-json", json.dumps(asdict(w)),
         "--format", fmt.name, "--out", str(out_dir),
     ]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=child_env(cache), stdout=log, stderr=log,
-                                start_new_session=True)  # fmt: skip
-        try:
-            ended = _wait_unreaped(proc, w.warmup_timeout_s, stop)
-        finally:
-            _kill_group(proc)  # also what a child that exited left running
-            proc.wait()
-    if ended != "exited" or proc.returncode != 0:
+    ended = command.run(f"workload {w.name!r}", cmd, child_env(cache), log_path,
+                        w.warmup_timeout_s, stop=stop)  # fmt: skip
+    if ended.how != "exited" or ended.returncode != 0:
         shutil.rmtree(cache, ignore_errors=True)  # the log stays: the error names it
-    if ended == "cancelled":
+    if ended.how == "cancelled":
         raise Cancelled(f"warm-up of {w.name!r} cancelled")
-    if ended == "timeout":
+    if ended.how == "timeout":
         raise WarmupError(
             f"warm-up of {w.name!r} did not finish within {w.warmup_timeout_s:g} s "
             f"(warmup_timeout_s); killed it and its child processes; last output: "
-            f"{_last_line(log_path)} (full log: {log_path})"
+            f"{command.last_line(log_path)} (full log: {log_path})"
         )
-    if proc.returncode != 0:
+    if ended.returncode != 0:
         raise WarmupError(
-            f"warm-up of {w.name!r} failed (exit {proc.returncode}): {_last_line(log_path)} "
-            f"(full log: {log_path})"
+            f"warm-up of {w.name!r} failed (exit {ended.returncode}): "
+            f"{command.last_line(log_path)} (full log: {log_path})"
         )
     if on_capture is not None:
         on_capture()
@@ -190,34 +179,6 @@ def child_env(cache: Path) -> dict[str, str]:
     """
     env = torchenv.cache_env(cache)
     return {k: v for k, v in env.items() if not k.startswith("TORCHWARM_")}
-
-
-def _wait_unreaped(proc: subprocess.Popen[bytes], timeout_s: float,
-                   stop: threading.Event | None) -> str:  # fmt: skip
-    """'exited', 'timeout' or 'cancelled'. The child is left unreaped (WNOWAIT), so its
-    process group id cannot be reused before _kill_group."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
-                return "exited"
-        except ChildProcessError:
-            return "exited"  # already reaped
-        if stop is not None and stop.is_set():
-            return "cancelled"
-        if time.monotonic() >= deadline:
-            return "timeout"
-        time.sleep(0.2)
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _last_line(log_path: Path) -> str:
-    lines = log_path.read_text(errors="replace").strip().splitlines()
-    return lines[-1] if lines else "(no output)"
 
 
 def _child(argv: list[str]) -> int:
