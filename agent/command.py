@@ -1,13 +1,17 @@
-"""Processes torchwarm starts and must be able to stop: the warm-up child.
+"""Processes torchwarm starts and must be able to stop: the warm-up child of a model
+workload, and a command workload (the user's own warm-up script or server).
 
-It runs in a process group of its own, with its output in a log file, and is killed
+Each runs in a process group of its own, with its output in a log file, and is killed
 with everything it started (the whole group) when it passes its timeout, when it is
-cancelled, and after it exits (whatever it left running).
+cancelled, and after it exits (a server a script left running). A command may print
+one report line so that its own torch counters reach the manifest (`REPORT_KEY`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -16,10 +20,17 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
+from .verify import file_sha256
+from .workload import COUNTERS
 
-_TAIL_BYTES = 1 << 20  # only the end of a long log is read
+# The line a command prints to report its counters, on stdout or stderr, flushed:
+#   {"torchwarm_report": {"counters": {"fxgraph_cache_hit": 0, ...}, "first_call_s": 1.5}}
+# counters: names from workload.COUNTERS (torch._dynamo.utils.counters), integers.
+REPORT_KEY = "torchwarm_report"
+_TAIL_BYTES = 1 << 20  # only the end of a (server's) long log is read
 
 
 @dataclass(frozen=True)
@@ -90,7 +101,62 @@ def last_line(log_path: Path) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+def read_report(log_path: Path) -> dict[str, Any] | None:
+    """The last report line in the log, as {"counters": {...}, "first_call_s": x} with
+    only the known counter names and well-typed values kept; None when there is none."""
+    known = {name for names in COUNTERS.values() for name in names}
+    for line in reversed(_tail(log_path).splitlines()):
+        if REPORT_KEY.encode() not in line:
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        body = doc.get(REPORT_KEY) if isinstance(doc, dict) else None
+        if not isinstance(body, dict) or not isinstance(body.get("counters"), dict):
+            continue
+        report: dict[str, Any] = {
+            "counters": {
+                k: v
+                for k, v in body["counters"].items()
+                if k in known and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            }
+        }
+        first = body.get("first_call_s")
+        if isinstance(first, int | float) and not isinstance(first, bool) and first >= 0:
+            report["first_call_s"] = round(float(first), 3)
+        return report
+    return None
+
+
 def _tail(log_path: Path) -> bytes:
     with log_path.open("rb") as f:
         f.seek(max(0, f.seek(0, os.SEEK_END) - _TAIL_BYTES))
         return f.read()
+
+
+def code_digest(paths: Sequence[Path]) -> str:
+    """sha256 over the content of the files and folders a command workload names as its
+    code (`code:`), walked in a stable order; __pycache__ folders are left out.
+
+    ConfigError when one does not exist.
+    """
+    h = hashlib.sha256(b"torchwarm-command-code-1\0")
+    for i, root in enumerate(paths):
+        if root.is_file():
+            files = [root]
+        elif root.is_dir():
+            files = sorted(
+                p
+                for p in root.rglob("*")
+                if p.is_file() and "__pycache__" not in p.relative_to(root).parts
+            )
+        else:
+            raise ConfigError(
+                f"code path {root} does not exist; fix the workload's code list (paths "
+                "are relative to the config file)"
+            )
+        for f in files:
+            rel = "" if f == root else f.relative_to(root).as_posix()
+            h.update(f"{i}\0{rel}\0{file_sha256(f)[0]}\0".encode())
+    return h.hexdigest()
