@@ -25,6 +25,7 @@ from torchwarm.errors import ConfigError
 from torchwarm.warmup import warmup_key
 
 APP = Path(__file__).with_name("cmd_app.py")
+REPO = Path(__file__).resolve().parent.parent
 ROOT_ENV = {"APP_CACHE_ROOT": "{cache_dir}/app"}  # the second cache root, under cache_dir
 
 
@@ -73,6 +74,15 @@ def test_command_cwd_defaults_to_the_config_folder(tmp_path):
     """Without cwd a command runs where the config file is, wherever torchwarm was started."""
     (w,) = config.load(setup(tmp_path, [app()]), environ={}).workloads
     assert w.command is not None and w.command.cwd == tmp_path
+
+
+def test_example_command_config_loads():
+    """The shipped configs/example-command.yaml is a command workload whose script exists."""
+    cfg = config.load(REPO / "configs" / "example-command.yaml", environ={})
+    (w,) = cfg.workloads
+    assert w.command is not None and cfg.format == "cachedir"
+    assert all(p.is_file() for p in w.command.code)
+    assert (w.command.cwd / w.command.argv[1]).is_file()
 
 
 @pytest.mark.parametrize(
