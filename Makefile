@@ -20,13 +20,13 @@ demo: $(STAMP)
 
 ## test: lint, then the whole suite (real S3/GCS servers on 127.0.0.1, real compiles)
 test: $(STAMP)
-	$(BIN)/ruff check agent tests bench
-	$(BIN)/ruff format --check agent tests bench
+	$(BIN)/ruff check agent tests bench examples
+	$(BIN)/ruff format --check agent tests bench examples
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
 
 lint: $(STAMP)
-	$(BIN)/ruff check agent tests bench
-	$(BIN)/ruff format --check agent tests bench
+	$(BIN)/ruff check agent tests bench examples
+	$(BIN)/ruff format --check agent tests bench examples
 
 ## bench: first-call seconds per format (3 fresh nodes each), and zstd vs gzip
 bench: $(STAMP)

@@ -57,13 +57,15 @@ def pull(
 
 def app_env(report: PullReport, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The app's environment after `report`'s pull (a copy of `base` or os.environ): its
-    torch caches in the cache dir, Triton's with them, and TORCH_CACHING_PRECOMPILE=1
-    where precompiled entries were installed. `torchwarm run` execs the app with it."""
+    torch caches in the cache dir, Triton's with them, the config's `env` (other compile
+    caches under the cache dir, as the seed's warm-ups had them), and
+    TORCH_CACHING_PRECOMPILE=1 where precompiled entries were installed. `torchwarm run`
+    execs the app with it."""
     from . import precompile, torchenv
 
     env = dict(os.environ if base is None else base)
     if report.cache_dir:
-        env = torchenv.cache_env(Path(report.cache_dir), env)
+        env = torchenv.cache_env(Path(report.cache_dir), env, extra=report.env)
     env.update(precompile.app_env(w.__dict__ for w in report.workloads))
     return env
 

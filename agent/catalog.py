@@ -22,9 +22,10 @@ class Entry:
     size: int
     created_at: str
     age_s: float
-    input_sets: str  # e.g. "4x64(dyn 0) 1x64"
-    counters: dict[str, int]
+    input_sets: str  # e.g. "4x64(dyn 0) 1x64"; "" for a command workload
+    counters: dict[str, int] | None  # None: a command workload that reported none
     signed_by: str | None
+    command: list[str] | None = None  # a command workload's argv
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,8 +49,9 @@ def entries(store: Store) -> list[Entry]:
                 m.created_at,
                 _age(m.created_at, info.modified),
                 _input_sets(m.warmup),
-                dict(m.warmup.get("counters", {})),
+                _counters(m.warmup),
                 m.signer,
+                _command(m.warmup),
             )  # fmt: skip
         )
     return sorted(out, key=lambda e: (e.workload, e.created_at))
@@ -76,3 +78,15 @@ def _input_sets(warmup: dict[str, Any]) -> str:
         except (TypeError, KeyError):
             sets.append("?")
     return " ".join(sets)
+
+
+def _counters(warmup: dict[str, Any]) -> dict[str, int] | None:
+    c = warmup.get("counters")
+    if isinstance(c, dict):
+        return dict(c)
+    return None if "command" in warmup else {}
+
+
+def _command(warmup: dict[str, Any]) -> list[str] | None:
+    argv = warmup.get("command")
+    return [str(a) for a in argv] if isinstance(argv, list) else None

@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -29,7 +30,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from . import config as cfgmod
@@ -238,13 +239,8 @@ def _warmup(args: argparse.Namespace) -> int:
         for w in cfg.selected(args.workload):
             t0 = time.perf_counter()
             result = wu.warmup(cfg, w, root / w.name)
-            c = result.summary["counters"]
-            print(
-                f"warmed {w.name}: first call {result.summary['first_call_s']:.2f} s cold, "
-                f"fxgraph misses {c['fxgraph_cache_miss']}, "
-                f"{result.summary['so_files']} kernels compiled, "
-                f"{time.perf_counter() - t0:.1f} s in all"
-            )
+            print(f"warmed {w.name}: {_warmed(result.summary)}, "
+                  f"{time.perf_counter() - t0:.1f} s in all")  # fmt: skip
             if args.push:
                 _publish(cfg, result)
     except WarmupError:
@@ -256,6 +252,23 @@ def _warmup(args: argparse.Namespace) -> int:
     if args.out is None:
         shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def _warmed(summary: dict[str, Any]) -> str:
+    """What a warm-up saw, from its manifest summary: a command's counters only if it
+    printed them (command.REPORT_KEY)."""
+    c = summary.get("counters")
+    if "command" in summary:
+        seen = (
+            f"fxgraph misses {c.get('fxgraph_cache_miss', '?')} (as the command reported)"
+            if c is not None
+            else "the command reported no counters"
+        )
+        return f"command ran {summary['wall_s']:.2f} s, {seen}, {summary['so_files']} kernels"
+    return (
+        f"first call {summary['first_call_s']:.2f} s cold, fxgraph misses "
+        f"{c['fxgraph_cache_miss']}, {summary['so_files']} kernels compiled"
+    )
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -304,13 +317,13 @@ def _run(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
         raise cfgmod.ConfigError("run needs the main process after '--', e.g. -- python serve.py")
-    rep, _ = node.gate(args.config, _pull_overrides(args), args.workload, args.require,
-                       started=STARTED)  # fmt: skip
+    rep, cfg = node.gate(args.config, _pull_overrides(args), args.workload, args.require,
+                         started=STARTED)  # fmt: skip
     for line in report.describe(rep):
         print(f"torchwarm: {line}", file=sys.stderr)  # the app owns stdout
     sys.stderr.flush()
     sys.stdout.flush()
-    env = api.app_env(rep)
+    env = api.app_env(rep)  # the cache dir, the config's env expanded for it, precompile
     try:
         os.execvpe(argv[0], argv, env)
     except OSError as e:
@@ -381,12 +394,17 @@ def _ls(args: argparse.Namespace) -> int:
         print(f"no manifests in {cfg.store}")
         return 0
     print(f"{'WORKLOAD':20} {'FINGERPRINT':12} {'FORMAT':10} {'SIZE':>9} {'AGE':>6} "
-          f"{'GRAPHS':>6}  INPUT SETS")  # fmt: skip
+          f"{'GRAPHS':>6}  INPUT SETS OR COMMAND")  # fmt: skip
     for e in entries:
-        graphs = e.counters.get("fxgraph_cache_miss", 0) + e.counters.get("fxgraph_cache_hit", 0)
+        c = e.counters
+        # A command that printed no counters: unknown, not zero.
+        graphs = (
+            "-" if c is None else c.get("fxgraph_cache_miss", 0) + c.get("fxgraph_cache_hit", 0)
+        )
+        what = f"command: {shlex.join(e.command)}" if e.command is not None else e.input_sets
         print(
             f"{e.workload:20} {e.fingerprint[:12]:12} {e.format:10} {_size(e.size):>9} "
-            f"{_age(e.age_s):>6} {graphs:>6}  {e.input_sets}"
+            f"{_age(e.age_s):>6} {graphs:>6}  {what}"
         )
     return 0
 
@@ -395,7 +413,7 @@ def _probe(args: argparse.Namespace) -> int:
     from . import torchenv
 
     cfg = _load(args, cache_dir=_s(args.cache_dir))
-    with torchenv.torch_cache_dir(cfg.cache_dir):
+    with torchenv.torch_cache_dir(cfg.cache_dir, cfg.env):
         _probe_workloads(cfg, args)
     return 0
 
@@ -404,6 +422,9 @@ def _probe_workloads(cfg: cfgmod.Config, args: argparse.Namespace) -> None:
     from . import workload
 
     for w in cfg.selected(args.workload):
+        if w.command is not None:
+            _probe_command(cfg, w, args.json)
+            continue
         r = workload.run(w)
         if args.json:
             print(json.dumps(r.to_dict(), sort_keys=True))
@@ -416,6 +437,48 @@ def _probe_workloads(cfg: cfgmod.Config, args: argparse.Namespace) -> None:
                 f"miss {c['autograd_cache_miss']}; dynamo cache hit {c['dynamo_cache_hit']} "
                 f"miss {c['dynamo_cache_miss']}; kernels compiled {r.new_so_files}"
             )
+
+
+def _probe_command(cfg: cfgmod.Config, w: cfgmod.Workload, as_json: bool) -> None:
+    """Run a command workload against the cache dir, as the app would run it, and say
+    what it reported: its own counters if it printed them, else that none are known."""
+    from . import command, warmup, workload
+
+    assert w.command is not None
+    cache = cfg.cache_dir
+    so_before = workload.count_so(cache)
+    log = Path(tempfile.mkdtemp(prefix="torchwarm-probe-")) / f"{w.name}.log"
+    env = warmup.child_env(cache, {**cfg.env, **w.command.env})
+    who = f"workload {w.name!r}"
+    ended = command.run(who, w.command.argv, env, log, w.warmup_timeout_s, cwd=w.command.cwd)
+    if ended.how != "exited" or ended.returncode != 0:
+        why = (
+            "ran past warmup_timeout_s" if ended.how == "timeout" else f"exited {ended.returncode}"
+        )
+        raise WarmupError(
+            f"probe of {w.name!r}: the command {why}: {command.last_line(log)} (full log: {log})"
+        )
+    reported = command.read_report(log) or {}
+    shutil.rmtree(log.parent, ignore_errors=True)
+    doc = {
+        "workload": w.name, "cache_dir": str(cache), "command": list(w.command.argv),
+        "wall_s": round(ended.wall_s, 3), "counters": reported.get("counters"),
+        "first_call_s": reported.get("first_call_s"),
+        "new_so_files": workload.count_so(cache) - so_before,
+    }  # fmt: skip
+    if as_json:
+        print(json.dumps(doc, sort_keys=True))
+        return
+    c = doc["counters"]
+    seen = (
+        f"fxgraph hit {c.get('fxgraph_cache_hit', '?')} miss {c.get('fxgraph_cache_miss', '?')}; "
+        f"aot_autograd hit {c.get('autograd_cache_hit', '?')} "
+        f"miss {c.get('autograd_cache_miss', '?')} (as the command reported)"
+        if c is not None
+        else f"the command printed no {command.REPORT_KEY} line, so its hits are unknown"
+    )
+    print(f"{w.name}: command ran {doc['wall_s']:.2f} s; {seen}; "
+          f"kernels compiled {doc['new_so_files']}")  # fmt: skip
 
 
 def _s(p: Path | None) -> str | None:

@@ -21,6 +21,7 @@ from . import signing
 from .errors import ConfigError
 from .signing import SigningKey, TrustedKeys
 from .stores import Store, StoreOptions, open_store
+from .torchenv import PLACEHOLDER
 
 FORMATS = ("cachedir", "megacache", "precompile")
 DEFAULT_FORMAT = "cachedir"  # measured faster on the node; see README "Measured"
@@ -33,6 +34,11 @@ MODES = ("inference", "train")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Keys that only a model workload (a factory torchwarm calls) or only a command
+# workload (a process of the user's) has.
+MODEL_KEYS = ("model", "model_kwargs", "inputs", "device", "mode", "compile", "seed")
+COMMAND_KEYS = ("command", "cwd", "env", "code")
 
 
 @dataclass(frozen=True)
@@ -60,9 +66,20 @@ class CompileOptions:
 
 
 @dataclass(frozen=True)
+class Command:
+    """A workload that is a process of the user's own (a warm-up script, a server start
+    plus a warm request): torchwarm runs it, it compiles whatever it compiles."""
+
+    argv: tuple[str, ...]  # run as is: no shell
+    cwd: Path  # absolute; from the YAML, relative to the config file's folder
+    env: Mapping[str, str] = field(default_factory=dict)  # for the warm-up only, unexpanded
+    code: tuple[Path, ...] = ()  # files and folders whose content is hashed into the key
+
+
+@dataclass(frozen=True)
 class Workload:
     name: str
-    model: str  # "package.module:callable", returning an nn.Module or a function
+    model: str | None  # "package.module:callable" (an nn.Module or a function); None: command
     inputs: tuple[tuple[TensorSpec, ...], ...]  # one tuple of tensors per input set
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
     device: str = "cpu"
@@ -71,6 +88,7 @@ class Workload:
     seed: int = 0
     # Not part of what is compiled: warmup.warmup_key leaves it out.
     warmup_timeout_s: float = DEFAULT_WARMUP_TIMEOUT_S
+    command: Command | None = None  # set instead of model (then model is None, inputs ())
 
 
 @dataclass(frozen=True)
@@ -99,6 +117,9 @@ class Config:
     signing_key: SigningKey | None = field(default=None, repr=False)  # seeds sign with it
     trusted_keys: TrustedKeys = TrustedKeys({})  # nodes accept only manifests they signed
     warmup_timeout_s: float = DEFAULT_WARMUP_TIMEOUT_S  # for workloads that set none
+    # Extra environment for every warm-up and for the app under `torchwarm run`, values
+    # unexpanded ({cache_dir}: torchenv.expand): where other compile caches go.
+    env: Mapping[str, str] = field(default_factory=dict)
 
     def open_store(self) -> Store:
         return open_store(self.store, self.store_options)
@@ -255,7 +276,7 @@ def _parse(
     v = _Validator(source, origins or {})
     known = {
         "store", "store_options", "cache_dir", "format", "marker", "require", "deadline_s",
-        "daemon", "signing_key_file", "trusted_keys", "workloads", "warmup_timeout_s",
+        "daemon", "signing_key_file", "trusted_keys", "workloads", "warmup_timeout_s", "env",
     }  # fmt: skip
     v.no_unknown(raw, known, "")
     if "store" not in raw:
@@ -275,12 +296,24 @@ def _parse(
     if not isinstance(workloads_raw, list):
         v.fail("workloads", f"must be a list of workloads, got {_kind(workloads_raw)}")
     workloads = tuple(
-        _workload(v, f"workloads[{i}]", w, warmup_timeout_s) for i, w in enumerate(workloads_raw)
+        _workload(v, f"workloads[{i}]", w, warmup_timeout_s, base)
+        for i, w in enumerate(workloads_raw)
     )
     names = [w.name for w in workloads]
     for i, n in enumerate(names):
         if n in names[:i]:
             v.fail(f"workloads[{i}].name", f"duplicate workload name {n!r}")
+    for i, w in enumerate(workloads):
+        if w.command is not None and fmt != "cachedir":
+            # megacache and precompile save from inside the compiling process, which a
+            # command workload does not let torchwarm into.
+            v.fail(
+                "format",
+                f"is {fmt!r}, but workloads[{i}] ({w.name!r}) is a command workload, which "
+                "can only be captured as cachedir (the other formats save from inside the "
+                "compiling process); use format: cachedir",
+            )
+    env = _env(v, "env", raw.get("env"), reaches_app=True)
     signing_key = None
     if raw.get("signing_key_file") is not None:
         signing_key = signing.load_secret_file(
@@ -293,7 +326,7 @@ def _parse(
         store, cache_dir, fmt, marker, require, deadline_s, workloads, source, store_options,
         _daemon(v, raw.get("daemon")), signing_key,
         signing.load_trusted(trusted, f"{source}: {v.origins.get('trusted_keys', 'trusted_keys')}"),
-        warmup_timeout_s,
+        warmup_timeout_s, env,
     )  # fmt: skip
 
 
@@ -374,25 +407,40 @@ def _path(v: _Validator, key: str, value: Any, base: Path) -> Path:
 
 
 def parse_workload(doc: Any, source: str) -> Workload:
-    """One workload from a mapping shaped like a `workloads` entry (the warm-up child gets
-    its workload this way, as JSON, instead of the config file)."""
-    return _workload(_Validator(source, {}), "workload", doc, DEFAULT_WARMUP_TIMEOUT_S)
+    """One model workload from a mapping shaped like a `workloads` entry (the warm-up child
+    gets its workload this way, as JSON, instead of the config file)."""
+    return _workload(_Validator(source, {}), "workload", doc, DEFAULT_WARMUP_TIMEOUT_S, Path.cwd())
 
 
-def _workload(v: _Validator, at: str, w: Any, default_timeout_s: float) -> Workload:
+def _workload(v: _Validator, at: str, w: Any, default_timeout_s: float, base: Path) -> Workload:
     if not isinstance(w, dict):
         v.fail(at, f"must be a mapping, got {_kind(w)}")
-    known = {
-        "name", "model", "model_kwargs", "inputs", "device", "mode", "compile", "seed",
-        "warmup_timeout_s",
-    }  # fmt: skip
-    v.no_unknown(w, known, at)
-    for req in ("name", "model", "inputs"):
-        if req not in w:
-            v.fail(f"{at}.{req}", "is required")
+    v.no_unknown(w, {"name", "warmup_timeout_s", *MODEL_KEYS, *COMMAND_KEYS}, at)
+    if "name" not in w:
+        v.fail(f"{at}.name", "is required")
     name = w["name"]
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         v.fail(f"{at}.name", "must be 1-64 characters of letters, digits, '.', '_', '-'")
+    if "model" in w and "command" in w:
+        v.fail(at, "sets both model and command; a workload is one or the other")
+    if "model" not in w and "command" not in w:
+        v.fail(f"{at}.model", "is required (or command, for a workload that is your own process)")
+    is_command = "command" in w
+    for key in MODEL_KEYS if is_command else COMMAND_KEYS:
+        if key in w:  # (model and command together were refused above)
+            v.fail(
+                f"{at}.{key}",
+                "applies to model workloads only; a command workload compiles what its "
+                "process compiles"
+                if is_command
+                else "applies to command workloads only (those that set command)",
+            )
+    timeout_s = v.positive(f"{at}.warmup_timeout_s", w.get("warmup_timeout_s", default_timeout_s))
+    if is_command:
+        command = _command(v, at, w, base)
+        return Workload(name, None, (), warmup_timeout_s=timeout_s, command=command)
+    if "inputs" not in w:
+        v.fail(f"{at}.inputs", "is required")
     model = w["model"]
     if not isinstance(model, str) or not _FACTORY.fullmatch(model):
         v.fail(f"{at}.model", "must be 'package.module:callable', e.g. torchwarm.models:mlp")
@@ -419,10 +467,75 @@ def _workload(v: _Validator, at: str, w: Any, default_timeout_s: float) -> Workl
         mode=mode,
         compile=_compile(v, f"{at}.compile", w.get("compile", {})),
         seed=seed,
-        warmup_timeout_s=v.positive(
-            f"{at}.warmup_timeout_s", w.get("warmup_timeout_s", default_timeout_s)
-        ),
+        warmup_timeout_s=timeout_s,
     )
+
+
+def _command(v: _Validator, at: str, w: dict[str, Any], base: Path) -> Command:
+    argv = w["command"]
+    if (
+        not isinstance(argv, list)
+        or not argv
+        or not all(isinstance(a, str) and "\0" not in a for a in argv)
+        or not argv[0]
+    ):
+        v.fail(
+            f"{at}.command",
+            "must be a non-empty list of argument strings, run without a shell, "
+            "e.g. [python, warm.py, --requests, '3']",
+        )
+    cwd = _path(v, f"{at}.cwd", w["cwd"], base) if "cwd" in w else base
+    code = w.get("code", [])
+    if not isinstance(code, list):
+        v.fail(f"{at}.code", f"must be a list of files or folders, got {_kind(code)}")
+    paths = tuple(_path(v, f"{at}.code[{i}]", c, base) for i, c in enumerate(code))
+    # Only the top-level env reaches the app (torchwarm run): a cache root named here
+    # would be shipped, and the app would never look into it.
+    env = _env(v, f"{at}.env", w.get("env"), reaches_app=False)
+    return Command(tuple(argv), cwd, env, paths)
+
+
+def _env(v: _Validator, at: str, value: Any, reaches_app: bool) -> dict[str, str]:
+    """An `env` mapping: variable names to strings (integers are taken as written).
+    {cache_dir} only where the variable `reaches_app` (the top-level env)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        v.fail(at, f"must be a mapping of variable names to strings, got {_kind(value)}")
+    out = {}
+    for name, given in value.items():
+        key = f"{at}.{_show(name)}"
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            v.fail(key, "is not a variable name (letters, digits and '_', not first a digit)")
+        if name.startswith("TORCHWARM_"):
+            v.fail(key, "is torchwarm's own; the warm-up and the app never get TORCHWARM_* "
+                        "variables (the warm-up must hold no signing key)")  # fmt: skip
+        if name in _SET_BY_TORCHWARM:
+            v.fail(key, _SET_BY_TORCHWARM[name])
+        if isinstance(given, int) and not isinstance(given, bool):
+            given = str(given)
+        if not isinstance(given, str) or "\0" in given:
+            v.fail(key, f"is {given!r}; expected a string (quote it in the YAML)")
+        if PLACEHOLDER in given and not reaches_app:
+            v.fail(
+                key,
+                f"uses {PLACEHOLDER}, but a workload's env reaches only its "
+                "warm-up, so the app would never look there; set it in the top-level env, "
+                "which torchwarm run gives the app too",
+            )
+        out[name] = given
+    return out
+
+
+# Variables torchwarm itself sets for the warm-up and the app: the reason each is refused.
+_SET_BY_TORCHWARM = {
+    "TORCHINDUCTOR_CACHE_DIR": "is set by torchwarm (cache_dir on a node, an empty folder "
+    "for each warm-up); put other caches under it with {cache_dir}/NAME",
+    "TRITON_CACHE_DIR": "is left unset by torchwarm so that Triton's cache lives inside "
+    "TORCHINDUCTOR_CACHE_DIR and travels with it; remove it",
+    "TORCH_CACHING_PRECOMPILE": "is decided by torchwarm (format precompile, and torchwarm "
+    "run where precompiled entries were installed); remove it",
+}
 
 
 def _compile(v: _Validator, at: str, c: Any) -> CompileOptions:

@@ -1,10 +1,11 @@
 """`torchwarm daemon`: keep the store warm for every workload in a YAML file.
 
-Each pass, for each workload: compute its warm-up key (config, model source, format,
-fingerprint: warmup.warmup_key); if the store's manifest for (workload, fingerprint)
-carries that key, skip it (no compile, no upload); otherwise warm up in a fresh
-subprocess (killed past its warmup_timeout_s), capture, publish. A skipped workload's
-manifest older than daemon.refresh_s is touched, so gc sees the environment as live.
+Each pass, for each workload: compute its warm-up key (config, model source or a
+command's code files, format, fingerprint: warmup.warmup_key); if the store's manifest
+for (workload, fingerprint) carries that key, skip it (no compile, no upload); otherwise
+warm up in a fresh subprocess (killed past its warmup_timeout_s), capture, publish. A
+skipped workload's manifest older than daemon.refresh_s is touched, so gc sees the
+environment as live.
 Any exception in a workload is an event and a backoff for that workload (60 s doubling
 to daemon.backoff_max_s) and does not stop the others; one outside the workloads
 (fingerprint, store, workload list) fails the pass, which is retried with the same backoff.
@@ -241,7 +242,7 @@ class Daemon:
         step = f"workload {w.name!r}"
         self._begin(f"{step}: checking the store", w.warmup_timeout_s)
         fp = fingerprint.digest(self.fields)
-        key = warmup.warmup_key(w, self.cfg.format, fp)
+        key = warmup.warmup_key(w, self.cfg.format, fp, self.cfg.env)
         manifest_key = keys.manifest_key(w.name, fp)
         existing = _read_manifest(store, manifest_key)
         # Skip only a current, complete manifest: a missing blob (lost to an operator or a
@@ -265,9 +266,9 @@ class Daemon:
                                on_capture=lambda: self._begin(f"{step}: capture",
                                                               w.warmup_timeout_s))  # fmt: skip
         seconds = time.monotonic() - t0
-        c = result.summary["counters"]
+        c = result.summary.get("counters") or {}  # a command may report none: null, not 0
         emit("warmup_finished", workload=w.name, seconds=round(seconds, 3),
-             hits=c["fxgraph_cache_hit"], misses=c["fxgraph_cache_miss"])  # fmt: skip
+             hits=c.get("fxgraph_cache_hit"), misses=c.get("fxgraph_cache_miss"))  # fmt: skip
         if fingerprint.digest(result.fingerprint) != fp:
             emit("fingerprint_mismatch", workload=w.name, daemon=fp,
                  warmup=fingerprint.digest(result.fingerprint),

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as cfgmod
-from . import marker, stores
+from . import marker, stores, torchenv
 from .config import Config
 from .errors import DeadlineExceeded, TorchwarmError, one_line
 from .pulljob import Channel, Failure, PullJob
@@ -279,6 +279,7 @@ class Supervisor:
         report = _report(self.cfg.cache_dir, self.fingerprint, self.cfg.store, outcomes,
                          self.timings, self.started, reason)  # fmt: skip
         report.timed_out = self.timed_out
+        report.env = torchenv.expand(self.cfg.env, self.cfg.cache_dir)
         return report
 
 

@@ -37,6 +37,8 @@ class PullReport:
     written_at: str = ""
     timed_out: bool = False  # the deadline passed before the pull finished
     reason: str = ""  # why nothing was tried (a config error), if so
+    env: dict[str, str] = field(default_factory=dict)  # the config's `env` for the app,
+    # {cache_dir} expanded (other compile caches inside the cache dir)
     marker: str = ""  # where the ready marker was written; "" if it could not be
     marker_error: str = ""  # why it could not be
 

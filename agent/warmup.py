@@ -2,40 +2,37 @@
 
 A subprocess per workload keeps captures from mixing (torch's mega-cache saves are
 cumulative per process) and gives every warm-up an empty cache dir, so the capture
-holds exactly what the workload needs. The child runs `python -m torchwarm.warmup`,
-gets its workload as JSON (never the config, nor any TORCHWARM_* variable: it runs the
-user's model code and must hold no signing key), and runs in a process group of its
-own, killed whole when the warm-up passes its timeout.
+holds exactly what the workload needs. For a model workload the child runs
+`python -m torchwarm.warmup` and gets its workload as JSON (never the config); a command
+workload's child is its own command. Neither gets any TORCHWARM_* variable (it runs the
+user's code and must hold no signing key); each runs in a process group of its own,
+killed whole when the warm-up passes its timeout (command.py).
 
 Output folder layout (what `torchwarm push --from DIR` reads):
     DIR/<workload>/warmup.json   fingerprint, counters, timings, captured blob files
     DIR/<workload>/<blob files>  as the format named them
-    DIR/<workload>/warmup.log    the child's output
+    DIR/<workload>/warmup.log    the child's output (a command's report line is read here)
     DIR/<workload>/cache/        the warmed cache dir itself, as the child left it
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import importlib.util
 import json
-import os
+import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import threading
-import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from . import command, fingerprint, formats, manifest, precompile, torchenv, workload
 from . import config as cfgmod
-from . import fingerprint, formats, manifest, torchenv
 from .config import Config, Workload
 from .errors import Cancelled, ConfigError, TorchwarmError, WarmupError
 from .formats import Captured
@@ -77,23 +74,33 @@ class WarmupResult:
             ) from None
 
 
-def warmup_key(w: Workload, fmt: str, fingerprint_digest: str) -> str:
-    """What decides whether a stored warm-up is still current: the workload's config, the
-    source of the module that defines its model, the capture format and the environment.
+def warmup_key(
+    w: Workload, fmt: str, fingerprint_digest: str, env: Mapping[str, str] | None = None
+) -> str:
+    """What decides whether a stored warm-up is still current: the workload's config, its
+    code (the source of the module that defines its model, or a command's `code` files),
+    the config's `env` (every warm-up gets it), the capture format and the environment.
 
-    The seed daemon skips a workload whose manifest carries this key. Only the factory's
-    own module file is hashed: a change in a module it imports needs a config change
-    (or a new torch, which changes the fingerprint) to be noticed.
+    The seed daemon skips a workload whose manifest carries this key. For a model, only
+    the factory's own module file is hashed: a change in a module it imports needs a
+    config change (or a new torch, which changes the fingerprint) to be noticed. A
+    command's code is whatever its `code` list names, and nothing else.
     """
-    workload = asdict(w)
-    del workload["warmup_timeout_s"]  # how long it may take does not change what it compiles
-    doc = {
-        "workload": workload,
-        "model_source_sha256": _model_source_digest(w.model),
+    settings = asdict(w)
+    del settings["warmup_timeout_s"]  # how long it may take does not change what it compiles
+    doc: dict[str, Any] = {
+        "workload": settings,
         "format": fmt,
         "fingerprint": fingerprint_digest,
         "torchwarm_format_version": manifest.FORMAT_VERSION,
     }
+    if w.command is None:
+        del settings["command"]  # a model workload's key is what it was before commands
+        doc["model_source_sha256"] = _model_source_digest(str(w.model))
+    else:
+        doc["code_sha256"] = command.code_digest(w.command.code)
+    if env:
+        doc["env"] = dict(env)
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -117,10 +124,12 @@ def warmup(
 ) -> WarmupResult:
     """Warm `w` up in a child process with an empty cache dir and capture it into `out_dir`.
 
-    The child runs in a process group of its own. Past `w.warmup_timeout_s` the group (the
-    child and whatever it started) is killed and WarmupError says so; with `stop`, setting
-    it kills the group and raises Cancelled. `on_capture()` is called when the child has
-    exited well, before the capture.
+    A model workload runs in `python -m torchwarm.warmup`; a command workload is its own
+    command, in its cwd, with its env on top of the config's. Either runs in a process
+    group of its own. Past `w.warmup_timeout_s` the group (the child and whatever it
+    started) is killed and WarmupError says so; with `stop`, setting it kills the group
+    and raises Cancelled. `on_capture()` is called when the child has exited well,
+    before the capture.
     """
     fmt = formats.get(cfg.format)
     if out_dir.exists():
@@ -128,96 +137,110 @@ def warmup(
     cache = out_dir / "cache"
     cache.mkdir(parents=True)
     log_path = out_dir / "warmup.log"
-    cmd = [
-        sys.executable, "-m", "torchwarm.warmup", "--workload-json", json.dumps(asdict(w)),
-        "--format", fmt.name, "--out", str(out_dir),
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=child_env(cache), stdout=log, stderr=log,
-                                start_new_session=True)  # fmt: skip
-        try:
-            ended = _wait_unreaped(proc, w.warmup_timeout_s, stop)
-        finally:
-            _kill_group(proc)  # also what a child that exited left running
-            proc.wait()
-    if ended != "exited" or proc.returncode != 0:
+    extra = {**cfg.env, **(w.command.env if w.command else {})}
+    env = child_env(cache, extra)
+    _refuse_fingerprint_changes(w, child_env(cache), extra, cache)
+    who = f"workload {w.name!r}"
+    if w.command is None:
+        doc = {k: v for k, v in asdict(w).items() if k != "command"}
+        argv = [
+            sys.executable, "-m", "torchwarm.warmup", "--workload-json", json.dumps(doc),
+            "--format", fmt.name, "--out", str(out_dir),
+        ]  # fmt: skip
+        ended = command.run(who, argv, env, log_path, w.warmup_timeout_s, stop=stop)
+        what = f"warm-up of {w.name!r}"
+    else:
+        fields = fingerprint.collect(env)  # what the command's own torch sees
+        ended = command.run(who, w.command.argv, env, log_path, w.warmup_timeout_s,
+                            cwd=w.command.cwd, stop=stop)  # fmt: skip
+        what = f"warm-up of {w.name!r} (command {shlex.join(w.command.argv)})"
+    if ended.how != "exited" or ended.returncode != 0:
         shutil.rmtree(cache, ignore_errors=True)  # the log stays: the error names it
-    if ended == "cancelled":
+    if ended.how == "cancelled":
         raise Cancelled(f"warm-up of {w.name!r} cancelled")
-    if ended == "timeout":
+    if ended.how == "timeout":
         raise WarmupError(
-            f"warm-up of {w.name!r} did not finish within {w.warmup_timeout_s:g} s "
+            f"{what} did not finish within {w.warmup_timeout_s:g} s "
             f"(warmup_timeout_s); killed it and its child processes; last output: "
-            f"{_last_line(log_path)} (full log: {log_path})"
+            f"{command.last_line(log_path)} (full log: {log_path})"
         )
-    if proc.returncode != 0:
+    if ended.returncode != 0:
         raise WarmupError(
-            f"warm-up of {w.name!r} failed (exit {proc.returncode}): {_last_line(log_path)} "
+            f"{what} failed (exit {ended.returncode}): {command.last_line(log_path)} "
             f"(full log: {log_path})"
         )
     if on_capture is not None:
         on_capture()
-    child = json.loads((out_dir / "child.json").read_text())
     captured = fmt.capture(cache, out_dir)
     unpacked = sum((cache / m).stat().st_size for m in formats.cache_members(cache))
-    summary = {
-        **fmt.manifest_fields(w, out_dir),
-        "mode": w.mode,
-        "device": w.device,
-        "compile": w.compile.as_kwargs(),
-        "input_sets": [
-            [{"shape": list(t.shape), "dtype": t.dtype, "dynamic": list(t.dynamic)} for t in s]
-            for s in w.inputs
-        ],
-        "counters": child["report"]["counters"],
-        "first_call_s": round(child["report"]["first_call_s"], 3),
-        "so_files": child["report"]["new_so_files"],
-        "unpacked_bytes": unpacked,  # what a node needs free to install it (pulljob._space)
-        "warmup_key": warmup_key(w, fmt.name, fingerprint.digest(child["fingerprint"])),
-    }
-    result = WarmupResult(w.name, fmt.name, child["fingerprint"], summary, captured)
+    if w.command is None:
+        child = json.loads((out_dir / "child.json").read_text())
+        fields = child["fingerprint"]
+        summary = {
+            **fmt.manifest_fields(w, out_dir),
+            "mode": w.mode,
+            "device": w.device,
+            "compile": w.compile.as_kwargs(),
+            "input_sets": [
+                [{"shape": list(t.shape), "dtype": t.dtype, "dynamic": list(t.dynamic)} for t in s]
+                for s in w.inputs
+            ],
+            "counters": child["report"]["counters"],
+            "first_call_s": round(child["report"]["first_call_s"], 3),
+            "so_files": child["report"]["new_so_files"],
+        }
+    else:
+        summary = {
+            **fmt.manifest_fields(w, out_dir),
+            "command": list(w.command.argv),
+            "env": sorted(extra),  # names only: values may hold paths or secrets
+            "wall_s": round(ended.wall_s, 3),
+            # Only what the command printed (command.REPORT_KEY), never made up.
+            **(command.read_report(log_path) or {}),
+            "so_files": workload.count_so(cache),  # the cache dir started empty
+        }
+    summary["unpacked_bytes"] = unpacked  # what a node needs free to install it
+    summary["warmup_key"] = warmup_key(w, fmt.name, fingerprint.digest(fields), cfg.env)
+    result = WarmupResult(w.name, fmt.name, fields, summary, captured)
     result.save(out_dir)
     return result
 
 
-def child_env(cache: Path) -> dict[str, str]:
-    """The warm-up child's environment: this process's, torch's caches in `cache`, and no
-    TORCHWARM_* variable.
+def child_env(cache: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A warm-up's environment: this process's, plus `extra` (the config's and a command's
+    `env`, {cache_dir} meaning `cache`), torch's caches in `cache`, torch's precompile
+    mode off, and no TORCHWARM_* variable.
 
-    The child runs the user's model code, so it must hold no signing key: not
+    The child runs the user's model code or command, so it must hold no signing key: not
     $TORCHWARM_SIGNING_KEY, nor $TORCHWARM_SIGNING_KEY_FILE or the config file that would
-    lead to one. It gets its workload as JSON on the command line instead.
+    lead to one. A model workload's child gets its workload as JSON on the command line.
+    Precompile mode is set by the `precompile` format alone (in the child): a command
+    compiling with it would leave AOTAutograd entries no node looks up.
     """
-    env = torchenv.cache_env(cache)
+    env = torchenv.cache_env(cache, extra=extra)
+    env.pop(precompile.ENV_VAR, None)
     return {k: v for k, v in env.items() if not k.startswith("TORCHWARM_")}
 
 
-def _wait_unreaped(proc: subprocess.Popen[bytes], timeout_s: float,
-                   stop: threading.Event | None) -> str:  # fmt: skip
-    """'exited', 'timeout' or 'cancelled'. The child is left unreaped (WNOWAIT), so its
-    process group id cannot be reused before _kill_group."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
-                return "exited"
-        except ChildProcessError:
-            return "exited"  # already reaped
-        if stop is not None and stop.is_set():
-            return "cancelled"
-        if time.monotonic() >= deadline:
-            return "timeout"
-        time.sleep(0.2)
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _last_line(log_path: Path) -> str:
-    lines = log_path.read_text(errors="replace").strip().splitlines()
-    return lines[-1] if lines else "(no output)"
+def _refuse_fingerprint_changes(
+    w: Workload, base: dict[str, str], extra: Mapping[str, str], cache: Path
+) -> None:
+    """ConfigError when a variable of `env` changes the fingerprint (OMP_NUM_THREADS, a
+    TORCHINDUCTOR_* setting): a node reads its fingerprint from the pull's own
+    environment, which `env` never reaches, so that cache would never be taken."""
+    if not extra:
+        return
+    before = fingerprint.collect(base)
+    for name, value in torchenv.expand(extra, cache).items():
+        changed = fingerprint.differences(before, fingerprint.collect({**base, name: value}))
+        if changed:
+            where = "its env" if name in (w.command.env if w.command else {}) else "env"
+            raise ConfigError(
+                f"workload {w.name!r}: {where} sets {name}, which changes fingerprint "
+                f"field(s) {', '.join(changed)}; a node reads those from the environment "
+                f"torchwarm runs in, never from env: set {name} there (seed and node), "
+                "not in env"
+            )
 
 
 def _child(argv: list[str]) -> int:
@@ -228,8 +251,6 @@ def _child(argv: list[str]) -> int:
     p.add_argument("--out", required=True, type=Path)
     a = p.parse_args(argv)
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
-    from . import workload
-
     try:
         w = cfgmod.parse_workload(json.loads(a.workload_json), "--workload-json")
         fmt = formats.get(a.format)
