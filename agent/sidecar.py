@@ -5,7 +5,8 @@ until the pull has installed the cache (or decided, fail-open, to start cold) an
 from then on. A startupProbe on /readyz holds the main container until then. With
 `require`, a failed pull keeps /readyz at 503 and exits non-zero, so the kubelet
 restarts the sidecar and tries again. After the pull it keeps serving /healthz and
-/metrics until SIGTERM.
+/metrics until SIGTERM, and watches the cache dir for entries the app compiles that the
+warm-up did not cover (misses.py): counted on /metrics, one log line per kind.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from . import httpd, node
-from .errors import TorchwarmError
+from . import httpd, misses, node
+from .errors import TorchwarmError, one_line
 from .report import PullReport, describe
 
 
@@ -25,6 +26,7 @@ class Sidecar:
     def __init__(self) -> None:
         self.report: PullReport | None = None
         self.error: TorchwarmError | None = None
+        self.watcher: misses.Watcher | None = None
         self.started = time.time()
 
     def readyz(self) -> httpd.Response:
@@ -57,9 +59,28 @@ class Sidecar:
                              [({}, r.timings.get("total_s", 0.0) if r else 0.0)]),
                 httpd.metric("torchwarm_start_time_seconds", "gauge", "when the agent started",
                              [({}, self.started)]),
+                self._miss_metrics(),
             ]
         )  # fmt: skip
         return 200, httpd.PROMETHEUS, text.encode()
+
+    def _miss_metrics(self) -> str:
+        w = self.watcher
+        counts, scans, scan_s, up = w.snapshot() if w else ({}, 0, 0.0, False)
+        return "".join(
+            [
+                httpd.metric("torchwarm_cache_misses_total", "counter",
+                             "compile entries the app wrote into the cache dir after the pull, "
+                             "by kind: each one a compile the warm-up did not cover",
+                             [({"kind": k}, float(n)) for k, n in counts.items()]),
+                httpd.metric("torchwarm_miss_watch_up", "gauge",
+                             "1 while the cache dir is watched for misses", [({}, float(up))]),
+                httpd.metric("torchwarm_miss_scans_total", "counter",
+                             "scans of the cache dir for misses", [({}, float(scans))]),
+                httpd.metric("torchwarm_miss_scan_seconds", "gauge",
+                             "how long the last scan of the cache dir took", [({}, scan_s)]),
+            ]
+        )  # fmt: skip
 
 
 def serve(
@@ -80,13 +101,21 @@ def serve(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        state.report = begun if isinstance(begun, PullReport) else begun.finish()
-        for line in describe(state.report):
+        report = begun if isinstance(begun, PullReport) else begun.finish()
+        for line in describe(report):
             print(line, flush=True)
     except TorchwarmError as e:
         state.error = e
         server.shutdown()
         raise
+    # The baseline scan comes before /readyz says 200, so the app cannot write before it.
+    try:
+        state.watcher = misses.watch(report)
+    except Exception as e:  # noqa: BLE001 - a watcher that cannot start must not stop serving
+        print(f"miss watcher not started: {one_line(f'{type(e).__name__}: {e}')}", flush=True)
+    state.report = report
     stop.wait()
+    if state.watcher is not None:
+        state.watcher.stop()
     server.shutdown()
     return 0

@@ -62,8 +62,8 @@ def disable_caching_precompile() -> None:
 # torchwarm's own files never travel. Dynamo's precompiled entries (`dynamo/`) travel
 # only in their own blob of the `precompile` format.
 DYNAMO_DIR = "dynamo"
-_TRANSIENT_DIRS = {"locks"}
-_TRANSIENT_SUFFIXES = (".lock", ".tmp")
+TRANSIENT_DIRS = {"locks"}
+TRANSIENT_SUFFIXES = (".lock", ".tmp")
 
 
 def cache_members(cache_dir: Path, suffix: str | None = None, dynamo: bool = False) -> list[str]:
@@ -76,12 +76,12 @@ def cache_members(cache_dir: Path, suffix: str | None = None, dynamo: bool = Fal
         rel_dir = Path(dirpath).relative_to(cache_dir)
         if rel_dir == Path("."):
             dirnames[:] = [
-                d for d in dirnames if d not in _TRANSIENT_DIRS and (d == DYNAMO_DIR) == dynamo
+                d for d in dirnames if d not in TRANSIENT_DIRS and (d == DYNAMO_DIR) == dynamo
             ]
             if dynamo:
                 continue  # files at the top level are not Dynamo entries
         for name in filenames:
-            if name.endswith(_TRANSIENT_SUFFIXES) or name.startswith(".torchwarm"):
+            if name.endswith(TRANSIENT_SUFFIXES) or name.startswith(".torchwarm"):
                 continue
             if suffix is not None and not name.endswith(suffix):
                 continue
