@@ -165,7 +165,7 @@ def s3_config(tmp_path: Path, port: int, deadline_s: float) -> Path:
     return path
 
 
-DEADLINE = 25.0
+DEADLINE = 5.0
 
 
 def test_hung_store_fail_open_starts_cold_within_the_deadline(tmp_path, black_hole):
