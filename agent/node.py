@@ -60,12 +60,13 @@ def begin(
     started = time.monotonic() if started is None else started
     try:
         cfg = cfgmod.load(config_path, overrides)
-    except TorchwarmError as e:
+    except Exception as e:  # noqa: BLE001 - fail-open: a config error is one more reason
         fallback = cfgmod.fallback(config_path, overrides)
         if fallback.require if require is None else require:
             raise
+        why = str(e) if isinstance(e, TorchwarmError) else f"{type(e).__name__}: {e} (a bug)"
         report = _report(fallback.cache_dir, "", "", [], {}, started,
-                         f"config error: {one_line(str(e))}")  # fmt: skip
+                         f"config error: {one_line(why)}")  # fmt: skip
         if fallback.marker is not None:
             _write_marker(fallback.marker, report)
         return report
@@ -144,17 +145,21 @@ class Supervisor:
         except TorchwarmError as e:
             self.fatal = Failure.of(e)
             return
-        stores.preload(self.cfg.store)
-        self.to_parent, child_out = os.pipe()
-        child_in, self.to_child = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        with warnings.catch_warnings():
-            # Python 3.12+ warns when a process with threads forks (the Python API may run
-            # in one). The worker runs only torchwarm's code, imported before the fork, and
-            # the deadline bounds it whatever happens.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
+        try:
+            stores.preload(self.cfg.store)
+            self.to_parent, child_out = os.pipe()
+            child_in, self.to_child = os.pipe()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            with warnings.catch_warnings():
+                # Python 3.12+ warns when a process with threads forks (the Python API may
+                # run in one). The worker runs only torchwarm's code, imported before the
+                # fork, and the deadline bounds it whatever happens.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+        except Exception as e:  # noqa: BLE001 - no worker (no memory, no processes): cold
+            self.fatal = Failure.of(e)
+            return
         if pid == 0:  # the worker
             os.close(self.to_parent)
             os.close(self.to_child)
@@ -169,6 +174,8 @@ class Supervisor:
         if self.pid:
             try:
                 self._watch()
+            except Exception as e:  # noqa: BLE001 - a bug here must not stop the app either
+                self.fatal = Failure.of(e)
             finally:
                 self._reap()
         report = self._settle()
