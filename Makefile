@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-transfer clean
+.PHONY: demo test lint bench bench-pull bench-transfer clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-## demo: seed warm-up → local-folder store → fresh node pull; prints cold / node / local-warm
+## demo: seed warm-up → local-folder store → fresh node pull; prints the pull's wall time and
+## the first call cold / on the node / local-warm
 demo: $(STAMP)
 	$(BIN)/python bench/first_call.py --formats config --repeat 1
 
@@ -28,10 +29,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check agent tests bench
 	$(BIN)/ruff format --check agent tests bench
 
-## bench: first-call seconds per format (3 fresh nodes each), and zstd vs gzip
+## bench: first-call seconds per format (3 fresh nodes each), zstd vs gzip, and where a
+## pull's time goes
 bench: $(STAMP)
 	$(BIN)/python bench/first_call.py --repeat 3
 	$(BIN)/python bench/compression.py
+	$(BIN)/python bench/pull.py
+
+## bench-pull: the pull's wall split (process start, fingerprint, resolve, fetch,
+## install, rest) over 10 fresh pulls, and time to first result against cold
+bench-pull: $(STAMP)
+	$(BIN)/python bench/pull.py
 
 bench-transfer: $(STAMP)
 	$(BIN)/python bench/transfer.py
