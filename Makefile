@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-pull bench-transfer clean
+.PHONY: demo test lint bench bench-pull bench-fleet bench-transfer clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,17 +29,22 @@ lint: $(STAMP)
 	$(BIN)/ruff check agent tests bench
 	$(BIN)/ruff format --check agent tests bench
 
-## bench: first-call seconds per format (3 fresh nodes each), zstd vs gzip, and where a
-## pull's time goes
+## bench: first-call seconds per format (3 fresh nodes each), zstd vs gzip, where a
+## pull's time goes, and a fleet pulling at once
 bench: $(STAMP)
 	$(BIN)/python bench/first_call.py --repeat 3
 	$(BIN)/python bench/compression.py
 	$(BIN)/python bench/pull.py
+	$(BIN)/python bench/fleet.py
 
 ## bench-pull: the pull's wall split (process start, fingerprint, resolve, fetch,
 ## install, rest) over 10 fresh pulls, and time to first result against cold
 bench-pull: $(STAMP)
 	$(BIN)/python bench/pull.py
+
+## bench-fleet: 48 pulls at once against SeaweedFS on loopback: pulls/s, p50/p99, requests
+bench-fleet: $(STAMP)
+	$(BIN)/python bench/fleet.py
 
 bench-transfer: $(STAMP)
 	$(BIN)/python bench/transfer.py
