@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-transfer clean
+.PHONY: demo test lint bench bench-pull bench-fleet bench-march bench-transfer clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-## demo: seed warm-up → local-folder store → fresh node pull; prints cold / node / local-warm
+## demo: seed warm-up → local-folder store → fresh node pull; prints the pull's wall time and
+## the first call cold / on the node / local-warm
 demo: $(STAMP)
 	$(BIN)/python bench/first_call.py --formats config --repeat 1
 
@@ -28,10 +29,27 @@ lint: $(STAMP)
 	$(BIN)/ruff check agent tests bench examples
 	$(BIN)/ruff format --check agent tests bench examples
 
-## bench: first-call seconds per format (3 fresh nodes each), and zstd vs gzip
+## bench: first-call seconds per format (3 fresh nodes each), zstd vs gzip, where a
+## pull's time goes, a fleet pulling at once, and the cost of a pinned -march
 bench: $(STAMP)
 	$(BIN)/python bench/first_call.py --repeat 3
 	$(BIN)/python bench/compression.py
+	$(BIN)/python bench/pull.py
+	$(BIN)/python bench/fleet.py
+	$(BIN)/python bench/march.py
+
+## bench-pull: the pull's wall split (process start, fingerprint, resolve, fetch,
+## install, rest) over 10 fresh pulls, and time to first result against cold
+bench-pull: $(STAMP)
+	$(BIN)/python bench/pull.py
+
+## bench-fleet: 48 pulls at once against SeaweedFS on loopback: pulls/s, p50/p99, requests
+bench-fleet: $(STAMP)
+	$(BIN)/python bench/fleet.py
+
+## bench-march: steady-state ms/iter of the example transformer, -march=native vs x86-64-v3
+bench-march: $(STAMP)
+	$(BIN)/python bench/march.py
 
 bench-transfer: $(STAMP)
 	$(BIN)/python bench/transfer.py

@@ -168,7 +168,10 @@ class PullJob:
         for w in self.workloads:
             self.chan.send("phase", phase=f"resolving {w.name!r} in {store.url}")
             try:
+                t0 = time.perf_counter()
                 m = resolve(store, w.name, self.fields, self.cfg.trusted_keys)
+                self.chan.send("timing", name=f"resolve_s.{w.name}",
+                               seconds=time.perf_counter() - t0)  # fmt: skip
                 if isinstance(m, Miss):
                     raise NoCacheForFingerprint(m.reason)
                 self.memory.check(m, store.url)

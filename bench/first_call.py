@@ -8,6 +8,8 @@ invocation because this machine is noisy:
                   the app runs with TORCH_CACHING_PRECOMPILE=1 when the pull installed
                   the precompiled entries (bench/nodes.py), which torch loads in
                   torch.compile() ("load" below; milliseconds on the FX-graph path)
+    pull          the wall seconds of the node's pull (`torchwarm pull`, a new process; where
+                  they go: bench/pull.py)
     local-warm    the node's cache dir again, now warmed by its own first run, without
                   precompile: the speed a node reaches through the FX-graph cache
 Usage: python bench/first_call.py [-c configs/example.yaml]
@@ -49,7 +51,7 @@ def main() -> int:
                          "TORCHWARM_FORMAT": fmt}  # fmt: skip
             print(f"[{fmt}] seed: warm-up and push …", flush=True)
             torchwarm("warmup", "-c", a.config, "--workload", workload, "--push", env=envs[fmt])
-            rows[fmt] = {"node": [], "load": [], "local-warm": []}
+            rows[fmt] = {"pull": [], "node": [], "load": [], "local-warm": []}
         cold = []
         # Rounds interleave the formats so that machine noise hits them alike.
         for i in range(a.repeat):
@@ -67,21 +69,25 @@ def main() -> int:
                 if c["fxgraph_cache_miss"] and not c.get("dynamo_cache_hit"):
                     sys.exit(f"[{fmt}] the node missed torch's cache: {c}")
                 counters[fmt] = counters_line(c)
+                rows[fmt]["pull"].append(got["pull_s"])
                 rows[fmt]["node"].append(after_pull["first_call_s"])
                 rows[fmt]["load"].append(after_pull["compile_s"])
                 rows[fmt]["local-warm"].append(probe(a.config, node, workload)["first_call_s"])
-                line.append(f"{fmt} node {rows[fmt]['node'][-1]:.3f} s / local-warm "
+                line.append(f"{fmt} pull {got['pull_s']:.3f} s, node "
+                            f"{rows[fmt]['node'][-1]:.3f} s / local-warm "
                             f"{rows[fmt]['local-warm'][-1]:.2f} s")  # fmt: skip
             print(", ".join(line), flush=True)
     c = statistics.median(cold)
     print(f"\nworkload {workload!r}, median of {a.repeat} fresh node(s) per format, seconds "
-          f"of torch.compile() + first calls (node: of which load in torch.compile())")  # fmt: skip
-    print(f"{'format':10} {'cold':>7} {'node':>7} {'load':>6} {'local-warm':>11} "
+          f"of torch.compile() + first calls (node: of which load in torch.compile()); "
+          f"pull: wall of the node's `torchwarm pull` process")  # fmt: skip
+    print(f"{'format':10} {'cold':>7} {'pull':>6} {'node':>7} {'load':>6} {'local-warm':>11} "
           f"{'node/local-warm':>16} {'cold/node':>10}  node counters (hit/miss)")  # fmt: skip
     for fmt, r in rows.items():
         n, w = statistics.median(r["node"]), statistics.median(r["local-warm"])
-        load = statistics.median(r["load"])
-        print(f"{fmt:10} {c:7.2f} {n:7.3f} {load:6.3f} {w:11.2f} {n / w:16.3f} {c / n:10.1f}  "
+        load, p = statistics.median(r["load"]), statistics.median(r["pull"])
+        print(f"{fmt:10} {c:7.2f} {p:6.3f} {n:7.3f} {load:6.3f} {w:11.2f} {n / w:16.3f} "
+              f"{c / n:10.1f}  "
               f"{counters[fmt]}")  # fmt: skip
     return 0
 

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +59,17 @@ def pull(
     config: str, workload: str, cache_dir: Path, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
     """Pull the workload into `cache_dir` as a new node; return what the app must know:
-    {"format", "precompiled", "reason", "app_env"} (app_env: to add to the app's env)."""
+    {"format", "precompiled", "reason", "app_env", "pull_s"} (app_env: to add to the app's
+    env; pull_s: the wall seconds of the `torchwarm pull` process)."""
+    t0 = time.monotonic()
     torchwarm("pull", "-c", config, "--workload", workload, "--require", "--cache-dir",
               str(cache_dir), env=env)  # fmt: skip
+    pull_s = time.monotonic() - t0
     marker = json.loads((cache_dir.parent / "torchwarm-ready.json").read_text())
     (outcome,) = marker["workloads"]
     fmt = outcome["format"]
     if fmt != "precompile":
-        return {"format": fmt, "precompiled": False, "reason": "", "app_env": {}}
+        return {"format": fmt, "precompiled": False, "reason": "", "app_env": {}, "pull_s": pull_s}
     if "precompiled" not in outcome:  # node.py does not decide yet: the stand-in
         out = run([sys.executable, str(ROOT / "bench" / "pull_precompiled.py"), "-c", config,
                    "--workload", workload, "--cache-dir", str(cache_dir)], env, None)  # fmt: skip
@@ -76,6 +80,7 @@ def pull(
         "precompiled": precompiled,
         "reason": outcome.get("precompile_reason", outcome.get("reason", "")),
         "app_env": dict(PRECOMPILE_ENV) if precompiled else {},
+        "pull_s": pull_s,
     }
 
 
