@@ -35,6 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests")]
 
+from factories import tree as installed_files  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
 from pull import WRAPPER, marker_of  # noqa: E402
 from servers import (  # noqa: E402
@@ -45,7 +46,7 @@ from servers import (  # noqa: E402
     start_seaweedfs,
     stop_process,
 )
-from synthetic import installed_files, publish_synthetic  # noqa: E402
+from synthetic import publish_synthetic, random_files  # noqa: E402
 
 from torchwarm.stores import StoreOptions, open_store  # noqa: E402
 
@@ -159,8 +160,8 @@ def main() -> int:
             create_bucket(endpoint, BUCKET)
             prefix = f"fleet-{uuid.uuid4().hex[:8]}"
             store = open_store(f"s3://{BUCKET}/{prefix}", s3_options(endpoint))
-            cache = publish_synthetic(store, WORKLOAD["name"], work / "seed",
-                                      int(a.blob_mb * MiB), FAKE_AWS_ENV)  # fmt: skip
+            cache = publish_synthetic(store, work / "seed", random_files(int(a.blob_mb * MiB)),
+                                      WORKLOAD["name"], FAKE_AWS_ENV)  # fmt: skip
             direct = write_config(work / "direct.yaml", prefix, endpoint, chunk)
             proxied = write_config(work / "proxied.yaml", prefix, proxy.endpoint, chunk)
             runs: dict[str, dict[str, list[float]]] = {

@@ -181,26 +181,3 @@ def seed_files(cache: Path) -> dict[str, bytes]:
         for rel, data in tree(cache).items()
         if not rel.startswith("locks/") and not rel.endswith((".lock", ".tmp"))
     }
-
-
-def synthetic_capture(folder: Path, files: dict[str, bytes]) -> list[Captured]:
-    """A cachedir capture of made-up files (no compiling): what a pull installs exactly."""
-    src = make_tree(folder / "tree", files)
-    dest = folder / "cachedir.tar.zst"
-    archive.write(src, sorted(files), dest)
-    return [Captured("cachedir", dest, archive.MEDIA_TYPE)]
-
-
-def publish_synthetic(
-    store: Any, folder: Path, files: dict[str, bytes], workload: str = "mlp",
-    unpacked: bool = True, captured_: list[Captured] | None = None,
-) -> Manifest:  # fmt: skip
-    """Publish a synthetic capture for this machine's own fingerprint into `store`."""
-    from torchwarm import fingerprint
-    from torchwarm.publish import build_manifest, publish
-
-    caps = captured_ or synthetic_capture(folder, files)
-    summary = {"unpacked_bytes": sum(map(len, files.values()))} if unpacked else {}
-    m, blob_files = build_manifest(workload, fingerprint.collect(), "cachedir", caps, summary)
-    publish(store, m, blob_files)
-    return m

@@ -18,7 +18,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchwarm import archive
+from factories import make_tree
+
+from torchwarm import archive, fingerprint
 from torchwarm.formats import Captured
 from torchwarm.manifest import Manifest
 from torchwarm.publish import build_manifest, publish
@@ -39,24 +41,31 @@ class SyntheticCache:
         return sum(b.size for b in self.manifest.blobs)
 
 
-def make_tree(root: Path, total_bytes: int, seed: int = 10) -> dict[str, bytes]:
-    """Write about `total_bytes` of random files under `root`; return name -> content."""
+def random_files(total_bytes: int, seed: int = 10) -> dict[str, bytes]:
+    """About `total_bytes` of seeded random files laid out like a cache dir: name -> bytes."""
     rng = random.Random(seed)
     count = sum(n for _, n in LAYOUT)
     files: dict[str, bytes] = {}
     for folder, n in LAYOUT:
         for _ in range(n):
             name = f"{folder}/{rng.getrandbits(64):016x}{'.so' if '/' not in folder else ''}"
-            data = rng.randbytes(max(1, total_bytes // count + rng.randrange(-512, 512)))
-            path = root / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            files[name] = data
+            files[name] = rng.randbytes(max(1, total_bytes // count + rng.randrange(-512, 512)))
     return files
 
 
-def node_fingerprint(env: dict[str, str]) -> dict:
-    """This machine's fingerprint as a node process with `env` reads it."""
+def capture(work: Path, files: dict[str, bytes]) -> list[Captured]:
+    """`files` written under `work/tree` and captured as `cachedir` (what a pull installs)."""
+    tree = make_tree(work / "tree", files)
+    dest = work / "cachedir.tar.zst"
+    archive.write(tree, sorted(files), dest)
+    return [Captured("cachedir", dest, archive.MEDIA_TYPE)]
+
+
+def node_fingerprint(env: dict[str, str] | None = None) -> dict:
+    """This machine's fingerprint as a node reads it: in this process, or, given the
+    nodes' `env`, in a new process with it."""
+    if env is None:
+        return fingerprint.collect()
     out = subprocess.run(
         [sys.executable, "-m", "torchwarm.cli", "fingerprint", "--json"],
         env={**os.environ, **env},
@@ -69,25 +78,18 @@ def node_fingerprint(env: dict[str, str]) -> dict:
 
 
 def publish_synthetic(
-    store: Store, workload: str, work: Path, total_bytes: int, env: dict[str, str]
+    store: Store,
+    work: Path,
+    files: dict[str, bytes],
+    workload: str = "mlp",
+    env: dict[str, str] | None = None,
+    unpacked: bool = True,
+    captured: list[Captured] | None = None,
 ) -> SyntheticCache:
-    """Make a tree in `work`, capture it as `cachedir` and publish it for this machine."""
-    tree = work / "tree"
-    files = make_tree(tree, total_bytes)
-    dest = work / "cachedir.tar.zst"
-    archive.write(tree, files, dest)
-    m, blob_files = build_manifest(
-        workload, node_fingerprint(env), "cachedir",
-        [Captured("cachedir", dest, archive.MEDIA_TYPE)],
-        {"unpacked_bytes": sum(len(d) for d in files.values()), "synthetic": True},
-    )  # fmt: skip
-    return SyntheticCache(tree, files, publish(store, m, blob_files).manifest)
-
-
-def installed_files(cache_dir: Path) -> dict[str, bytes]:
-    """Every regular file under `cache_dir`, by its path relative to it."""
-    return {
-        p.relative_to(cache_dir).as_posix(): p.read_bytes()
-        for p in sorted(cache_dir.rglob("*"))
-        if p.is_file()
-    }
+    """Capture `files` (or publish `captured` as is) for this machine's fingerprint."""
+    caps = captured or capture(work, files)
+    summary = {"synthetic": True}
+    if unpacked:
+        summary["unpacked_bytes"] = sum(len(d) for d in files.values())  # type: ignore[assignment]
+    m, blob_files = build_manifest(workload, node_fingerprint(env), "cachedir", caps, summary)
+    return SyntheticCache(work / "tree", files, publish(store, m, blob_files).manifest)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import WORKLOAD
-from factories import publish_synthetic, tree
+from factories import tree
+from synthetic import publish_synthetic
 
 from torchwarm.stores.local import LocalStore
 

@@ -29,8 +29,9 @@ import pytest
 import yaml
 import zstandard
 from conftest import WORKLOAD
-from factories import make_tree, publish_synthetic, synthetic_capture, tree
+from factories import make_tree, tree
 from servers import BUCKET, FAKE_AWS_ENV, fake_aws_env, free_port, s3_options
+from synthetic import publish_synthetic
 from tcpfaults import Fault, TcpFaultProxy
 
 from torchwarm import archive, fingerprint, keys
@@ -77,7 +78,7 @@ class Node:
 def seeded(tmp_path: Path, unpacked: bool = True, captured: list[Captured] | None = None) -> Node:
     """A local store holding a synthetic cache for this machine's fingerprint."""
     store = LocalStore(tmp_path / "store")
-    publish_synthetic(store, tmp_path / "capture", CACHE, unpacked=unpacked, captured_=captured)
+    publish_synthetic(store, tmp_path / "capture", CACHE, unpacked=unpacked, captured=captured)
     volume = tmp_path / "volume"
     volume.mkdir(exist_ok=True)
     doc = {"store": store.url, "cache_dir": str(volume / "inductor"), "workloads": [WORKLOAD]}
@@ -252,13 +253,11 @@ def range_stalled(tmp_path, request):
     the deadline: blocked reader threads must neither outlive the deadline nor hold the
     agent's exit."""
     server = request.getfixturevalue("seaweedfs_server")
-    big = {"fxgraph/big": os.urandom(12 << 20)}
-    caps = synthetic_capture(tmp_path / "capture", big)
-    m, files = build_manifest("mlp", fingerprint.collect(), "cachedir", caps, {})
     url = f"s3://{BUCKET}/stall-{uuid.uuid4().hex[:12]}"
     with pytest.MonkeyPatch.context() as mp:
         fake_aws_env(mp)
-        publish(open_store(url, s3_options(server.endpoint)), m, files)
+        store = open_store(url, s3_options(server.endpoint))
+        publish_synthetic(store, tmp_path / "capture", {"fxgraph/big": os.urandom(12 << 20)})
     proxy = TcpFaultProxy(
         int(server.endpoint.rsplit(":", 1)[1]),
         match=lambda method, path: method == "GET" and "/blobs/" in path,

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import WORKLOAD
+from factories import tree as installed_files
 from faultproxy import FaultProxy
 from servers import BUCKET, FAKE_AWS_ENV, S3Server, s3_options
-from synthetic import installed_files, publish_synthetic
+from synthetic import publish_synthetic, random_files
 
 from torchwarm import keys
 from torchwarm.stores import open_store
@@ -61,8 +62,8 @@ def test_a_fleet_pulling_at_once_ends_warm_with_bounded_requests(
         monkeypatch.setenv(name, value)
     prefix = f"fleet-{uuid.uuid4().hex[:12]}"
     publisher = open_store(f"s3://{BUCKET}/{prefix}", s3_options(seaweedfs_server.endpoint))
-    cache = publish_synthetic(publisher, WORKLOAD["name"], tmp_path / "seed", BLOB_BYTES,
-                              FAKE_AWS_ENV)  # fmt: skip
+    cache = publish_synthetic(publisher, tmp_path / "seed", random_files(BLOB_BYTES),
+                              WORKLOAD["name"], FAKE_AWS_ENV)  # fmt: skip
     ranges = -(-cache.blob_size // CHUNK)
     assert ranges == 2, cache.blob_size  # the blob spans more than one range
     config = node_config(tmp_path / "node.yaml", prefix, recording.endpoint)

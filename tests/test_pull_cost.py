@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import WORKLOAD
-from synthetic import installed_files, publish_synthetic
+from factories import tree as installed_files
+from synthetic import publish_synthetic, random_files
 
 from torchwarm import signing
 from torchwarm.stores import open_store
@@ -29,8 +30,8 @@ HEAVY = {"torch", "triton", "boto3", "botocore", "s3transfer", "google", "crypto
 def local_node(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
     """A local-folder store holding a made-up cache for this machine; the node's config."""
     store = tmp_path / "store"
-    cache = publish_synthetic(open_store(store.as_uri()), WORKLOAD["name"], tmp_path / "seed",
-                              64 << 10, {})  # fmt: skip
+    cache = publish_synthetic(open_store(store.as_uri()), tmp_path / "seed",
+                              random_files(64 << 10), WORKLOAD["name"], {})  # fmt: skip
     config = tmp_path / "node.yaml"
     doc = {"store": store.as_uri(), "cache_dir": str(tmp_path / "node" / "inductor"),
            "workloads": [WORKLOAD]}  # fmt: skip

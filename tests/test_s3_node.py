@@ -159,7 +159,7 @@ def test_all_503_pull_require_exits_3_by_the_deadline(seed, faulty, s3_node):
     assert "503" in line and "try again later" in line
     gave_up = re.search(r"gave up after (\d+) attempts? in ([\d.]+) s", line)
     assert gave_up and int(gave_up[1]) < 50 and float(gave_up[2]) <= 3 + 1, line
-    # The rest of the wall time is process start and the fingerprint (~10 s on 2 cores).
+    # The rest of the wall time is process start and the imports of boto3 (well under 1 s).
     assert wall < 30, wall
     assert not node.cache_dir.exists()
 
