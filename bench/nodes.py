@@ -1,11 +1,5 @@
 """What the benches share: torchwarm commands run as a seed or a node would, each in a
-new process, and the pull of a `precompile` capture.
-
-`torchwarm pull` installs precompile captures without their Dynamo entries until node.py
-calls torchwarm.precompile.decide() (#11). Until its ready marker says `precompiled`,
-`pull()` installs such captures with bench/pull_precompiled.py, which does what the
-pull will: resolve, fetch, verify, decide, install.
-"""
+new process, and what a pull tells the app (the ready marker: precompiled or not)."""
 
 from __future__ import annotations
 
@@ -67,18 +61,11 @@ def pull(
     pull_s = time.monotonic() - t0
     marker = json.loads((cache_dir.parent / "torchwarm-ready.json").read_text())
     (outcome,) = marker["workloads"]
-    fmt = outcome["format"]
-    if fmt != "precompile":
-        return {"format": fmt, "precompiled": False, "reason": "", "app_env": {}, "pull_s": pull_s}
-    if "precompiled" not in outcome:  # node.py does not decide yet: the stand-in
-        out = run([sys.executable, str(ROOT / "bench" / "pull_precompiled.py"), "-c", config,
-                   "--workload", workload, "--cache-dir", str(cache_dir)], env, None)  # fmt: skip
-        outcome = json.loads(out.strip().splitlines()[-1])
     precompiled = bool(outcome.get("precompiled"))
     return {
-        "format": fmt,
+        "format": outcome["format"],
         "precompiled": precompiled,
-        "reason": outcome.get("precompile_reason", outcome.get("reason", "")),
+        "reason": outcome.get("precompile_reason", ""),
         "app_env": dict(PRECOMPILE_ENV) if precompiled else {},
         "pull_s": pull_s,
     }
