@@ -14,6 +14,7 @@ all are installed in one swap, so a failure installs nothing.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -29,6 +30,8 @@ from .report import WorkloadOutcome
 from .resolve import Miss, resolve
 from .rollback import Memory
 from .stores import Store
+
+log = logging.getLogger(__name__)
 
 
 class PullFailed(TorchwarmError):
@@ -226,7 +229,11 @@ class PullJob:
         self.chan.send("phase", phase=f"installing {', '.join(names)}")
         t0 = time.perf_counter()
         install.install(self.cfg.cache_dir, fill, before_swap=lambda: self._commit(names))
-        self.memory.record([m for m, _ in hits])
+        try:
+            self.memory.record([m for m, _ in hits])
+        except OSError as e:  # installed all the same: only the replay memory is lost
+            log.warning("cannot remember the installed serials (%s); replay protection "
+                        "restarts from the next pull that can", e)  # fmt: skip
         self.chan.send("timing", name=f"install_s.{'+'.join(names)}",
                        seconds=time.perf_counter() - t0)  # fmt: skip
         for m, _ in hits:
