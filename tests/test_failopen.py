@@ -328,7 +328,7 @@ def test_pull_fail_open(scenario):
     t0 = time.monotonic()
     proc = node.run("pull", "-c", str(node.config))
     assert proc.returncode == 0, proc.stderr
-    assert time.monotonic() - t0 < DEADLINE + 2 + 1  # + the interpreter's own start
+    assert time.monotonic() - t0 < DEADLINE + 2  # the hard bound, interpreter start included
     if why is None:
         return assert_warm(node)
     assert "starting cold" in proc.stdout and why in proc.stdout
@@ -351,10 +351,13 @@ APP = "import os; print('APP RAN with', os.environ.get('TORCHINDUCTOR_CACHE_DIR'
 
 
 def test_run_fail_open(scenario):
-    """`run -- APP`: the app runs, with the cache dir set, whatever the pull met."""
+    """`run -- APP`: the app runs, with the cache dir set, within deadline + 2 s, whatever
+    the pull met."""
     node, why = scenario
+    t0 = time.monotonic()
     proc = node.run("run", "-c", str(node.config), "--", sys.executable, "-c", APP)
     assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - t0 < DEADLINE + 2  # the app included: it only prints
     assert f"APP RAN with {node.cache_dir}" in proc.stdout
     if why is None:
         return assert_warm(node)
@@ -373,19 +376,20 @@ def readyz(port: int) -> tuple[int, str]:
 
 
 def test_serve_fail_open(scenario):
-    """`serve`: /readyz turns 200 (ready: cold) within the deadline, and SIGTERM exits 0."""
+    """`serve`: /readyz turns 200 (ready: cold) within deadline + 2 s, and SIGTERM exits 0."""
     node, why = scenario
     port = free_port()
     proc = subprocess.Popen([*CLI, "serve", "-c", str(node.config), "--listen",
                              f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, **node.env})  # fmt: skip
     try:
-        deadline = time.monotonic() + DEADLINE + 10
+        t0 = time.monotonic()
         status, body = readyz(port)
-        while status != 200 and time.monotonic() < deadline:
+        while status != 200 and time.monotonic() < t0 + DEADLINE + 10:
             time.sleep(0.05)
             status, body = readyz(port)
         assert status == 200, body
+        assert time.monotonic() - t0 < DEADLINE + 2  # ready (warm or cold) by the bound
         assert body.strip() == ("ready: warm" if why is None else "ready: cold")
     finally:
         proc.terminate()
