@@ -19,6 +19,11 @@ import tomllib
 import yaml
 from conftest import WORKLOAD
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10: pytest's own dependency
+    import tomli as tomllib  # type: ignore[no-redef]
+
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = ROOT / "agent"
 
