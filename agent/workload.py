@@ -8,6 +8,7 @@ says: callers set it before calling run().
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -99,6 +100,8 @@ def build(workload: Workload) -> Any:
     import torch
 
     factory = load_factory(workload.model)
+    if not workload.model_kwargs and _takes_inputs(factory):
+        return factory  # a plain function named directly: what gets compiled
     torch.manual_seed(workload.seed)
     made = factory(**workload.model_kwargs)
     if isinstance(made, torch.nn.Module):
@@ -107,9 +110,19 @@ def build(workload: Workload) -> Any:
         return made
     if callable(made):
         return made
-    if not workload.model_kwargs and callable(factory):
-        return factory  # a plain function named directly
     raise ConfigError(f"model {workload.model!r} returned {type(made).__name__}, not a module")
+
+
+def _takes_inputs(fn: Any) -> bool:
+    """Whether `fn` needs positional arguments (the inputs), unlike a factory."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        for p in params
+    )
 
 
 def _call(fn: Any, inputs: list[Any], train: bool) -> Any:

@@ -330,3 +330,14 @@ def test_any_yaml_mapping_gives_config_or_config_error(scratch, doc):
     except ConfigError:
         return
     assert isinstance(result, config.Config)
+
+
+def test_a_plain_function_is_the_workload_itself():
+    """`model: torchwarm.models:gelu_tanh` (a function of the inputs, no kwargs) is compiled
+    as it is; a factory (no required arguments) is called to make the module."""
+    from torchwarm import models, workload
+
+    fn = config.Workload("g", "torchwarm.models:gelu_tanh", ((config.TensorSpec((2, 4)),),))
+    assert workload.build(fn) is models.gelu_tanh
+    mlp = config.Workload("m", "torchwarm.models:mlp", ((config.TensorSpec((2, 64)),),))
+    assert type(workload.build(mlp)).__name__ == "Sequential"
