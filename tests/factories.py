@@ -181,3 +181,12 @@ def seed_files(cache: Path) -> dict[str, bytes]:
         for rel, data in tree(cache).items()
         if not rel.startswith("locks/") and not rel.endswith((".lock", ".tmp"))
     }
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its reaper counts as dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"

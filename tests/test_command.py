@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import torchwarm
+from factories import alive
 
 from torchwarm import config, signing
 from torchwarm.errors import ConfigError
@@ -371,15 +372,6 @@ def test_daemon_skips_an_unchanged_command_and_rewarms_after_a_code_edit(tmp_pat
     assert "skipped_present" in once() and not spy.exists()
     warm.write_text("requests: 4\n")
     assert "published" in once() and spy.exists()
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie waiting for its reaper counts as dead)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def test_placeholder_expands_per_side(tmp_path):

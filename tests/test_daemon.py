@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import WORKLOAD
+from factories import alive
 from faultproxy import FaultProxy, _ProxyHandler
 from servers import AWS_ENV_TO_HIDE, BUCKET, FAKE_AWS_ENV, S3Server, free_port, s3_client
 
@@ -450,15 +451,6 @@ def cli(config: Path, env: dict[str, str], *args: str) -> subprocess.CompletedPr
         [sys.executable, "-m", "torchwarm.cli", args[0], "-c", str(config), *args[1:]],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie waiting for its reaper counts as dead)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def test_once_exits_7_when_workloads_fail_for_any_reason(tmp_path, models_env):

@@ -8,6 +8,7 @@ import io
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,21 +119,26 @@ def test_put_if_absent_creates_once(store_factory: StoreFactory) -> None:
 def test_put_if_absent_race_has_one_winner(store_factory: StoreFactory) -> None:
     """Of 8 threads racing put_if_absent on one key, exactly one wins, and its data stays."""
     store = store_factory()
+    (winner,) = race_8(lambda i: store.put_if_absent("race", f"writer {i}".encode()))
+    assert store.read("race", 100) == f"writer {winner}".encode()
+
+
+def race_8(write: Callable[[int], bool]) -> list[int]:
+    """Run write(0..7) on 8 threads released together; the indexes whose write won."""
     barrier = threading.Barrier(8)
     results: dict[int, bool] = {}
 
     def race(i: int) -> None:
         barrier.wait()
-        results[i] = store.put_if_absent("race", f"writer {i}".encode())
+        results[i] = write(i)
 
     threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    winners = [i for i, won in results.items() if won]
-    assert len(results) == 8 and len(winners) == 1
-    assert store.read("race", 100) == f"writer {winners[0]}".encode()
+    assert len(results) == 8
+    return [i for i, won in results.items() if won]
 
 
 def test_download_small_object(store_factory: StoreFactory) -> None:
@@ -342,21 +348,8 @@ def test_put_if_version_race_has_one_winner(store_factory: StoreFactory) -> None
     store = store_factory()
     store.put("race", b"base")
     _, version = store.read_versioned("race", 100)
-    barrier = threading.Barrier(8)
-    results: dict[int, bool] = {}
-
-    def race(i: int) -> None:
-        barrier.wait()
-        results[i] = store.put_if_version("race", f"writer {i}".encode(), version)
-
-    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    winners = [i for i, won in results.items() if won]
-    assert len(results) == 8 and len(winners) == 1
-    assert store.read("race", 100) == f"writer {winners[0]}".encode()
+    (winner,) = race_8(lambda i: store.put_if_version("race", f"writer {i}".encode(), version))
+    assert store.read("race", 100) == f"writer {winner}".encode()
 
 
 def test_concurrent_read_modify_write_loses_no_update(store_factory: StoreFactory) -> None:
