@@ -21,7 +21,7 @@ APP_UNIT=${APP_UNIT:-example-app.service}         # the app's systemd unit
 TORCHWARM_VERSION=${TORCHWARM_VERSION:-0.1.0}
 STORE=${STORE:-s3://example-torchwarm-cache/example-app}
 DEADLINE_S=${DEADLINE_S:-120}                     # the whole pull; then start cold
-PULL_GRACE_S=${PULL_GRACE_S:-60}                  # backstop on top: torch import, ISA probe
+PULL_GRACE_S=${PULL_GRACE_S:-60}                  # backstop on top, if the agent cannot run
 CACHE_ROOT=${CACHE_ROOT:-/var/cache/torchwarm}    # a plain folder; cache_dir lives inside
 ETC=${ETC:-/etc}
 # ----------------------------------------------------------------------------------
