@@ -112,8 +112,9 @@ def test_wait_times_out_with_exit_8(tmp_path, capsys):
     assert "no ready marker" in one_error_line(err)
 
 
-def write_marker_later(path: Path, doc: dict, delay: float = 0.3) -> threading.Thread:
-    """Write `doc` atomically to `path` after `delay` seconds, on a thread."""
+def wait_while_written(capsys, path: Path, doc: dict, delay: float) -> tuple[int, str, float]:
+    """Run `wait --marker path` while another thread writes `doc` there atomically after
+    `delay` seconds; return its exit code, its stdout and how long it waited."""
 
     def write_later():
         time.sleep(delay)
@@ -121,24 +122,25 @@ def write_marker_later(path: Path, doc: dict, delay: float = 0.3) -> threading.T
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, path)
 
-    return threading.Thread(target=write_later)
+    t = threading.Thread(target=write_later)
+    t.start()
+    t0 = time.monotonic()
+    try:
+        rc, out, _ = run(capsys, "wait", "--marker", str(path), "--timeout", "10")
+    finally:
+        t.join()
+    return rc, out, time.monotonic() - t0
 
 
 def test_wait_returns_when_marker_appears(tmp_path, capsys):
     """`wait` exits 0 once this boot's marker is written by someone else, and prints its
     status."""
     marker = tmp_path / "ready.json"
-    t = write_marker_later(marker, {"status": "warm", "boot_id": markermod.boot_id()})
-
-    t.start()
-    t0 = time.monotonic()
-    try:
-        rc, out, _ = run(capsys, "wait", "--marker", str(marker), "--timeout", "10")
-    finally:
-        t.join()
+    doc = {"status": "warm", "boot_id": markermod.boot_id()}
+    rc, out, seconds = wait_while_written(capsys, marker, doc, delay=0.3)
     assert rc == 0
     assert out.strip() == "ready: warm"
-    assert 0.25 <= time.monotonic() - t0 < 5
+    assert 0.25 <= seconds < 5
 
 
 @pytest.mark.parametrize("stale_boot", ["kernel:another-boot", None])
@@ -148,15 +150,10 @@ def test_wait_ignores_a_marker_from_another_boot(tmp_path, capsys, monkeypatch, 
     monkeypatch.setenv("TORCHWARM_BOOT_ID", "pod-uid-2")
     marker = tmp_path / "ready.json"
     marker.write_text(json.dumps({"status": "warm", "boot_id": stale_boot}))
-    t = write_marker_later(marker, {"status": "cold", "boot_id": "pod-uid-2"}, delay=0.6)
-    t.start()
-    t0 = time.monotonic()
-    try:
-        rc, out, _ = run(capsys, "wait", "--marker", str(marker), "--timeout", "10")
-    finally:
-        t.join()
+    doc = {"status": "cold", "boot_id": "pod-uid-2"}
+    rc, out, seconds = wait_while_written(capsys, marker, doc, delay=0.6)
     assert rc == 0 and out.strip() == "ready: cold"
-    assert time.monotonic() - t0 >= 0.5
+    assert seconds >= 0.5
 
 
 def test_ls_empty_store(tmp_path, capsys):
