@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import shlex
 import shutil
@@ -31,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import command, fingerprint, formats, manifest, precompile, torchenv, workload
+from . import codeid, command, fingerprint, formats, manifest, precompile, torchenv, workload
 from . import config as cfgmod
 from .config import Config, Workload
 from .errors import Cancelled, ConfigError, TorchwarmError, WarmupError
@@ -78,13 +77,15 @@ def warmup_key(
     w: Workload, fmt: str, fingerprint_digest: str, env: Mapping[str, str] | None = None
 ) -> str:
     """What decides whether a stored warm-up is still current: the workload's config, its
-    code (the source of the module that defines its model, or a command's `code` files),
-    the config's `env` (every warm-up gets it), the capture format and the environment.
+    code (the model's whole top-level package, as `codeid.code_identity` hashes it, or a
+    command's `code` files), the config's `env` (every warm-up gets it), the capture
+    format and the environment.
 
-    The seed daemon skips a workload whose manifest carries this key. For a model, only
-    the factory's own module file is hashed: a change in a module it imports needs a
-    config change (or a new torch, which changes the fingerprint) to be noticed. A
-    command's code is whatever its `code` list names, and nothing else.
+    The seed daemon skips a workload whose manifest carries this key. A model's package
+    is hashed whole because its factory's module imports its siblings: an edited
+    submodule changes what is compiled. Other packages are not hashed (pin them in the
+    image; a new torch changes the fingerprint). A command's code is whatever its `code`
+    list names, and nothing else.
     """
     settings = asdict(w)
     del settings["warmup_timeout_s"]  # how long it may take does not change what it compiles
@@ -96,23 +97,12 @@ def warmup_key(
     }
     if w.command is None:
         del settings["command"]  # a model workload's key is what it was before commands
-        doc["model_source_sha256"] = _model_source_digest(str(w.model))
+        doc["model_code_sha256"] = codeid.code_identity(str(w.model)).sha256
     else:
         doc["code_sha256"] = command.code_digest(w.command.code)
     if env:
         doc["env"] = dict(env)
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _model_source_digest(spec: str) -> str:
-    module = spec.partition(":")[0]
-    try:
-        found = importlib.util.find_spec(module)
-    except (ImportError, ValueError) as e:
-        raise ConfigError(f"model {spec!r}: cannot find module {module!r}: {e}") from None
-    if found is None or not found.origin or not Path(found.origin).is_file():
-        raise ConfigError(f"model {spec!r}: module {module!r} has no source file to hash")
-    return hashlib.sha256(Path(found.origin).read_bytes()).hexdigest()
 
 
 def warmup(

@@ -262,6 +262,30 @@ def test_warmup_key_ignores_the_timeout(tmp_path):
     )
 
 
+def test_warmup_key_follows_the_model_package(tmp_path, monkeypatch):
+    """An edit in a module the factory's module imports (a constant in a sibling) makes
+    the daemon warm up again; a package that cannot be found is one ConfigError line."""
+    from dataclasses import replace
+
+    from torchwarm.errors import ConfigError
+    from torchwarm.warmup import warmup_key
+
+    pkg = tmp_path / "keypkg_models"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "factory.py").write_text("from .layers import SCALE\n\ndef build():\n    ...\n")
+    (pkg / "layers.py").write_text("SCALE = 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    w = config.load(minimal_config(tmp_path), environ={}).workloads[0]
+    w = replace(w, model="keypkg_models.factory:build")
+    before = warmup_key(w, "cachedir", "0" * 32)
+    assert warmup_key(w, "cachedir", "0" * 32) == before
+    (pkg / "layers.py").write_text("SCALE = 2.0\n")
+    assert warmup_key(w, "cachedir", "0" * 32) != before
+    with pytest.raises(ConfigError, match="'keypkg_nowhere' is not on this Python's path"):
+        warmup_key(replace(w, model="keypkg_nowhere.m:build"), "cachedir", "0" * 32)
+
+
 @pytest.mark.parametrize("text, seconds", [("30d", 2592000), ("12h", 43200), ("90m", 5400),
                                            ("3600s", 3600), ("1.5h", 5400), ("0", 0)])  # fmt: skip
 def test_durations(text, seconds):
