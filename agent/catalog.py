@@ -26,6 +26,7 @@ class Entry:
     counters: dict[str, int] | None  # None: a command workload that reported none
     signed_by: str | None
     command: list[str] | None = None  # a command workload's argv
+    serial: int = 0  # the publisher's write counter: what gc and nodes order by
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,9 +53,12 @@ def entries(store: Store) -> list[Entry]:
                 _counters(m.warmup),
                 m.signer,
                 _command(m.warmup),
+                m.serial,
             )  # fmt: skip
         )
-    return sorted(out, key=lambda e: (e.workload, e.created_at))
+    # Oldest first by serial, as gc ranks them (retention.py); created_at comes from the
+    # publisher's clock, to the second, and only breaks ties.
+    return sorted(out, key=lambda e: (e.workload, e.serial, e.created_at))
 
 
 def _age(created_at: str, modified: float) -> float:

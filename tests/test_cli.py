@@ -191,6 +191,20 @@ def test_ls_json(tmp_path, capsys):
     assert [(d["workload"], d["format"]) for d in docs] == [("a", "cachedir"), ("b", "cachedir")]
 
 
+def test_ls_orders_a_workload_by_serial_not_by_clock(tmp_path, capsys):
+    """A publisher whose clock was behind wrote the newer manifest (higher serial, older
+    created_at): `ls` lists it last, as gc ranks it."""
+    store = tmp_path / "store"
+    publish_by_hand(store, serial=5, created_at="2026-01-02T00:00:00Z")
+    newer = publish_by_hand(store, serial=9, created_at="2025-12-31T00:00:00Z",
+                            fingerprint=fields(threads=2))  # fmt: skip
+    rc, out, _ = run(capsys, "ls", "-c", str(minimal_config(tmp_path)), "--json")
+    assert rc == 0
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert [d["serial"] for d in docs] == [5, 9]
+    assert docs[-1]["fingerprint"] == newer.fingerprint_digest
+
+
 def test_ls_skips_corrupt_manifest(tmp_path, capsys):
     """`ls` ignores an unparseable manifest instead of failing."""
     m = publish_by_hand(tmp_path / "store")
