@@ -12,6 +12,9 @@ invocation because this machine is noisy:
                   they go: bench/pull.py)
     local-warm    the node's cache dir again, now warmed by its own first run, without
                   precompile: the speed a node reaches through the FX-graph cache
+Two ratios against local-warm: "warm" counts the node's torch.compile() (where precompile
+loads its entries) and first calls, the time until the app is warm; "calls" counts only
+the first calls after torch.compile() returned, which is how #11 measured its 0.005.
 Usage: python bench/first_call.py [-c configs/example.yaml]
        [--formats cachedir,megacache,precompile] [--repeat 3]
 """
@@ -81,13 +84,15 @@ def main() -> int:
     print(f"\nworkload {workload!r}, median of {a.repeat} fresh node(s) per format, seconds "
           f"of torch.compile() + first calls (node: of which load in torch.compile()); "
           f"pull: wall of the node's `torchwarm pull` process")  # fmt: skip
-    print(f"{'format':10} {'cold':>7} {'pull':>6} {'node':>7} {'load':>6} {'local-warm':>11} "
-          f"{'node/local-warm':>16} {'cold/node':>10}  node counters (hit/miss)")  # fmt: skip
+    print(f"{'format':10} {'cold':>7} {'pull':>6} {'node':>7} {'load':>6} {'calls':>6} "
+          f"{'local-warm':>11} {'warm ratio':>11} {'calls ratio':>12} {'cold/node':>10}  "
+          f"node counters (hit/miss)")  # fmt: skip
     for fmt, r in rows.items():
         n, w = statistics.median(r["node"]), statistics.median(r["local-warm"])
         load, p = statistics.median(r["load"]), statistics.median(r["pull"])
-        print(f"{fmt:10} {c:7.2f} {p:6.3f} {n:7.3f} {load:6.3f} {w:11.2f} {n / w:16.3f} "
-              f"{c / n:10.1f}  "
+        calls = statistics.median(a - b for a, b in zip(r["node"], r["load"], strict=True))
+        print(f"{fmt:10} {c:7.2f} {p:6.3f} {n:7.3f} {load:6.3f} {calls:6.3f} {w:11.2f} "
+              f"{n / w:11.3f} {calls / w:12.4f} {c / n:10.1f}  "
               f"{counters[fmt]}")  # fmt: skip
     return 0
 
