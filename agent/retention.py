@@ -18,8 +18,9 @@ first (its modified time becomes now), gc looks at a blob's time again right bef
 deleting it, keeps a local copy of what it deletes until it has listed the manifests
 once more and put back any blob a manifest written meanwhile names, and a publisher
 whose reused blob was swept anyway re-uploads it after writing its manifest
-(publish.py). Sweeping thus downloads what it deletes. A manifest this torchwarm cannot
-parse stops the sweep: its blobs are unknown, so nothing is deleted.
+(publish.py). Sweeping thus downloads what it deletes, up to its listed size. A
+manifest this torchwarm cannot parse stops the sweep: its blobs are unknown, so nothing
+is deleted.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from . import keys
 from . import manifest as mf
-from .errors import IntegrityError, ObjectNotFound
+from .errors import IntegrityError, ObjectNotFound, ObjectTooLarge
 from .manifest import Manifest
 from .stores import ObjectInfo, Store
 
@@ -106,7 +107,7 @@ def gc(
             if _young(info, grace_s) or _renewed(store, info.key, grace_s):
                 report.young_blobs += 1
                 continue
-            if not dry_run and not _hold_and_delete(store, info.key, Path(held) / digest):
+            if not dry_run and not _hold_and_delete(store, info, Path(held) / digest):
                 continue
             report.deleted_blobs.append(info.key)
             report.freed_bytes += info.size
@@ -148,14 +149,16 @@ def _manifests(store: Store) -> tuple[list[_Entry], list[str]]:
     return found, unreadable
 
 
-def _hold_and_delete(store: Store, key: str, copy: Path) -> bool:
-    """Keep a local copy of the blob, then delete it; False if it was already gone."""
+def _hold_and_delete(store: Store, info: ObjectInfo, copy: Path) -> bool:
+    """Keep a local copy of the blob, then delete it; False if it was already gone, or
+    holds more bytes than listed (replaced since the listing: the next gc looks again).
+    No manifest names it, so the listed size is the only bound on what gc downloads."""
     try:
         with copy.open("wb") as f:
-            store.download(key, f)
-    except ObjectNotFound:
+            store.download(info.key, f, limit=info.size)
+    except (ObjectNotFound, ObjectTooLarge):
         return False
-    store.delete(key)
+    store.delete(info.key)
     return True
 
 

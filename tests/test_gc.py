@@ -311,6 +311,41 @@ def test_keep_below_one_is_a_usage_error(gc_store, keep):
         retention.gc(gc_store.store, int(keep))
 
 
+class GrowsBeforeDownload:
+    """A store whose unreferenced blob is replaced by a 4 MiB object right before gc
+    downloads its held copy; counts the bytes gc's sink receives."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.written = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def download(self, key: str, sink: Any, limit: int | None = None) -> int:
+        self.inner.put(key, b"x" * (4 << 20))
+        counting = self
+
+        class Sink:
+            def write(self, data: bytes) -> int:
+                counting.written += len(data)
+                return sink.write(data)
+
+        return self.inner.download(key, Sink(), limit=limit)  # type: ignore[arg-type]
+
+
+def test_gc_holds_no_more_of_a_blob_than_it_listed(gc_store):
+    """No manifest bounds an unreferenced blob, so gc's held copy is capped at the size it
+    listed: a blob that grew since is neither downloaded whole nor deleted this pass."""
+    key = gc_store.put_blob(b"small unreferenced kernels")
+    gc_store.age_all()
+    grows = GrowsBeforeDownload(gc_store.store)
+    report = retention.gc(grows, keep=1, older_than_s=0, grace_s=0)
+    assert grows.written <= len(b"small unreferenced kernels")
+    assert report.deleted_blobs == [] and key in gc_store.keys(keys.BLOBS)
+
+
 # -- publish racing gc ------------------------------------------------------------------
 
 
