@@ -18,6 +18,18 @@ from torchwarm.formats import Captured
 from torchwarm.manifest import BlobRef, Manifest
 from torchwarm.stores.local import LocalStore
 
+INJECT = Path(__file__).with_name("inject")  # its sitecustomize.py injects faults
+
+
+def inject_env(fault: str | None = None) -> dict[str, str]:
+    """Variables for a new Python that loads tests/inject/sitecustomize.py (put first on
+    PYTHONPATH), with `fault` ("module:attribute:action") as the fault it injects."""
+    env = {"PYTHONPATH": os.pathsep.join([str(INJECT), os.environ.get("PYTHONPATH", "")])}
+    if fault:
+        env["TORCHWARM_TEST_INJECT"] = fault
+    return env
+
+
 FIELDS: dict[str, Any] = {
     "fingerprint_version": 1,
     "machine": "x86_64",

@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import WORKLOAD
-from factories import tree
+from factories import inject_env, tree
 from synthetic import publish_synthetic
 
 from torchwarm.stores.local import LocalStore
 
-INJECT = str(Path(__file__).with_name("inject"))
 FILES = {"fxgraph/entry": b"graph" * 100, "kernels/k.so": b"so" * 50}
 
 
@@ -114,7 +113,7 @@ def test_the_deadline_holds_in_a_process_with_threads(tmp_path, require):
     """A pull stuck in C (injected) in an app process that runs other threads ends at its
     deadline: cold, or DeadlineExceeded with require=True."""
     cfg = config(tmp_path)
-    env = {"PYTHONPATH": INJECT, "TORCHWARM_TEST_INJECT": "torchwarm.fetch:fetch:c-sleep"}
+    env = inject_env("torchwarm.fetch:fetch:c-sleep")
     out = last_json(
         python(
             f"""

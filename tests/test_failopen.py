@@ -29,7 +29,7 @@ import pytest
 import yaml
 import zstandard
 from conftest import WORKLOAD
-from factories import make_tree, tree
+from factories import inject_env, make_tree, tree
 from servers import BUCKET, FAKE_AWS_ENV, fake_aws_env, free_port, s3_options
 from synthetic import publish_synthetic
 from tcpfaults import Fault, TcpFaultProxy
@@ -42,7 +42,6 @@ from torchwarm.stores import open_store
 from torchwarm.stores.local import LocalStore
 
 CLI = [sys.executable, "-m", "torchwarm.cli"]
-INJECT = str(Path(__file__).with_name("inject"))
 CACHE = {f"fxgraph/entry-{i}": os.urandom(2048) for i in range(8)} | {"kernels/k.so": b"so" * 99}
 PREVIOUS = {"earlier-entry": b"from a previous boot"}
 DEADLINE = 4.0
@@ -317,7 +316,7 @@ def assert_warm(node: Node) -> None:
 @pytest.fixture(params=sorted(SCENARIOS))
 def scenario(request, tmp_path) -> tuple[Node, str | None]:
     node, why = SCENARIOS[request.param](tmp_path, request)
-    node.env["PYTHONPATH"] = os.pathsep.join([INJECT, os.environ.get("PYTHONPATH", "")])
+    node.env.update(inject_env())
     make_tree(node.cache_dir, PREVIOUS)  # an earlier boot's tree, to keep intact
     return node, why
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import WORKLOAD, torchwarm
+from factories import inject_env
 from servers import FAKE_AWS_ENV
 
 pytestmark = pytest.mark.compile
@@ -101,12 +102,16 @@ def test_marker_gate_with_a_one_shot_pull(node_factory):
 
 
 def test_readyz_is_503_until_installed_then_200(node_factory):
-    """/readyz answers 503 while nothing is installed, and 200 only once the tree is complete."""
+    """/readyz answers 503 while nothing is installed, and 200 only once the tree is complete.
+    The fetch takes 2 s longer (an injected slow store), so the 503 before the install is
+    seen whatever the machine's load; a pull of this size is otherwise over in ~0.1 s."""
     node = node_factory()
     port = free_port()
     url = f"http://127.0.0.1:{port}/readyz"
+    slow = inject_env("torchwarm.fetch:fetch:slow")
     agent = subprocess.Popen([*CLI, "serve", "-c", str(node.config), "--listen",
-                              f"127.0.0.1:{port}"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+                              f"127.0.0.1:{port}"], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, **slow})  # fmt: skip
     seen = []
     try:
         deadline = time.monotonic() + 180

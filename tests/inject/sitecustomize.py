@@ -7,6 +7,7 @@ one function of the code under test (the real code otherwise) with a fault:
     c-sleep      sleep in C for an hour (a call Python cannot interrupt)
     kill-self    SIGKILL this process (a worker the OOM killer took)
     roomy        os.statvfs that reports a huge free space (so the real disk fills up)
+    slow         sleep 2 s, then the real call (a store that is slow to answer)
 """
 
 import os
@@ -36,6 +37,10 @@ def _install(spec: str) -> None:
             ctypes.CDLL(None).sleep(3600)
         if action == "kill-self":
             os.kill(os.getpid(), signal.SIGKILL)
+        if action == "slow":
+            import time
+
+            time.sleep(2)
         if action == "roomy":
             st = real(*args, **kwargs)
             return os.statvfs_result(
