@@ -7,6 +7,7 @@ so nothing beyond the standard library is needed.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +28,17 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that hung up (a probe past its timeout) is not an error; anything else
+        is one line on stderr, not socketserver's traceback, and the server goes on."""
+        kind, err = sys.exc_info()[:2]
+        if kind is not None and issubclass(kind, ConnectionError):
+            return
+        print(f"torchwarm: http: answering {client_address}: {kind.__name__ if kind else '?'}: "
+              f"{err}", file=sys.stderr)  # fmt: skip
+
+
 def serve(listen: str, routes: dict[str, Route]) -> ThreadingHTTPServer:
     """Start serving `routes` on a background thread; return the server (for its port)."""
 
@@ -45,7 +57,7 @@ def serve(listen: str, routes: dict[str, Route]) -> ThreadingHTTPServer:
 
     host, port = parse_listen(listen)
     try:
-        server = ThreadingHTTPServer((host, port), Handler)
+        server = _Server((host, port), Handler)
     except OSError as e:
         raise ConfigError(f"cannot listen on {listen}: {e.strerror}") from None
     server.daemon_threads = True

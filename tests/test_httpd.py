@@ -60,3 +60,38 @@ def test_deadline_must_be_positive_seconds(tmp_path, bad):
     """A deadline that is not a positive number of seconds names its variable."""
     with pytest.raises(ConfigError, match=r"deadline_s \(from \$TORCHWARM_DEADLINE_S\)"):
         cfgmod.load(minimal_config(tmp_path), environ={"TORCHWARM_DEADLINE_S": bad})
+
+
+def test_a_prober_that_hangs_up_early_leaves_no_traceback(capfd):
+    """A client that resets the connection before the answer (a probe past its timeout)
+    costs the endpoint nothing, and its log gets no traceback."""
+    import socket
+    import struct
+    import time
+
+    answered = []
+
+    def slow() -> httpd.Response:
+        time.sleep(0.3)  # the client is gone by now
+        answered.append(True)
+        return 200, httpd.TEXT, b"x" * 65536
+
+    server = httpd.serve("127.0.0.1:0", {"/slow": slow, "/ok": lambda: (200, httpd.TEXT, b"ok\n")})
+    try:
+        port = server.server_address[1]
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()  # RST
+        deadline = time.monotonic() + 5
+        while len(answered) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ok", timeout=5) as r:
+            assert r.read() == b"ok\n"
+    finally:
+        server.shutdown()
+    err = capfd.readouterr().err
+    assert len(answered) == 3
+    assert "Traceback" not in err and "Exception occurred" not in err, err
