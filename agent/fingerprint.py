@@ -47,7 +47,10 @@ SOURCES = {
     "cuda": "torch/version.py: cuda",
     "hip": "torch/version.py: hip",
     "gpus": "NVML (nvidia-ml-py): name and compute capability of every GPU in "
-    "CUDA_VISIBLE_DEVICES; none on a CPU build of torch",
+    "CUDA_VISIBLE_DEVICES; none on a CPU build of torch; torch itself (slow) for ROCm, "
+    "without nvidia-ml-py, or where CUDA's device numbers may not be NVML's (indexes in "
+    "CUDA_VISIBLE_DEVICES on a machine with mixed GPU models, CUDA_DEVICE_ORDER not "
+    "PCI_BUS_ID)",
     "cpu_vec_isa": "/proc/cpuinfo flags and $ATEN_CPU_CAPABILITY, decided as torch's "
     "pick_vec_isa() decides",
     "cpu": "/proc/cpuinfo and $TORCHINDUCTOR_CPP_MARCH: with -march=native the CPU's vendor, "
@@ -236,15 +239,31 @@ def _gpus(torch: _TorchInstall, env: dict[str, str]) -> list[str]:
     except pynvml.NVMLError:
         return []  # no driver: torch.cuda.is_available() is False as well
     try:
-        names = set()
-        for handle in _visible(pynvml, env.get("CUDA_VISIBLE_DEVICES")):
-            name = pynvml.nvmlDeviceGetName(handle)
-            name = name.decode() if isinstance(name, bytes) else name
-            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-            names.add(f"{name} sm_{major}{minor}")
-        return sorted(names)
+        spec = env.get("CUDA_VISIBLE_DEVICES")
+        if _numbering_may_differ(pynvml, spec, env.get("CUDA_DEVICE_ORDER")):
+            return _gpus_from_torch()
+        return sorted({_model(pynvml, h) for h in _visible(pynvml, spec)})
     finally:
         pynvml.nvmlShutdown()
+
+
+def _model(pynvml: Any, handle: Any) -> str:
+    name = pynvml.nvmlDeviceGetName(handle)
+    name = name.decode() if isinstance(name, bytes) else name
+    major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+    return f"{name} sm_{major}{minor}"
+
+
+def _numbering_may_differ(pynvml: Any, spec: str | None, order: str | None) -> bool:
+    """Whether device indexes in CUDA_VISIBLE_DEVICES may name other GPUs for CUDA than
+    for NVML. NVML numbers GPUs by PCI bus; CUDA, unless CUDA_DEVICE_ORDER=PCI_BUS_ID,
+    fastest first (ties by PCI bus). The two agree where every GPU is the same model."""
+    if order == "PCI_BUS_ID" or spec is None:
+        return False
+    if not any(t.strip().isdigit() for t in spec.split(",")):
+        return False  # UUIDs name the same device for both
+    all_gpus = range(pynvml.nvmlDeviceGetCount())
+    return len({_model(pynvml, pynvml.nvmlDeviceGetHandleByIndex(i)) for i in all_gpus}) > 1
 
 
 def _visible(pynvml: Any, spec: str | None) -> list[Any]:

@@ -79,6 +79,79 @@ def test_a_second_torch_install_is_another_environment(tmp_path):
     )
 
 
+class FakeNvml:
+    """pynvml over a machine whose GPUs, in PCI bus order, are `models`; handles are the
+    NVML index. Counts init/shutdown."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, models: list[tuple[str, tuple[int, int]]]) -> None:
+        self.models = models
+        self.uuids = {f"GPU-{i:04d}": i for i in range(len(models))}
+        self.open = 0
+
+    def nvmlInit(self) -> None:  # noqa: N802 - pynvml's names
+        self.open += 1
+
+    def nvmlShutdown(self) -> None:  # noqa: N802
+        self.open -= 1
+
+    def nvmlDeviceGetCount(self) -> int:  # noqa: N802
+        return len(self.models)
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:  # noqa: N802
+        if not 0 <= i < len(self.models):
+            raise self.NVMLError("invalid argument")
+        return i
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> int:  # noqa: N802
+        if uuid not in self.uuids:
+            raise self.NVMLError("not found")
+        return self.uuids[uuid]
+
+    def nvmlDeviceGetName(self, h: int) -> bytes:  # noqa: N802
+        return self.models[h][0].encode()
+
+    def nvmlDeviceGetCudaComputeCapability(self, h: int) -> tuple[int, int]:  # noqa: N802
+        return self.models[h][1]
+
+
+class CudaTorch:
+    """A torch install that has CUDA (torch/version.py: cuda), as _gpus asks it."""
+
+    def attr(self, name: str) -> str | None:
+        return "12.8" if name == "cuda" else None
+
+
+A100, L4 = ("NVIDIA A100-SXM4-80GB", (8, 0)), ("NVIDIA L4", (8, 9))
+
+
+@pytest.mark.parametrize(
+    "machine, env, expect",
+    [
+        ([A100, A100], {}, ["NVIDIA A100-SXM4-80GB sm_80"]),
+        ([A100, L4], {}, ["NVIDIA A100-SXM4-80GB sm_80", "NVIDIA L4 sm_89"]),
+        ([A100, L4], {"CUDA_VISIBLE_DEVICES": "GPU-0001"}, ["NVIDIA L4 sm_89"]),
+        ([A100, L4], {"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"},
+         ["NVIDIA L4 sm_89"]),
+        ([A100, A100, A100], {"CUDA_VISIBLE_DEVICES": "0,7,2"}, ["NVIDIA A100-SXM4-80GB sm_80"]),
+        # mixed models, numbered by CUDA's own (fastest-first) order: only torch knows
+        ([A100, L4], {"CUDA_VISIBLE_DEVICES": "1"}, ["from torch"]),
+        ([L4, L4], {"CUDA_VISIBLE_DEVICES": "1"}, ["NVIDIA L4 sm_89"]),
+        ([A100, L4], {"CUDA_VISIBLE_DEVICES": ""}, []),
+    ],
+)  # fmt: skip
+def test_gpus_are_the_ones_cuda_would_number(monkeypatch, machine, env, expect):
+    """GPUs come from NVML as CUDA_VISIBLE_DEVICES selects them (indexes up to the first
+    that names no device, or UUIDs); where CUDA's numbering may not be NVML's, from torch."""
+    nvml = FakeNvml(machine)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(fingerprint, "_gpus_from_torch", lambda: ["from torch"])
+    assert fingerprint._gpus(CudaTorch(), env) == expect  # type: ignore[arg-type]
+    assert nvml.open == 0
+
+
 def test_compile_env_keeps_settings_and_leaves_out_places_and_credentials():
     """Kept: TORCH_COMPILE_JOB_ID and TORCHINDUCTOR_* settings (torch keys them), a path as
     its digest. Left out: the cache location and switches, connections and credentials."""
