@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -229,11 +230,11 @@ def _gpus(torch: _TorchInstall, env: dict[str, str]) -> list[str]:
     if torch.attr("cuda") is None and torch.attr("hip") is None:
         return []  # a CPU build of torch sees no GPU, whatever the machine has
     if torch.attr("hip") is not None:
-        return _gpus_from_torch()  # ROCm: NVML does not apply; torch's own answer (slow)
+        return _gpus_from_torch(env)  # ROCm: NVML does not apply; torch's own answer (slow)
     try:
         import pynvml  # type: ignore[import-not-found]
     except ImportError:
-        return _gpus_from_torch()
+        return _gpus_from_torch(env)
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError:
@@ -241,7 +242,7 @@ def _gpus(torch: _TorchInstall, env: dict[str, str]) -> list[str]:
     try:
         spec = env.get("CUDA_VISIBLE_DEVICES")
         if _numbering_may_differ(pynvml, spec, env.get("CUDA_DEVICE_ORDER")):
-            return _gpus_from_torch()
+            return _gpus_from_torch(env)
         return sorted({_model(pynvml, h) for h in _visible(pynvml, spec)})
     finally:
         pynvml.nvmlShutdown()
@@ -286,17 +287,35 @@ def _visible(pynvml: Any, spec: str | None) -> list[Any]:
     return handles
 
 
-def _gpus_from_torch() -> list[str]:
-    import torch
+# Bounds a GPU runtime that hangs at start-up (a pull's deadline is shorter still).
+_TORCH_GPUS_TIMEOUT_S = 120.0
+_TORCH_GPUS = """
+import json, torch
+gpus = []
+if torch.cuda.is_available():
+    for i in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(i)
+        gpus.append(f"{torch.cuda.get_device_name(i)} sm_{major}{minor}")
+print(json.dumps(sorted(set(gpus))))
+"""
 
-    if not torch.cuda.is_available():
-        return []
-    return sorted(
-        {
-            "{} sm_{}{}".format(torch.cuda.get_device_name(i), *torch.cuda.get_device_capability(i))
-            for i in range(torch.cuda.device_count())
-        }
-    )
+
+def _gpus_from_torch(env: dict[str, str]) -> list[str]:
+    """torch's own answer, in a child process with `env` (the variables CUDA reads at
+    start-up are those of the process whose fingerprint this is; and no GPU runtime is
+    started in this one, which may fork later)."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _TORCH_GPUS], env=env, capture_output=True, text=True,
+            timeout=_TORCH_GPUS_TIMEOUT_S, check=True,
+        )  # fmt: skip
+        gpus = json.loads(done.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+        raise ConfigError(
+            f"cannot list the GPUs through torch ({type(e).__name__}: {e}); run torchwarm "
+            "with the app's Python and torch"
+        ) from None
+    return [str(g) for g in gpus]
 
 
 # -- the rest --------------------------------------------------------------------------------
@@ -350,7 +369,7 @@ def torch_facts(scratch: Path | None = None) -> dict[str, Any]:
                 "torch_key": torch_key().hex(),
                 "cuda": torch.version.cuda,
                 "hip": torch.version.hip,
-                "gpus": _gpus_from_torch(),
+                "gpus": _gpus_from_torch(dict(os.environ)),
                 "cpu_vec_isa": str(isa),
                 "cpu_flags": _get_cpu_arch_cflags(get_cpp_compiler())
                 + isa.build_arch_flags().split(),

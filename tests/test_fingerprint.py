@@ -18,6 +18,7 @@ from conftest import WORKLOAD, torchwarm
 from factories import captured
 
 from torchwarm import fingerprint
+from torchwarm.errors import ConfigError
 from torchwarm.publish import build_manifest
 
 SHADOW_TORCH = "raise ImportError('a shadowing torch package: never import me')\n"
@@ -147,9 +148,20 @@ def test_gpus_are_the_ones_cuda_would_number(monkeypatch, machine, env, expect):
     that names no device, or UUIDs); where CUDA's numbering may not be NVML's, from torch."""
     nvml = FakeNvml(machine)
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    monkeypatch.setattr(fingerprint, "_gpus_from_torch", lambda: ["from torch"])
+    monkeypatch.setattr(fingerprint, "_gpus_from_torch", lambda env: ["from torch"])
     assert fingerprint._gpus(CudaTorch(), env) == expect  # type: ignore[arg-type]
     assert nvml.open == 0
+
+
+def test_gpus_from_torch_ask_a_child_with_the_given_env(tmp_path):
+    """torch's answer comes from a child process that has the fingerprint's env (CPU build
+    here: no GPU); a torch that cannot start there is one ConfigError line."""
+    assert fingerprint._gpus_from_torch(dict(os.environ)) == []
+    broken = tmp_path / "torch"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('broken torch')\n")
+    with pytest.raises(ConfigError, match="cannot list the GPUs through torch"):
+        fingerprint._gpus_from_torch({**os.environ, "PYTHONPATH": str(tmp_path)})
 
 
 def test_compile_env_keeps_settings_and_leaves_out_places_and_credentials():
