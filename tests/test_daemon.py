@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import WORKLOAD
-from factories import alive
+from factories import INJECT, alive, inject_env
 from faultproxy import FaultProxy, _ProxyHandler
 from servers import AWS_ENV_TO_HIDE, BUCKET, FAKE_AWS_ENV, S3Server, free_port, s3_client
 
@@ -399,7 +399,7 @@ def test_skipped_manifest_older_than_refresh_s_is_touched_once(passes, tmp_path)
 
 
 TEST_MODELS = {
-    "tw_boom/__init__.py": 'raise RuntimeError("boom at import")\n',
+    "tw_boom/__init__.py": "",
     "tw_seedmodels.py": """\
 import json, os, subprocess, sys, time
 
@@ -454,17 +454,20 @@ def cli(config: Path, env: dict[str, str], *args: str) -> subprocess.CompletedPr
 
 
 def test_once_exits_7_when_workloads_fail_for_any_reason(tmp_path, models_env):
-    """`boom` raises a RuntimeError inside the daemon (its package fails to import while
-    the warm-up key is computed), `hang` passes warmup_timeout_s: both are warmup_failed
-    events, the pass goes on, and `daemon --once` exits 7 naming them."""
+    """`boom` raises a RuntimeError inside the daemon (injected where its warm-up key hashes
+    its package), `hang` passes warmup_timeout_s: both are warmup_failed events, the pass
+    goes on, and `daemon --once` exits 7 naming them."""
     pids = tmp_path / "pids.json"
     config = local_config(tmp_path, [BOOM, hang(pids)], warmup_timeout_s=10)
-    proc = cli(config, models_env, "daemon", "--once")
+    boom = {**inject_env("torchwarm.codeid:code_identity:raise"),
+            "TORCHWARM_TEST_INJECT_ONLY": "tw_boom"}  # fmt: skip
+    boom["PYTHONPATH"] = os.pathsep.join([str(INJECT), models_env["PYTHONPATH"]])
+    proc = cli(config, {**models_env, **boom}, "daemon", "--once")
     events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 7, proc.stdout + proc.stderr
     failed = named(events, "warmup_failed")
     assert failed["boom"]["error_type"] == "RuntimeError"
-    assert "internal error: RuntimeError: boom at import" in failed["boom"]["error"]
+    assert "internal error: RuntimeError: injected fault" in failed["boom"]["error"]
     assert "did not finish within 10 s (warmup_timeout_s)" in failed["hang"]["error"]
     assert [e["event"] for e in events[-2:]] == ["pass_finished", "stopped"]
     assert "Traceback" in proc.stderr  # the unexpected error's, for a bug report

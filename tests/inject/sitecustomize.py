@@ -8,6 +8,9 @@ one function of the code under test (the real code otherwise) with a fault:
     kill-self    SIGKILL this process (a worker the OOM killer took)
     roomy        os.statvfs that reports a huge free space (so the real disk fills up)
     slow         sleep 2 s, then the real call (a store that is slow to answer)
+
+With $TORCHWARM_TEST_INJECT_ONLY set, only calls whose arguments' repr contains it get the
+fault; the others run the real function.
 """
 
 import os
@@ -26,7 +29,11 @@ def _install(spec: str) -> None:
         owner = getattr(owner, part)
     real = getattr(owner, name)
 
+    only = os.environ.get("TORCHWARM_TEST_INJECT_ONLY")
+
     def fault(*args, **kwargs):
+        if only and only not in repr((args, kwargs)):
+            return real(*args, **kwargs)
         if action == "raise":
             raise RuntimeError("injected fault")
         if action == "oserror":
