@@ -287,6 +287,15 @@ def fault_proxy(seaweedfs_server: S3Server) -> Iterator[FaultProxy]:
 
 
 @pytest.fixture
+def proxy(fault_proxy: FaultProxy) -> Iterator[FaultProxy]:
+    """The session's fault_proxy with no faults and an empty record, reset again after the
+    test."""
+    fault_proxy.reset()
+    yield fault_proxy
+    fault_proxy.reset()
+
+
+@pytest.fixture
 def black_hole() -> Iterator[int]:
     """A loopback TCP port that accepts connections and never answers: a hung store."""
     srv = socket.socket()

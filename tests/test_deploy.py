@@ -328,12 +328,11 @@ def test_seed_job_and_cronjob(overlay: str) -> None:
 
 @pytest.mark.compile
 def test_seed_job_run_twice_with_nothing_changed_uploads_nothing(
-    tmp_path: Path, fault_proxy: FaultProxy, seaweedfs_server: S3Server
+    tmp_path: Path, proxy: FaultProxy, seaweedfs_server: S3Server
 ) -> None:
     """The seed Job's own command line and config (with a tiny workload), run twice against
     SeaweedFS through a proxy that records requests: the first run publishes, the second
     sends no PUT or POST and leaves the manifest's ETag and LastModified as they were."""
-    fault_proxy.reset()
     docs = render("eks")
     (spec,) = [s for n, s in pod_specs(docs) if n.startswith("Job/")]
     argv = spec["containers"][0]["command"][1:] + spec["containers"][0]["args"]
@@ -344,7 +343,7 @@ def test_seed_job_run_twice_with_nothing_changed_uploads_nothing(
     doc = yaml.safe_load(configmap(docs, "torchwarm-config")["data"]["config.yaml"])
     doc.update(
         store=f"s3://{BUCKET}/{prefix}",
-        store_options={"endpoint_url": fault_proxy.endpoint, "path_style": True,
+        store_options={"endpoint_url": proxy.endpoint, "path_style": True,
                        "request_checksum_calculation": "when_required", "region": "us-east-1"},
         workloads=[{"name": "tiny", "model": "torchwarm.models:mlp",
                     "model_kwargs": {"d_in": 8, "hidden": 8, "d_out": 8},
@@ -356,13 +355,13 @@ def test_seed_job_run_twice_with_nothing_changed_uploads_nothing(
     env.update(configmap(docs, "compile-env")["data"])
 
     def seed_run() -> tuple[list[str], list[tuple[str, str]]]:
-        start = len(fault_proxy.seen)
+        start = len(proxy.seen)
         proc = subprocess.run([sys.executable, "-m", "torchwarm.cli", *argv], env=env,
                               capture_output=True, text=True, timeout=300)  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
         lines = proc.stdout.splitlines()
         events = [json.loads(line)["event"] for line in lines if line.startswith("{")]
-        return events, fault_proxy.seen[start:]
+        return events, proxy.seen[start:]
 
     def manifests() -> dict[str, tuple[str, Any]]:
         listing = s3_client(seaweedfs_server.endpoint).list_objects_v2(

@@ -13,10 +13,8 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
 from conftest import WORKLOAD
 from factories import tree as installed_files
@@ -45,16 +43,8 @@ def node_config(path: Path, prefix: str, endpoint: str) -> Path:
     return path
 
 
-@pytest.fixture
-def recording(fault_proxy: FaultProxy) -> Iterator[FaultProxy]:
-    """The session's proxy in front of SeaweedFS: no faults, an empty record."""
-    fault_proxy.reset()
-    yield fault_proxy
-    fault_proxy.reset()
-
-
 def test_a_fleet_pulling_at_once_ends_warm_with_bounded_requests(
-    seaweedfs_server: S3Server, recording: FaultProxy, tmp_path: Path, monkeypatch
+    seaweedfs_server: S3Server, proxy: FaultProxy, tmp_path: Path, monkeypatch
 ):
     """40 nodes pull at once: each ends warm with exactly the published files, and the
     store sees per node one manifest GET and one GET per blob range, nothing else."""
@@ -66,8 +56,8 @@ def test_a_fleet_pulling_at_once_ends_warm_with_bounded_requests(
                               WORKLOAD["name"], FAKE_AWS_ENV)  # fmt: skip
     ranges = -(-cache.blob_size // CHUNK)
     assert ranges == 2, cache.blob_size  # the blob spans more than one range
-    config = node_config(tmp_path / "node.yaml", prefix, recording.endpoint)
-    recording.reset()  # the publisher went straight to SeaweedFS; count the nodes only
+    config = node_config(tmp_path / "node.yaml", prefix, proxy.endpoint)
+    proxy.reset()  # the publisher went straight to SeaweedFS; count the nodes only
 
     env = {**os.environ, **FAKE_AWS_ENV}
     dirs = [tmp_path / f"node-{i}" / "inductor" for i in range(NODES)]
@@ -101,6 +91,6 @@ def test_a_fleet_pulling_at_once_ends_warm_with_bounded_requests(
     blob_path = f"/{BUCKET}/{prefix}/{keys.blob_key(m.blobs[0].sha256)}"
     seen = Counter(
         (m, "manifest" if p == manifest_path else "blob" if p == blob_path else p, status)
-        for m, p, status, _ in recording.answers
+        for m, p, status, _ in proxy.answers
     )
     assert seen == {("GET", "manifest", 206): NODES, ("GET", "blob", 206): NODES * ranges}, seen

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import yaml
 from conftest import WORKLOAD, Seed, torchwarm, write_config
-from faultproxy import FaultProxy
 from servers import AWS_ENV_TO_HIDE, BUCKET, FAKE_AWS_ENV, s3_client
 
 pytestmark = pytest.mark.compile
@@ -92,14 +91,6 @@ def s3_node(tmp_path: Path) -> Callable[..., S3Node]:
     return make
 
 
-@pytest.fixture
-def faulty(fault_proxy: FaultProxy) -> Iterator[FaultProxy]:
-    """The fault_proxy, reset before and after the test."""
-    fault_proxy.reset()
-    yield fault_proxy
-    fault_proxy.reset()
-
-
 def _assert_warm(report: dict[str, Any]) -> None:
     c = report["counters"]
     assert c["fxgraph_cache_hit"] == N_SETS and c["fxgraph_cache_miss"] == 0
@@ -135,22 +126,22 @@ def test_eight_concurrent_publishers_leave_one_manifest(seed, seaweedfs_server, 
     assert blobs and {f"blobs/sha256/{b['sha256'][:2]}/{b['sha256']}" for b in blobs} <= stored
 
 
-def test_push_and_pull_survive_30_percent_503(seed, faulty, s3_node):
+def test_push_and_pull_survive_30_percent_503(seed, proxy, s3_node):
     """With 30 % of requests answered 503, CLI push and pull --require succeed and the node hits."""
-    node = s3_node(faulty.endpoint)
-    faulty.fail_rate = 0.3
+    node = s3_node(proxy.endpoint)
+    proxy.fail_rate = 0.3
     node.push(seed)
     assert "warm: mlp" in node.pull("--require").stdout
-    assert faulty.failed > 0
-    faulty.fail_rate = 0.0
+    assert proxy.failed > 0
+    proxy.fail_rate = 0.0
     _assert_warm(node.probe())
 
 
-def test_all_503_pull_require_exits_3_by_the_deadline(seed, faulty, s3_node):
+def test_all_503_pull_require_exits_3_by_the_deadline(seed, proxy, s3_node):
     """With every request answered 503, pull --require gives up by deadline_s with one line."""
-    node = s3_node(faulty.endpoint, deadline_s=3, attempts=50)
+    node = s3_node(proxy.endpoint, deadline_s=3, attempts=50)
     node.push(seed)
-    faulty.fail_rate = 1.0
+    proxy.fail_rate = 1.0
     start = time.monotonic()
     out = node.pull("--require", check=False)
     wall = time.monotonic() - start
@@ -164,10 +155,10 @@ def test_all_503_pull_require_exits_3_by_the_deadline(seed, faulty, s3_node):
     assert not node.cache_dir.exists()
 
 
-def test_all_503_plain_pull_starts_cold(seed, faulty, s3_node):
+def test_all_503_plain_pull_starts_cold(seed, proxy, s3_node):
     """With every request answered 503, a fail-open pull exits 0 and says it starts cold."""
-    node = s3_node(faulty.endpoint, deadline_s=3, attempts=50)
-    faulty.fail_rate = 1.0
+    node = s3_node(proxy.endpoint, deadline_s=3, attempts=50)
+    proxy.fail_rate = 1.0
     out = node.pull(check=False)
     assert out.returncode == 0, out.stderr
     (cold,) = [ln for ln in out.stdout.splitlines() if ln.startswith("starting cold:")]

@@ -10,7 +10,6 @@ import hashlib
 import io
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,10 @@ BLOB = os.urandom(24 * MiB)
 
 
 @pytest.fixture
-def faulty(fault_proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
-    """The fault_proxy with fault rates reset after the test."""
+def faulty(proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch) -> FaultProxy:
+    """The reset fault proxy, with fake AWS credentials for the clients of the test."""
     fake_aws_env(monkeypatch)
-    fault_proxy.reset()
-    yield fault_proxy
-    fault_proxy.reset()
+    return proxy
 
 
 def retrying(endpoint: str, attempts: int = 25, deadline_s: float = 30.0) -> RetryingStore:
