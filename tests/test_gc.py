@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import torchwarm
-from factories import blob, fields, manifest
+from factories import StoreWrapper, blob, fields, manifest
 from servers import BUCKET, FAKE_AWS_ENV, S3Server, fake_aws_env
 
 from torchwarm import keys, retention
@@ -215,17 +215,13 @@ def test_older_than_takes_a_duration(gc_store):
     assert gc_store.keys() == before
 
 
-class TouchBeforeSecondLook:
+class TouchBeforeSecondLook(StoreWrapper):
     """A store for gc: when gc looks at a manifest again before deleting it, a seed has just
     touched it (its refresh landed between gc's listing and its delete)."""
 
     def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.touched: list[str] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     def list(self, prefix: str):
         if keys.parse_manifest_key(prefix):
@@ -311,17 +307,13 @@ def test_keep_below_one_is_a_usage_error(gc_store, keep):
         retention.gc(gc_store.store, int(keep))
 
 
-class GrowsBeforeDownload:
+class GrowsBeforeDownload(StoreWrapper):
     """A store whose unreferenced blob is replaced by a 4 MiB object right before gc
     downloads its held copy; counts the bytes gc's sink receives."""
 
     def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.written = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     def download(self, key: str, sink: Any, limit: int | None = None) -> int:
         self.inner.put(key, b"x" * (4 << 20))
@@ -349,16 +341,12 @@ def test_gc_holds_no_more_of_a_blob_than_it_listed(gc_store):
 # -- publish racing gc ------------------------------------------------------------------
 
 
-class GcAfterExists:
+class GcAfterExists(StoreWrapper):
     """A store for a publisher: right after exists() says a blob is there, gc runs."""
 
     def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.reports: list[retention.GcReport] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     def exists(self, key: str) -> bool:
         found = self.inner.exists(key)
@@ -382,17 +370,13 @@ def test_blob_swept_between_exists_and_manifest_is_reuploaded(gc_store):
     assert_no_dangling(gc_store.store)
 
 
-class PublishBeforeDelete:
+class PublishBeforeDelete(StoreWrapper):
     """A store for gc: before its first blob delete, a whole publish runs to completion."""
 
     def __init__(self, inner: Store, publish_now: Callable[[], None]) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.publish_now = publish_now
         self.published = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     def delete(self, key: str) -> None:
         if keys.parse_blob_key(key) and not self.published:
@@ -415,17 +399,13 @@ def test_publish_landing_between_gc_listing_and_delete_loses_nothing(gc_store):
     assert_no_dangling(gc_store.store)
 
 
-class GcDeletesAfterPutIfAbsent:
+class GcDeletesAfterPutIfAbsent(StoreWrapper):
     """A store for a publisher: an older manifest at its key is deleted by gc right after
     put_if_absent found it there."""
 
     def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.deleted = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         created = self.inner.put_if_absent(key, data)
@@ -500,16 +480,12 @@ def test_publishers_and_gc_loops_in_threads_leave_no_dangling_manifest(tmp_path)
     assert not errors and not dangling, (kinds, len(errors), errors[:2], dangling)
 
 
-class OtherGcDeletesFirst:
+class OtherGcDeletesFirst(StoreWrapper):
     """A store for one gc: the first manifest it reads was just deleted by another gc."""
 
     def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.deleted: list[str] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     def read(self, key: str, limit: int) -> bytes:
         if keys.parse_manifest_key(key) and not self.deleted:

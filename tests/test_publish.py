@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from factories import RecordingStore, captured, fields, sha256
+from factories import RecordingStore, StoreWrapper, captured, fields, sha256
 from servers import StoreFactory
 
 from torchwarm import daemon, fetch, fingerprint, keys, resolve, signing
@@ -381,15 +381,12 @@ def test_racing_publishers_never_leave_a_lower_serial_current(
     assert final.serial == max(written) and verifies(final, seed_key)
 
 
-class WriterSneaksIn:
+class WriterSneaksIn(StoreWrapper):
     """A store where another publisher's write lands right after our first versioned read."""
 
     def __init__(self, inner: Store, sneak) -> None:
-        self.inner, self.sneak = inner, sneak
-        self.url = inner.url
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
+        super().__init__(inner)
+        self.sneak = sneak
 
     def read_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
         got = self.inner.read_versioned(key, limit)
