@@ -5,7 +5,7 @@ The command line is `torchwarm`; from Python, `torchwarm.pull(...)` and
 a cloud SDK.
 """
 
-from .api import activate, app_env, pull
+from torchwarm.api import activate, app_env, pull
 
 __version__ = "0.1.0"
 __all__ = ["activate", "app_env", "pull", "__version__"]

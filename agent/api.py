@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .report import PullReport
+    from torchwarm.node.report import PullReport
 
 
 def pull(
@@ -42,7 +42,7 @@ def pull(
     `config`: the YAML file (None: defaults and TORCHWARM_* environment only). The
     keyword arguments override it as the CLI's flags do; None keeps the config's value.
     """
-    from . import node
+    from torchwarm.node import gate as node
 
     overrides = {
         "store": store,
@@ -61,7 +61,8 @@ def app_env(report: PullReport, base: Mapping[str, str] | None = None) -> dict[s
     caches under the cache dir, as the seed's warm-ups had them), and
     TORCH_CACHING_PRECOMPILE=1 where precompiled entries were installed. `torchwarm run`
     execs the app with it."""
-    from . import precompile, torchenv
+    from torchwarm.env import torchenv
+    from torchwarm.node import precompile_rules as precompile
 
     env = dict(os.environ if base is None else base)
     if report.cache_dir:

@@ -32,12 +32,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from . import config as cfgmod
-from .errors import TorchwarmError, WarmupError
+from torchwarm import __version__
+from torchwarm import config as cfgmod
+from torchwarm.errors import TorchwarmError, WarmupError
 
 if TYPE_CHECKING:
-    from .warmup import WarmupResult
+    from torchwarm.seed.warmup import WarmupResult
 
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
@@ -184,7 +184,7 @@ def _load(args: argparse.Namespace, **extra: object) -> cfgmod.Config:
 
 
 def _fingerprint(args: argparse.Namespace) -> int:
-    from . import fingerprint
+    from torchwarm.env import fingerprint
 
     fields = fingerprint.collect()
     digest = fingerprint.digest(fields)
@@ -207,8 +207,8 @@ def _fingerprint(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from . import signing
-    from .fsutil import atomic_writer
+    from torchwarm.spec import signing
+    from torchwarm.util.fs import atomic_writer
 
     secret, public = signing.generate(args.name)
     secret_path, public_path = args.out / f"{args.name}.secret", args.out / f"{args.name}.pub"
@@ -229,7 +229,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _warmup(args: argparse.Namespace) -> int:
-    from . import warmup as wu
+    from torchwarm.seed import warmup as wu
 
     cfg = _load(args, format=args.format)
     if not args.push and args.out is None:
@@ -272,7 +272,7 @@ def _warmed(summary: dict[str, Any]) -> str:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from . import warmup as wu
+    from torchwarm.seed import warmup as wu
 
     cfg = _load(args)
     dirs = [args.source / args.workload] if args.workload else sorted(
@@ -286,7 +286,7 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _publish(cfg: cfgmod.Config, result: WarmupResult) -> None:
-    from .publish import publish_warmup
+    from torchwarm.seed.publish import publish_warmup
 
     rep = publish_warmup(cfg.open_store(), result, cfg.signing_key)
     m = rep.manifest
@@ -303,7 +303,8 @@ def _pull_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from . import node, report
+    from torchwarm.node import gate as node
+    from torchwarm.node import report
 
     rep, _ = node.gate(args.config, _pull_overrides(args), args.workload, args.require,
                        started=STARTED)  # fmt: skip
@@ -312,7 +313,9 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import api, node, report
+    from torchwarm import api
+    from torchwarm.node import gate as node
+    from torchwarm.node import report
 
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
@@ -332,14 +335,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from . import sidecar
+    from torchwarm.node import sidecar
 
     return sidecar.serve(args.config, _pull_overrides(args), args.listen, args.workload,
                          args.require, STARTED)  # fmt: skip
 
 
 def _wait(args: argparse.Namespace) -> int:
-    from . import marker
+    from torchwarm.node import marker
 
     doc = marker.wait(args.marker, args.timeout)
     print(f"ready: {doc.get('status', '?')}")
@@ -347,14 +350,14 @@ def _wait(args: argparse.Namespace) -> int:
 
 
 def _daemon(args: argparse.Namespace) -> int:
-    from .daemon import Daemon
+    from torchwarm.seed.daemon import Daemon
 
     overrides = {"store": args.store}
     return Daemon(args.config, overrides, args.workload).run(args.once, args.listen)
 
 
 def _gc(args: argparse.Namespace) -> int:
-    from .retention import gc
+    from torchwarm.admin.gc import gc
 
     if args.keep < 1:
         raise cfgmod.ConfigError("--keep must be at least 1")
@@ -382,7 +385,7 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    from . import catalog
+    from torchwarm.admin import ls as catalog
 
     cfg = _load(args)
     entries = catalog.entries(cfg.open_store())
@@ -410,7 +413,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from . import torchenv
+    from torchwarm.env import torchenv
 
     cfg = _load(args, cache_dir=_s(args.cache_dir))
     with torchenv.torch_cache_dir(cfg.cache_dir, cfg.env):
@@ -419,7 +422,7 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _probe_workloads(cfg: cfgmod.Config, args: argparse.Namespace) -> None:
-    from . import workload
+    from torchwarm.seed import child as workload
 
     for w in cfg.selected(args.workload):
         if w.command is not None:
@@ -442,7 +445,9 @@ def _probe_workloads(cfg: cfgmod.Config, args: argparse.Namespace) -> None:
 def _probe_command(cfg: cfgmod.Config, w: cfgmod.Workload, as_json: bool) -> None:
     """Run a command workload against the cache dir, as the app would run it, and say
     what it reported: its own counters if it printed them, else that none are known."""
-    from . import command, warmup, workload
+    from torchwarm.seed import child as workload
+    from torchwarm.seed import processes as command
+    from torchwarm.seed import warmup
 
     assert w.command is not None
     cache = cfg.cache_dir

@@ -17,11 +17,11 @@ from typing import Any, NoReturn
 
 import yaml
 
-from . import signing
-from .errors import ConfigError
-from .signing import SigningKey, TrustedKeys
-from .stores import Store, StoreOptions, open_store
-from .torchenv import PLACEHOLDER
+from torchwarm.env.torchenv import PLACEHOLDER
+from torchwarm.errors import ConfigError
+from torchwarm.spec import signing
+from torchwarm.spec.signing import SigningKey, TrustedKeys
+from torchwarm.stores import Store, StoreOptions, open_store
 
 FORMATS = ("cachedir", "megacache", "precompile")
 DEFAULT_FORMAT = "cachedir"  # measured faster on the node; see README "Measured"

@@ -43,7 +43,8 @@ def child(a: argparse.Namespace) -> None:
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
     from torchwarm import config as cfgmod
-    from torchwarm import fingerprint, workload
+    from torchwarm.env import fingerprint
+    from torchwarm.seed import child as workload
 
     w = cfgmod.load(a.config).workloads[0]
     model = workload.build(w)

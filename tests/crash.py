@@ -46,7 +46,10 @@ def random_points(pull: bool, seed: str, upper: int) -> None:
     import atexit
     import random
 
-    from torchwarm import archive, fingerprint, install, pulljob, verify
+    from torchwarm.env import fingerprint
+    from torchwarm.node import install, verify
+    from torchwarm.node import job as pulljob
+    from torchwarm.spec import archive
     from torchwarm.stores import local
 
     target = 0 if seed == "count" else random.Random(int(seed)).randint(1, upper)
@@ -110,7 +113,8 @@ def random_points(pull: bool, seed: str, upper: int) -> None:
 def main() -> int:
     point, sep, *args = sys.argv[1:]
     assert sep == "--"
-    from torchwarm import archive, install
+    from torchwarm.node import install
+    from torchwarm.spec import archive
     from torchwarm.stores import local
 
     if point == "push-before-manifest":  # every blob written, the manifest not yet

@@ -13,9 +13,9 @@ from typing import Any
 
 import zstandard
 
-from torchwarm import archive
 from torchwarm.formats import Captured
-from torchwarm.manifest import BlobRef, Manifest
+from torchwarm.spec import archive
+from torchwarm.spec.manifest import BlobRef, Manifest
 from torchwarm.stores.local import LocalStore
 
 INJECT = Path(__file__).with_name("inject")  # its sitecustomize.py injects faults

@@ -20,10 +20,11 @@ from pathlib import Path
 
 from factories import make_tree
 
-from torchwarm import archive, fingerprint
+from torchwarm.env import fingerprint
 from torchwarm.formats import Captured
-from torchwarm.manifest import Manifest
-from torchwarm.publish import build_manifest, publish
+from torchwarm.seed.publish import build_manifest, publish
+from torchwarm.spec import archive
+from torchwarm.spec.manifest import Manifest
 from torchwarm.stores import Store
 
 # (folder, file count) of a small inductor cache dir, as torch lays it out.

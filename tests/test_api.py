@@ -113,7 +113,7 @@ def test_the_deadline_holds_in_a_process_with_threads(tmp_path, require):
     """A pull stuck in C (injected) in an app process that runs other threads ends at its
     deadline: cold, or DeadlineExceeded with require=True."""
     cfg = config(tmp_path)
-    env = inject_env("torchwarm.fetch:fetch:c-sleep")
+    env = inject_env("torchwarm.node.fetch:fetch:c-sleep")
     out = last_json(
         python(
             f"""
@@ -147,7 +147,7 @@ def test_activate_turns_precompile_on_only_where_entries_were_installed(tmp_path
         python("""
         import json, os
         from torchwarm import app_env
-        from torchwarm.report import PullReport, WorkloadOutcome
+        from torchwarm.node.report import PullReport, WorkloadOutcome
         def report(precompiled):
             w = WorkloadOutcome("mlp", "warm", precompiled=precompiled)
             return PullReport("warm", "/cache/inductor", "fp", "file:///s", [w], {})

@@ -10,8 +10,8 @@ import tarfile
 import pytest
 from factories import Member, hand_archive, make_tree, read_tree
 
-from torchwarm import archive
 from torchwarm.errors import ArchiveError
+from torchwarm.spec import archive
 
 FILES = {
     "fxgraph/ab/entry": b"graph" * 100,

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from factories import fields, manifest, minimal_config, write_config
 
-from torchwarm import keys
-from torchwarm import marker as markermod
 from torchwarm.cli import main
+from torchwarm.node import marker as markermod
+from torchwarm.spec import keys
 from torchwarm.stores.local import LocalStore
 
 REPO = Path(__file__).resolve().parent.parent

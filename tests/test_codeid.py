@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import torchwarm
-from torchwarm import codeid
 from torchwarm.config import CompileOptions, TensorSpec, Workload
+from torchwarm.env import codeid
 from torchwarm.errors import ConfigError
 
 PKG = {

@@ -21,9 +21,10 @@ import yaml
 from conftest import torchwarm
 from factories import alive
 
-from torchwarm import config, signing
+from torchwarm import config
 from torchwarm.errors import ConfigError
-from torchwarm.warmup import warmup_key
+from torchwarm.seed.warmup import warmup_key
+from torchwarm.spec import signing
 
 APP = Path(__file__).with_name("cmd_app.py")
 REPO = Path(__file__).resolve().parent.parent
@@ -172,7 +173,7 @@ def test_warmup_key_names_a_missing_code_path(tmp_path):
 def test_report_line_is_read_strictly(tmp_path):
     """The last `torchwarm_report` line counts; unknown names and ill-typed values are
     dropped; a broken line is skipped; no line gives None."""
-    from torchwarm import command
+    from torchwarm.seed import processes as command
 
     log = tmp_path / "log"
     log.write_text("no report here\n")
@@ -377,7 +378,7 @@ def test_daemon_skips_an_unchanged_command_and_rewarms_after_a_code_edit(tmp_pat
 def test_placeholder_expands_per_side(tmp_path):
     """torchenv.cache_env: {cache_dir} is the given cache dir; torch's variables are set
     after `extra`, so nothing in env overrides them."""
-    from torchwarm import torchenv
+    from torchwarm.env import torchenv
 
     env = torchenv.cache_env(tmp_path / "c", base={"TRITON_CACHE_DIR": "/t", "KEEP": "1"},
                              extra={"A": "{cache_dir}/a:{cache_dir}/b", "B": "plain"})  # fmt: skip

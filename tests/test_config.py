@@ -252,7 +252,7 @@ def test_warmup_key_ignores_the_timeout(tmp_path):
     """Changing how long a warm-up may take does not make the daemon warm it up again."""
     from dataclasses import replace
 
-    from torchwarm.warmup import warmup_key
+    from torchwarm.seed.warmup import warmup_key
 
     w = config.load(minimal_config(tmp_path), environ={}).workloads[0]
     longer = replace(w, warmup_timeout_s=7200)
@@ -268,7 +268,7 @@ def test_warmup_key_follows_the_model_package(tmp_path, monkeypatch):
     from dataclasses import replace
 
     from torchwarm.errors import ConfigError
-    from torchwarm.warmup import warmup_key
+    from torchwarm.seed.warmup import warmup_key
 
     pkg = tmp_path / "keypkg_models"
     pkg.mkdir()
@@ -359,7 +359,8 @@ def test_any_yaml_mapping_gives_config_or_config_error(scratch, doc):
 def test_a_plain_function_is_the_workload_itself():
     """`model: torchwarm.models:gelu_tanh` (a function of the inputs, no kwargs) is compiled
     as it is; a factory (no required arguments) is called to make the module."""
-    from torchwarm import models, workload
+    from torchwarm import models
+    from torchwarm.seed import child as workload
 
     fn = config.Workload("g", "torchwarm.models:gelu_tanh", ((config.TensorSpec((2, 4)),),))
     assert workload.build(fn) is models.gelu_tanh

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from torchwarm import fingerprint
-from torchwarm.cpu import CpuInfo
+from torchwarm.env import fingerprint
+from torchwarm.env.cpu import CpuInfo
 
 BASE = "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat clflush mmx fxsr "
 BASE += "sse sse2 ht syscall nx lm pni pclmulqdq ssse3 fma cx16 sse4_1 sse4_2 movbe popcnt aes "

@@ -459,7 +459,7 @@ def test_once_exits_7_when_workloads_fail_for_any_reason(tmp_path, models_env):
     goes on, and `daemon --once` exits 7 naming them."""
     pids = tmp_path / "pids.json"
     config = local_config(tmp_path, [BOOM, hang(pids)], warmup_timeout_s=10)
-    boom = {**inject_env("torchwarm.codeid:code_identity:raise"),
+    boom = {**inject_env("torchwarm.env.codeid:code_identity:raise"),
             "TORCHWARM_TEST_INJECT_ONLY": "tw_boom"}  # fmt: skip
     boom["PYTHONPATH"] = os.pathsep.join([str(INJECT), models_env["PYTHONPATH"]])
     proc = cli(config, {**models_env, **boom}, "daemon", "--once")
@@ -496,7 +496,7 @@ def test_warmup_past_its_timeout_is_killed_with_its_children(tmp_path, models_en
 def test_warmup_child_holds_no_signing_key(tmp_path, models_env):
     """The warm-up child runs the user's model code: it gets neither $TORCHWARM_SIGNING_KEY
     nor any TORCHWARM_* variable, and no config path (its workload comes as JSON)."""
-    from torchwarm import signing
+    from torchwarm.spec import signing
 
     secret, _ = signing.generate("seed-1")
     seen = tmp_path / "seen.json"
@@ -575,9 +575,9 @@ def test_daemon_repairs_a_manifest_forged_under_its_key_name(tmp_path):
     """A manifest whose signature names the seed's key but does not verify (a forgery left
     by someone with bucket access): `daemon --once` does not skip it but warms up and
     publishes one that verifies, with a higher serial; the next pass then skips."""
-    from torchwarm import keys as keytree
-    from torchwarm import manifest as mf
-    from torchwarm import signing
+    from torchwarm.spec import keys as keytree
+    from torchwarm.spec import manifest as mf
+    from torchwarm.spec import signing
     from torchwarm.stores.local import LocalStore
 
     secret, public = signing.generate("seed-1")

@@ -34,10 +34,11 @@ from servers import BUCKET, FAKE_AWS_ENV, fake_aws_env, free_port, s3_options
 from synthetic import publish_synthetic
 from tcpfaults import Fault, TcpFaultProxy
 
-from torchwarm import archive, fingerprint, keys
-from torchwarm import manifest as mf
+from torchwarm.env import fingerprint
 from torchwarm.formats import Captured
-from torchwarm.publish import build_manifest, publish
+from torchwarm.seed.publish import build_manifest, publish
+from torchwarm.spec import archive, keys
+from torchwarm.spec import manifest as mf
 from torchwarm.stores import open_store
 from torchwarm.stores.local import LocalStore
 
@@ -163,7 +164,7 @@ def store_stuck(tmp_path, request):
 
 def any_exception(tmp_path, request):
     node = seeded(tmp_path)
-    node.env["TORCHWARM_TEST_INJECT"] = "torchwarm.resolve:resolve:raise"
+    node.env["TORCHWARM_TEST_INJECT"] = "torchwarm.node.resolve:resolve:raise"
     return node, "internal error: RuntimeError: injected fault"
 
 
@@ -175,14 +176,14 @@ def oserror_at_read(tmp_path, request):
 
 def worker_killed(tmp_path, request):
     node = seeded(tmp_path)
-    node.env["TORCHWARM_TEST_INJECT"] = "torchwarm.fetch:fetch:kill-self"
+    node.env["TORCHWARM_TEST_INJECT"] = "torchwarm.node.fetch:fetch:kill-self"
     return node, "killed by signal 9"
 
 
 def stuck_in_c(tmp_path, request):
     node = seeded(tmp_path)
     node.doc["deadline_s"] = DEADLINE
-    node.env["TORCHWARM_TEST_INJECT"] = "torchwarm.fetch:fetch:c-sleep"
+    node.env["TORCHWARM_TEST_INJECT"] = "torchwarm.node.fetch:fetch:c-sleep"
     return node, "deadline"
 
 

@@ -18,9 +18,10 @@ from factories import seed_files, tree
 from servers import BUCKET, S3Server, fake_aws_env, s3_options
 from tcpfaults import Fault, TcpFaultProxy
 
-from torchwarm import config, node
-from torchwarm import warmup as wu
-from torchwarm.publish import build_manifest, publish
+from torchwarm import config
+from torchwarm.node import gate as node
+from torchwarm.seed import warmup as wu
+from torchwarm.seed.publish import build_manifest, publish
 from torchwarm.stores import open_store
 
 pytestmark = pytest.mark.compile

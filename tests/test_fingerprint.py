@@ -17,9 +17,9 @@ import pytest
 from conftest import WORKLOAD, torchwarm
 from factories import captured
 
-from torchwarm import fingerprint
+from torchwarm.env import fingerprint
 from torchwarm.errors import ConfigError
-from torchwarm.publish import build_manifest
+from torchwarm.seed.publish import build_manifest
 
 SHADOW_TORCH = "raise ImportError('a shadowing torch package: never import me')\n"
 
@@ -328,7 +328,7 @@ def test_torchs_isa_probe_is_built_in_a_private_folder(tmp_path):
         import json, os, stat, sys, tempfile
         tempfile.tempdir = sys.argv[1]
         import torch._inductor.cpu_vec_isa as isa
-        from torchwarm import fingerprint
+        from torchwarm.env import fingerprint
         seen = {}
         real = isa.pick_vec_isa
         def spy():

@@ -22,7 +22,7 @@ from faultproxy import FaultProxy
 from servers import BUCKET, FAKE_AWS_ENV, S3Server, s3_options
 from synthetic import publish_synthetic, random_files
 
-from torchwarm import keys
+from torchwarm.spec import keys
 from torchwarm.stores import open_store
 
 NODES = 40

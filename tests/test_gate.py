@@ -108,7 +108,7 @@ def test_readyz_is_503_until_installed_then_200(node_factory):
     node = node_factory()
     port = free_port()
     url = f"http://127.0.0.1:{port}/readyz"
-    slow = inject_env("torchwarm.fetch:fetch:slow")
+    slow = inject_env("torchwarm.node.fetch:fetch:slow")
     agent = subprocess.Popen([*CLI, "serve", "-c", str(node.config), "--listen",
                               f"127.0.0.1:{port}"], stdout=subprocess.PIPE, text=True,
                              env={**os.environ, **slow})  # fmt: skip

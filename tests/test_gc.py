@@ -23,10 +23,11 @@ from conftest import torchwarm
 from factories import StoreWrapper, blob, fields, manifest
 from servers import BUCKET, FAKE_AWS_ENV, S3Server, fake_aws_env
 
-from torchwarm import keys, retention
-from torchwarm import manifest as mf
-from torchwarm.manifest import BlobRef, Manifest
-from torchwarm.publish import publish
+from torchwarm.admin import gc as retention
+from torchwarm.seed.publish import publish
+from torchwarm.spec import keys
+from torchwarm.spec import manifest as mf
+from torchwarm.spec.manifest import BlobRef, Manifest
 from torchwarm.stores import Store, StoreOptions, open_store
 from torchwarm.stores.local import LocalStore
 

@@ -9,8 +9,8 @@ import pytest
 from factories import minimal_config
 
 from torchwarm import config as cfgmod
-from torchwarm import httpd
 from torchwarm.errors import ConfigError
+from torchwarm.util import httpd
 
 
 def test_metric_renders_prometheus_text():

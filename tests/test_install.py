@@ -7,8 +7,9 @@ import os
 import pytest
 from factories import Member, hand_archive, make_tree, read_tree
 
-from torchwarm import archive, install
 from torchwarm.errors import InstallError
+from torchwarm.node import install
+from torchwarm.spec import archive
 
 OLD = {"fxgraph/aa/old": b"old entry", "shared": b"old shared"}
 

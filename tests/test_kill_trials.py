@@ -21,10 +21,13 @@ from conftest import WORKLOAD
 from factories import seed_files, tree
 from servers import BUCKET, FAKE_AWS_ENV, fake_aws_env, s3_options
 
-from torchwarm import config, keys, node, verify
-from torchwarm import manifest as mf
-from torchwarm import warmup as wu
-from torchwarm.publish import build_manifest, publish
+from torchwarm import config
+from torchwarm.node import gate as node
+from torchwarm.node import verify
+from torchwarm.seed import warmup as wu
+from torchwarm.seed.publish import build_manifest, publish
+from torchwarm.spec import keys
+from torchwarm.spec import manifest as mf
 from torchwarm.stores import open_store
 from torchwarm.stores.local import LocalStore
 

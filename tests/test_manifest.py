@@ -1,4 +1,4 @@
-"""manifest.parse is strict and one-line; keys.py's key builders and parsers are inverses."""
+"""manifest.parse is strict and one-line; spec/keys.py's key builders and parsers are inverses."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from factories import blob, fields, manifest
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
-from torchwarm import fingerprint, keys
-from torchwarm import manifest as mf
+from torchwarm.env import fingerprint
 from torchwarm.errors import ManifestError
+from torchwarm.spec import keys
+from torchwarm.spec import manifest as mf
 
 # No explain phase: it re-runs a failing example hundreds of times (~20 s).
 PHASES = (Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink)
@@ -217,7 +218,7 @@ def test_mutated_valid_manifest_parse_or_manifest_error(name, value, in_blob):
     _accepts_or_manifest_error(json.dumps(doc).encode())
 
 
-# keys.py
+# spec/keys.py
 
 _HEX64 = st.text("0123456789abcdef", min_size=64, max_size=64)
 _HEX32 = st.text("0123456789abcdef", min_size=32, max_size=32)

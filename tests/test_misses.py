@@ -1,7 +1,7 @@
 """The miss watcher without compiling: which paths are entries, what is counted, what is said.
 
 The paths are the ones torch 2.13 wrote into a node's cache dir in the measurements behind
-misses.py (hits: locks, and with megacache output code and kernel sources; misses: FX-graph
+node/misses.py (hits: locks, and with megacache output code and kernel sources; misses: FX-graph
 and AOTAutograd entries, output code, a `.main.so` kernel).
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from factories import make_tree
 
-from torchwarm import misses, sidecar
-from torchwarm.report import PullReport, WorkloadOutcome
+from torchwarm.node import misses, sidecar
+from torchwarm.node.report import PullReport, WorkloadOutcome
 
 FX = "fxgraph/gm/fgmdokgq7pl4fsyji264lpxnclmt/xrk5njfgmvhs25ze5p6t3pj7cf7tf"
 AOT = "aotautograd/a242pfs3yfdb4jfpdl34l4ls2ail3a/agsmio6osdp7f7elwlrnhmnty6b"

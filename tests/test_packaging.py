@@ -165,9 +165,10 @@ def test_clean_install_runs_help_keygen_and_a_local_pull(clean_venv, tmp_path):
     store = tmp_path / "store"
     code = textwrap.dedent(f"""
         from pathlib import Path
-        from torchwarm import archive, fingerprint, signing
+        from torchwarm.spec import archive, signing
+        from torchwarm.env import fingerprint
         from torchwarm.formats import Captured
-        from torchwarm.publish import build_manifest, publish
+        from torchwarm.seed.publish import build_manifest, publish
         from torchwarm.stores.local import LocalStore
         tree = Path({str(tmp_path / "tree")!r})
         (tree / "fxgraph").mkdir(parents=True)

@@ -16,14 +16,15 @@ import pytest
 import yaml
 from conftest import torchwarm
 
-from torchwarm import codeid, precompile
 from torchwarm import config as cfgmod
 from torchwarm.config import Workload
+from torchwarm.env import codeid
 from torchwarm.formats import get as get_format
-from torchwarm.manifest import Manifest
-from torchwarm.publish import build_manifest, publish_warmup
+from torchwarm.node import precompile_rules as precompile
+from torchwarm.seed.publish import build_manifest, publish_warmup
+from torchwarm.seed.warmup import WarmupResult
+from torchwarm.spec.manifest import Manifest
 from torchwarm.stores.local import LocalStore
-from torchwarm.warmup import WarmupResult
 
 pytestmark = pytest.mark.compile
 

@@ -10,11 +10,13 @@ import pytest
 from factories import Member, hand_archive, make_tree, manifest, read_tree
 from test_codeid import write_pkg
 
-from torchwarm import archive, codeid, precompile
-from torchwarm import manifest as mf
 from torchwarm.config import TensorSpec, Workload
+from torchwarm.env import codeid
 from torchwarm.errors import ArchiveError, ManifestError
 from torchwarm.formats import get as get_format
+from torchwarm.node import precompile_rules as precompile
+from torchwarm.spec import archive
+from torchwarm.spec import manifest as mf
 
 KEY_A, KEY_B = "a" * 64, "b" * 64
 WHERE = "manifests/v1/tiny/x.json"

@@ -17,15 +17,18 @@ import yaml
 from factories import RecordingStore, StoreWrapper, captured, fields, sha256
 from servers import StoreFactory
 
-from torchwarm import daemon, fetch, fingerprint, keys, resolve, signing
-from torchwarm import manifest as mf
+from torchwarm.env import fingerprint
 from torchwarm.errors import IntegrityError, ManifestError, ObjectNotFound
-from torchwarm.manifest import Manifest
-from torchwarm.publish import build_manifest, is_current, now_us, publish
-from torchwarm.resolve import Miss
+from torchwarm.node import fetch, resolve
+from torchwarm.node.resolve import Miss
+from torchwarm.seed import daemon
+from torchwarm.seed.publish import build_manifest, is_current, now_us, publish
+from torchwarm.seed.warmup import WarmupResult
+from torchwarm.spec import keys, signing
+from torchwarm.spec import manifest as mf
+from torchwarm.spec.manifest import Manifest
 from torchwarm.stores import Store
 from torchwarm.stores.local import LocalStore
-from torchwarm.warmup import WarmupResult
 
 
 @pytest.fixture

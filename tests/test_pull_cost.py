@@ -19,7 +19,7 @@ from conftest import WORKLOAD
 from factories import tree as installed_files
 from synthetic import publish_synthetic, random_files
 
-from torchwarm import signing
+from torchwarm.spec import signing
 from torchwarm.stores import open_store
 
 # Each costs 0.1-1.5 s to import; a local-folder pull without trusted keys needs none.
@@ -47,7 +47,7 @@ def imported_by_pull(config: Path, env: dict[str, str]) -> set[str]:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     names = re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", proc.stderr, re.M)
-    assert "torchwarm.pulljob" in names  # the trace covers the pull
+    assert "torchwarm.node.job" in names  # the trace covers the pull
     return {n.split(".")[0] for n in names}
 
 

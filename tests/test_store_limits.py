@@ -20,9 +20,11 @@ from factories import blob, fields
 from faultproxy import FaultProxy
 from servers import BUCKET, GCSServer, fake_aws_env, s3_options
 
-from torchwarm import fetch, fingerprint, keys, resolve
+from torchwarm.env import fingerprint
 from torchwarm.errors import ObjectTooLarge
-from torchwarm.manifest import MAX_MANIFEST_BYTES
+from torchwarm.node import fetch, resolve
+from torchwarm.spec import keys
+from torchwarm.spec.manifest import MAX_MANIFEST_BYTES
 from torchwarm.stores import Store, StoreOptions, open_store
 
 MiB = 1 << 20

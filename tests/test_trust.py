@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from torchwarm import archive, fingerprint, keys, node, signing
 from torchwarm import config as cfgmod
+from torchwarm.env import fingerprint
 from torchwarm.errors import ConfigError, IntegrityError
 from torchwarm.formats import Captured
-from torchwarm.publish import build_manifest, now_us, publish
+from torchwarm.node import gate as node
+from torchwarm.seed.publish import build_manifest, now_us, publish
+from torchwarm.spec import archive, keys, signing
 from torchwarm.stores.local import LocalStore
 
 WORKLOAD = {"name": "mlp", "model": "torchwarm.models:mlp", "inputs": [[{"shape": [1, 8]}]]}

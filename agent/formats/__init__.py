@@ -7,11 +7,11 @@ picks one.
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from .base import Captured, Format, cache_members
-from .cachedir import CacheDirFormat
-from .megacache import MegaCacheFormat
-from .precompile import PrecompileFormat
+from torchwarm.errors import ConfigError
+from torchwarm.formats.base import Captured, Format, cache_members
+from torchwarm.formats.cachedir import CacheDirFormat
+from torchwarm.formats.megacache import MegaCacheFormat
+from torchwarm.formats.precompile import PrecompileFormat
 
 __all__ = ["Captured", "Format", "cache_members", "get", "FORMATS"]
 

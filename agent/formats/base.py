@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from ..config import Workload
+    from torchwarm.config import Workload
 
 
 @dataclass(frozen=True)

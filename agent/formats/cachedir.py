@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import archive
-from .base import Captured, cache_members, disable_caching_precompile
+from torchwarm.formats.base import Captured, cache_members, disable_caching_precompile
+from torchwarm.spec import archive
 
 if TYPE_CHECKING:
-    from ..config import Workload
+    from torchwarm.config import Workload
 
 
 class CacheDirFormat:

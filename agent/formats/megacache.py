@@ -13,13 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import archive
-from ..errors import ArchiveError
-from ..torchenv import torch_cache_dir
-from .base import Captured, cache_members, disable_caching_precompile
+from torchwarm.env.torchenv import torch_cache_dir
+from torchwarm.errors import ArchiveError
+from torchwarm.formats.base import Captured, cache_members, disable_caching_precompile
+from torchwarm.spec import archive
 
 if TYPE_CHECKING:
-    from ..config import Workload
+    from torchwarm.config import Workload
 
 MEDIA_TYPE = "application/vnd.pytorch.cache-artifacts"
 

@@ -28,13 +28,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import archive, codeid
-from ..errors import ArchiveError, ConfigError, WarmupError
-from ..precompile import SCHEME
-from .base import DYNAMO_DIR, Captured, cache_members
+from torchwarm.env import codeid
+from torchwarm.errors import ArchiveError, ConfigError, WarmupError
+from torchwarm.formats.base import DYNAMO_DIR, Captured, cache_members
+from torchwarm.node.precompile_rules import SCHEME
+from torchwarm.spec import archive
 
 if TYPE_CHECKING:
-    from ..config import Workload
+    from torchwarm.config import Workload
 
 STATE = "precompile.json"  # in the warm-up out dir: what the child tells capture/manifest
 _ENTRY = re.compile(r"dynamo/([0-9a-f]{64})/entry")
@@ -75,7 +76,7 @@ class PrecompileFormat:
         import torch._dynamo.config
         from torch._dynamo.utils import counters
 
-        from .. import workload
+        from torchwarm.seed import child as workload
 
         torch.compiler.save_cache_artifacts()  # writes the Dynamo entries in this mode
         keys = dynamo_keys(workload.cache_dir())

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlparse
 
-from ..errors import ConfigError
-from .base import ObjectInfo, Store
-from .local import LocalStore
+from torchwarm.errors import ConfigError
+from torchwarm.stores.base import ObjectInfo, Store
+from torchwarm.stores.local import LocalStore
 
 __all__ = ["ObjectInfo", "Store", "StoreOptions", "open_store", "preload", "SCHEMES"]
 
@@ -45,9 +45,9 @@ def preload(url: str) -> None:
     the worker imports nothing that another thread of this process might be importing)."""
     scheme = urlparse(url).scheme
     if scheme == "s3":
-        from . import retry, s3  # noqa: F401
+        from torchwarm.stores import retry, s3  # noqa: F401
     elif scheme == "gs":
-        from . import gcs, retry  # noqa: F401
+        from torchwarm.stores import gcs, retry  # noqa: F401
 
 
 def open_store(url: str, options: StoreOptions | None = None) -> Store:
@@ -65,16 +65,16 @@ def open_store(url: str, options: StoreOptions | None = None) -> Store:
         _check(url, parsed.netloc, options)
         prefix = parsed.path.strip("/")
         if parsed.scheme == "s3":
-            from .s3 import S3Store
+            from torchwarm.stores.s3 import S3Store
 
             inner: Store = S3Store(parsed.netloc, prefix, options)
         else:
-            from .gcs import GCSStore
+            from torchwarm.stores.gcs import GCSStore
 
             inner = GCSStore(parsed.netloc, prefix, options)
         if options.attempts == 1:
             return inner
-        from .retry import RetryingStore
+        from torchwarm.stores.retry import RetryingStore
 
         return RetryingStore(inner, attempts=options.attempts, deadline_s=options.deadline_s)
     raise ConfigError(

@@ -23,7 +23,7 @@ from google.auth import exceptions as auth_exc
 from google.cloud import storage
 from google.cloud.storage import exceptions as media_exc
 
-from ..errors import (
+from torchwarm.errors import (
     ObjectNotFound,
     ObjectTooLarge,
     StoreError,
@@ -31,11 +31,11 @@ from ..errors import (
     TransientStoreError,
     one_line,
 )
-from .base import ObjectInfo, check_key
-from .transfer import write_ranges_in_order
+from torchwarm.stores.base import ObjectInfo, check_key
+from torchwarm.stores.transfer import write_ranges_in_order
 
 if TYPE_CHECKING:
-    from . import StoreOptions
+    from torchwarm.stores import StoreOptions
 
 _GCS_CHUNK_UNIT = 256 << 10  # resumable upload chunks are multiples of 256 KiB
 # Failures below HTTP (no status to classify by); HTTP answers are classified by status.

@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import ObjectNotFound, ObjectTooLarge, StoreError
-from ..fsutil import fsync_dir
-from .base import ObjectInfo, check_key
+from torchwarm.errors import ObjectNotFound, ObjectTooLarge, StoreError
+from torchwarm.stores.base import ObjectInfo, check_key
+from torchwarm.util.fs import fsync_dir
 
 _CHUNK = 1 << 20
 _TMP_SUFFIX = ".tmp"

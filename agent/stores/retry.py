@@ -30,8 +30,8 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from ..errors import StoreError, TransientStoreError, one_line
-from .base import ObjectInfo, Store
+from torchwarm.errors import StoreError, TransientStoreError, one_line
+from torchwarm.stores.base import ObjectInfo, Store
 
 log = logging.getLogger(__name__)
 

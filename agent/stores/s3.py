@@ -35,12 +35,18 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from ..errors import ObjectNotFound, ObjectTooLarge, StoreError, TransientStoreError, one_line
-from .base import ObjectInfo, check_key
-from .transfer import write_ranges_in_order
+from torchwarm.errors import (
+    ObjectNotFound,
+    ObjectTooLarge,
+    StoreError,
+    TransientStoreError,
+    one_line,
+)
+from torchwarm.stores.base import ObjectInfo, check_key
+from torchwarm.stores.transfer import write_ranges_in_order
 
 if TYPE_CHECKING:
-    from . import StoreOptions
+    from torchwarm.stores import StoreOptions
 
 _MAX_PARTS = 10_000
 _MIN_PART = 5 << 20  # S3's minimum part size (all parts but the last)

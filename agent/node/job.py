@@ -22,14 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import errors, fetch, fingerprint, formats, install, precompile
-from .config import Config, Workload
-from .errors import InstallError, NoCacheForFingerprint, TorchwarmError, one_line
-from .manifest import Manifest
-from .report import WorkloadOutcome
-from .resolve import Miss, resolve
-from .rollback import Memory
-from .stores import Store
+from torchwarm import errors, formats
+from torchwarm.config import Config, Workload
+from torchwarm.env import fingerprint
+from torchwarm.errors import InstallError, NoCacheForFingerprint, TorchwarmError, one_line
+from torchwarm.node import fetch, install
+from torchwarm.node import precompile_rules as precompile
+from torchwarm.node.replay import Memory
+from torchwarm.node.report import WorkloadOutcome
+from torchwarm.node.resolve import Miss, resolve
+from torchwarm.spec.manifest import Manifest
+from torchwarm.stores import Store
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from . import httpd, misses, node
-from .errors import TorchwarmError, one_line
-from .report import PullReport, describe
+from torchwarm.errors import TorchwarmError, one_line
+from torchwarm.node import gate as node
+from torchwarm.node import misses
+from torchwarm.node.report import PullReport, describe
+from torchwarm.util import httpd
 
 
 class Sidecar:

@@ -41,12 +41,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import config as cfgmod
-from . import fingerprint, httpd, keys, warmup
-from . import manifest as mf
-from .config import Workload
-from .errors import Cancelled, IntegrityError, ObjectNotFound, TorchwarmError, WorkloadsFailed
-from .publish import is_current, publish_warmup
+from torchwarm import config as cfgmod
+from torchwarm.config import Workload
+from torchwarm.env import fingerprint
+from torchwarm.errors import (
+    Cancelled,
+    IntegrityError,
+    ObjectNotFound,
+    TorchwarmError,
+    WorkloadsFailed,
+)
+from torchwarm.seed import warmup
+from torchwarm.seed.publish import is_current, publish_warmup
+from torchwarm.spec import keys
+from torchwarm.spec import manifest as mf
+from torchwarm.util import httpd
 
 BACKOFF_START_S = 60.0
 STOP_GRACE_S = 8.0  # after SIGTERM, how long a stuck upload may hold the exit

@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from . import keys
-from . import manifest as mf
-from .errors import IntegrityError
-from .stores import Store
+from torchwarm.errors import IntegrityError
+from torchwarm.spec import keys
+from torchwarm.spec import manifest as mf
+from torchwarm.stores import Store
 
 
 @dataclass(frozen=True)

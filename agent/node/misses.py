@@ -38,9 +38,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import one_line
-from .formats.base import TRANSIENT_DIRS, TRANSIENT_SUFFIXES
-from .report import PullReport
+from torchwarm.errors import one_line
+from torchwarm.formats.base import TRANSIENT_DIRS, TRANSIENT_SUFFIXES
+from torchwarm.node.report import PullReport
 
 POLL_S = 5.0  # seconds between scans, at least
 MAX_DUTY = 0.01  # a slow scan stretches the interval: the watcher uses at most 1 % of a core

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import fingerprint
-from .errors import ManifestError
+from torchwarm.env import fingerprint
+from torchwarm.errors import ManifestError
 
 FORMAT_VERSION = 1
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .errors import ConfigError
+from torchwarm.errors import ConfigError
 
 Response = tuple[int, str, bytes]
 Route = Callable[[], Response]

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .verify import file_sha256
-from .workload import COUNTERS
+from torchwarm.errors import ConfigError
+from torchwarm.node.verify import file_sha256
+from torchwarm.seed.child import COUNTERS
 
 # The line a command prints to report its counters, on stdout or stderr, flushed:
 #   {"torchwarm_report": {"counters": {"fxgraph_cache_hit": 0, ...}, "first_call_s": 1.5}}

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import IntegrityError
-from .manifest import BlobRef
+from torchwarm.errors import IntegrityError
+from torchwarm.spec.manifest import BlobRef
 
 _CHUNK = 1 << 20
 

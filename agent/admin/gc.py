@@ -31,11 +31,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import keys
-from . import manifest as mf
-from .errors import IntegrityError, ObjectNotFound, ObjectTooLarge
-from .manifest import Manifest
-from .stores import ObjectInfo, Store
+from torchwarm.errors import IntegrityError, ObjectNotFound, ObjectTooLarge
+from torchwarm.spec import keys
+from torchwarm.spec import manifest as mf
+from torchwarm.spec.manifest import Manifest
+from torchwarm.stores import ObjectInfo, Store
 
 DEFAULT_GRACE_S = 6 * 3600.0
 DEFAULT_OLDER_THAN_S = 30 * 86400.0

@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import IntegrityError
-from .fsutil import atomic_write_bytes
-from .manifest import Manifest
+from torchwarm.errors import IntegrityError
+from torchwarm.spec.manifest import Manifest
+from torchwarm.util.fs import atomic_write_bytes
 
 INSTALLED = "installed.json"
 

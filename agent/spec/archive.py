@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 import zstandard
 
-from .errors import ArchiveError, InstallError
+from torchwarm.errors import ArchiveError, InstallError
 
 MEDIA_TYPE = "application/x-tar+zstd"
 ZSTD_LEVEL = 10  # compress once on the seed, decompress on every node

@@ -8,10 +8,12 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import keys, progress, verify
-from .errors import IntegrityError, ObjectTooLarge
-from .manifest import BlobRef, Manifest
-from .stores import Store
+from torchwarm.errors import IntegrityError, ObjectTooLarge
+from torchwarm.node import verify
+from torchwarm.spec import keys
+from torchwarm.spec.manifest import BlobRef, Manifest
+from torchwarm.stores import Store
+from torchwarm.util import progress
 
 log = logging.getLogger(__name__)
 

@@ -22,15 +22,18 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__, keys, progress, verify
-from . import manifest as mf
-from .errors import Cancelled, IntegrityError, ObjectNotFound, ObjectTooLarge, StoreError
-from .formats import Captured
-from .manifest import BlobRef, Manifest
-from .signing import SigningKey, TrustedKeys, sign
-from .signing import verify as verify_signature
-from .stores import Store
-from .warmup import WarmupResult
+from torchwarm import __version__
+from torchwarm.errors import Cancelled, IntegrityError, ObjectNotFound, ObjectTooLarge, StoreError
+from torchwarm.formats import Captured
+from torchwarm.node import verify
+from torchwarm.seed.warmup import WarmupResult
+from torchwarm.spec import keys
+from torchwarm.spec import manifest as mf
+from torchwarm.spec.manifest import BlobRef, Manifest
+from torchwarm.spec.signing import SigningKey, TrustedKeys, sign
+from torchwarm.spec.signing import verify as verify_signature
+from torchwarm.stores import Store
+from torchwarm.util import progress
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TensorSpec, Workload
-from .errors import ConfigError, WarmupError
+from torchwarm.config import TensorSpec, Workload
+from torchwarm.errors import ConfigError, WarmupError
 
 # torch._dynamo.utils.counters groups and the names that prove a hit or a miss.
 COUNTERS = {

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import WaitTimeout
-from .fsutil import atomic_write_bytes
+from torchwarm.errors import WaitTimeout
+from torchwarm.util.fs import atomic_write_bytes
 
 BOOT_ID_VAR = "TORCHWARM_BOOT_ID"
 _KERNEL_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")

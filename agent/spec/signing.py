@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError, IntegrityError
-from .manifest import Manifest
+from torchwarm.errors import ConfigError, IntegrityError
+from torchwarm.spec.manifest import Manifest
 
 # cryptography is imported where a key is used: a node without trusted keys never loads it.
 if TYPE_CHECKING:

@@ -25,8 +25,8 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import InstallError
-from .fsutil import fsync_dir, fsync_tree
+from torchwarm.errors import InstallError
+from torchwarm.util.fs import fsync_dir, fsync_tree
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from torchwarm.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .config import Workload
+    from torchwarm.config import Workload
 
 # What counts as code in a package: sources and native extension modules.
 CODE_SUFFIXES = (".py", *importlib.machinery.EXTENSION_SUFFIXES)

@@ -3,7 +3,7 @@
 A subprocess per workload keeps captures from mixing (torch's mega-cache saves are
 cumulative per process) and gives every warm-up an empty cache dir, so the capture
 holds exactly what the workload needs. For a model workload the child runs
-`python -m torchwarm.warmup` and gets its workload as JSON (never the config); a command
+`python -m torchwarm.seed.warmup` and gets its workload as JSON (never the config); a command
 workload's child is its own command. Neither gets any TORCHWARM_* variable (it runs the
 user's code and must hold no signing key); each runs in a process group of its own,
 killed whole when the warm-up passes its timeout (command.py).
@@ -30,11 +30,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import codeid, command, fingerprint, formats, manifest, precompile, torchenv, workload
-from . import config as cfgmod
-from .config import Config, Workload
-from .errors import Cancelled, ConfigError, TorchwarmError, WarmupError
-from .formats import Captured
+from torchwarm import config as cfgmod
+from torchwarm import formats
+from torchwarm.config import Config, Workload
+from torchwarm.env import codeid, fingerprint, torchenv
+from torchwarm.errors import Cancelled, ConfigError, TorchwarmError, WarmupError
+from torchwarm.formats import Captured
+from torchwarm.node import precompile_rules as precompile
+from torchwarm.seed import child as workload
+from torchwarm.seed import processes as command
+from torchwarm.spec import manifest
 
 RESULT = "warmup.json"
 
@@ -114,7 +119,7 @@ def warmup(
 ) -> WarmupResult:
     """Warm `w` up in a child process with an empty cache dir and capture it into `out_dir`.
 
-    A model workload runs in `python -m torchwarm.warmup`; a command workload is its own
+    A model workload runs in `python -m torchwarm.seed.warmup`; a command workload is its own
     command, in its cwd, with its env on top of the config's. Either runs in a process
     group of its own. Past `w.warmup_timeout_s` the group (the child and whatever it
     started) is killed and WarmupError says so; with `stop`, setting it kills the group
@@ -134,7 +139,7 @@ def warmup(
     if w.command is None:
         doc = {k: v for k, v in asdict(w).items() if k != "command"}
         argv = [
-            sys.executable, "-m", "torchwarm.warmup", "--workload-json", json.dumps(doc),
+            sys.executable, "-m", "torchwarm.seed.warmup", "--workload-json", json.dumps(doc),
             "--format", fmt.name, "--out", str(out_dir),
         ]  # fmt: skip
         ended = command.run(who, argv, env, log_path, w.warmup_timeout_s, stop=stop)
@@ -235,7 +240,7 @@ def _refuse_fingerprint_changes(
 
 def _child(argv: list[str]) -> int:
     """Runs in the warm-up subprocess, with TORCHINDUCTOR_CACHE_DIR set by the parent."""
-    p = argparse.ArgumentParser(prog="python -m torchwarm.warmup")
+    p = argparse.ArgumentParser(prog="python -m torchwarm.seed.warmup")
     p.add_argument("--workload-json", required=True, help="the workload, as warmup() wrote it")
     p.add_argument("--format", required=True)
     p.add_argument("--out", required=True, type=Path)

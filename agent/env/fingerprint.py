@@ -28,8 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cpu import CpuInfo, affinity
-from .errors import ConfigError
+from torchwarm.env.cpu import CpuInfo, affinity
+from torchwarm.errors import ConfigError
 
 # Bump when the set or meaning of fields changes: old and new agents then never share.
 FINGERPRINT_VERSION = 2

@@ -20,12 +20,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import codeid
-from .errors import ConfigError
+from torchwarm.env import codeid
+from torchwarm.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .config import Workload
-    from .manifest import Manifest
+    from torchwarm.config import Workload
+    from torchwarm.spec.manifest import Manifest
 
 FORMAT = "precompile"
 SCHEME = 1  # the meaning of the manifest's warmup.precompile fields; bump on change

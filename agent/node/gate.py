@@ -31,12 +31,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import config as cfgmod
-from . import marker, stores, torchenv
-from .config import Config
-from .errors import DeadlineExceeded, TorchwarmError, one_line
-from .pulljob import Channel, Failure, PullJob
-from .report import PullReport, WorkloadOutcome, overall
+from torchwarm import config as cfgmod
+from torchwarm import stores
+from torchwarm.config import Config
+from torchwarm.env import torchenv
+from torchwarm.errors import DeadlineExceeded, TorchwarmError, one_line
+from torchwarm.node import marker
+from torchwarm.node.job import Channel, Failure, PullJob
+from torchwarm.node.report import PullReport, WorkloadOutcome, overall
 
 SWAP_GRACE_S = 1.0  # how long a swap that started before the deadline may take
 _PR_SET_PDEATHSIG = 1

@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import fingerprint, keys
-from . import manifest as mf
-from .errors import ManifestError, ObjectNotFound
-from .manifest import Manifest
-from .signing import TrustedKeys, verify
-from .stores import Store
+from torchwarm.env import fingerprint
+from torchwarm.errors import ManifestError, ObjectNotFound
+from torchwarm.spec import keys
+from torchwarm.spec import manifest as mf
+from torchwarm.spec.manifest import Manifest
+from torchwarm.spec.signing import TrustedKeys, verify
+from torchwarm.stores import Store
 
 
 @dataclass(frozen=True)

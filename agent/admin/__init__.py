@@ -1,0 +1,1 @@
+"""Operator commands over a store: `torchwarm ls` and `torchwarm gc`."""

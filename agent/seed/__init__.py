@@ -1,0 +1,1 @@
+"""The seed side: warm up a workload, capture its cache, publish it; the daemon."""

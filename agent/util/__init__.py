@@ -1,0 +1,1 @@
+"""Small helpers with no torchwarm policy in them: files, HTTP endpoint, progress."""
