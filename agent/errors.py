@@ -40,6 +40,15 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def printable(text: str) -> str:
+    """`text` with every character a terminal or log viewer could act on (controls,
+    escapes, bidi overrides, line breaks) written as its backslash escape: for text a
+    store supplied, which may hold anything."""
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+
+
 class IntegrityError(TorchwarmError):
     """Downloaded bytes or a manifest failed verification; nothing was installed."""
 
