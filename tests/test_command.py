@@ -355,6 +355,29 @@ def test_env_that_changes_the_fingerprint_is_refused(tmp_path):
     assert not spy.exists()
 
 
+def test_env_is_checked_without_computing_the_fingerprint_per_variable(tmp_path, monkeypatch):
+    """A config with many env variables computes the fingerprint at most once before the
+    refusal (each computation may start torch for the GPUs), and still names the field."""
+    from torchwarm.env import fingerprint
+    from torchwarm.seed import warmup
+
+    calls = []
+    real = fingerprint.collect
+    monkeypatch.setattr(fingerprint, "collect", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    many = {f"APP_SETTING_{i}": str(i) for i in range(20)}
+    path = setup(tmp_path, [app("a")], env={**ROOT_ENV, **many, "OMP_NUM_THREADS": "3"})
+    cfg = config.load(path, environ={})
+    with pytest.raises(ConfigError) as e:
+        warmup.warmup(cfg, cfg.workloads[0], tmp_path / "out")
+    assert str(e.value) == (
+        "workload 'a': env sets OMP_NUM_THREADS, which changes fingerprint field(s) threads; "
+        "a node reads those from the environment torchwarm runs in, never from env: set "
+        "OMP_NUM_THREADS there (seed and node), not in env"
+    )
+    assert len(calls) <= 1, len(calls)
+
+
 def test_daemon_skips_an_unchanged_command_and_rewarms_after_a_code_edit(tmp_path):
     """daemon --once: warms, then skips (no run), then warms again once a file in `code`
     changed."""

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def test_reading_the_fingerprint_imports_neither_torch_nor_a_cloud_sdk():
     """A fresh process computes the fingerprint and ends with no torch, boto3, google or
     cryptography module loaded (those cost seconds on a node)."""
     code = (
-        "import sys, json; from torchwarm import fingerprint; fingerprint.collect(); "
+        "import sys, json; from torchwarm.env import fingerprint; fingerprint.collect(); "
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('torch', 'boto3', 'botocore', 'google', 'cryptography', 'triton'))))"
     )
@@ -186,6 +187,55 @@ def test_compile_env_keeps_settings_and_leaves_out_places_and_credentials():
     assert got["TORCHINDUCTOR_FREEZING"] == "1"
     assert got["TORCHINDUCTOR_WORKER_LOGPATH"].startswith("sha256:")
     assert "/var/log" not in json.dumps(got)
+
+
+class RecordingEnv(Mapping[str, str]):
+    """An environment that records the name of every variable whose value is read."""
+
+    def __init__(self, data: dict[str, str]) -> None:
+        self.data, self.read = data, set[str]()
+
+    def __getitem__(self, name: str) -> str:
+        self.read.add(name)
+        return self.data[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def test_collect_reads_no_variable_outside_the_declared_ones():
+    """collect() reads the value of no environment variable that env_fields() does not
+    declare (a seed decides from that declaration whether `env` changes the fingerprint)."""
+    env = RecordingEnv({**os.environ, "OMP_NUM_THREADS": "3", "TORCHINDUCTOR_FREEZING": "1",
+                        "TORCHINDUCTOR_COMPILE_THREADS": "8", "APP_TOKEN": "x"})  # fmt: skip
+    fingerprint.collect(env)  # type: ignore[arg-type]
+    assert {"OMP_NUM_THREADS", "TORCHINDUCTOR_FREEZING"} <= env.read
+    assert sorted(k for k in env.read if not fingerprint.env_fields(k)) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("OMP_NUM_THREADS", "3"), ("MKL_NUM_THREADS", "3"), ("ATEN_CPU_CAPABILITY", "default"),
+     ("TORCHINDUCTOR_CPP_MARCH", "x86-64-v3"), ("TORCH_COMPILE_JOB_ID", "job-1"),
+     ("TORCHINDUCTOR_FREEZING", "1")],
+)  # fmt: skip
+def test_a_declared_variable_changes_only_the_fields_declared_for_it(name, value):
+    """Setting a declared variable changes the fingerprint, in fields env_fields() names."""
+    base = {k: v for k, v in os.environ.items() if k != name}
+    changed = fingerprint.differences(fingerprint.collect(base),
+                                      fingerprint.collect({**base, name: value}))  # fmt: skip
+    assert changed and set(changed) <= set(fingerprint.env_fields(name)), changed
+
+
+def test_left_out_settings_are_not_declared():
+    """The cache location and switches, the compile thread count and credentials are not
+    variables the fingerprint reads."""
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE",
+                 "TORCHINDUCTOR_COMPILE_THREADS", "TORCHINDUCTOR_REDIS_URL", "HOME"):  # fmt: skip
+        assert fingerprint.env_fields(name) == (), name
 
 
 def test_no_credential_reaches_a_manifest(tmp_path):

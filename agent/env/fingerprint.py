@@ -25,6 +25,7 @@ import platform
 import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,37 @@ _LEFT_OUT = re.compile(
     r"|.*(^|_)(URL|URI|HOST|PORT|REDIS|REMOTE|KEY|TOKEN|SECRET|PASSWORD|PASS|AUTH|CREDENTIALS?)"
     r"(_|$).*"
 )
+# The environment variables the fingerprint reads, with the fields each one feeds: these
+# names, and the TORCHINDUCTOR_* settings that compile_env keeps. collect() sees no other
+# variable (tested), so a seed tells from a name alone whether a variable of its config's
+# `env` would change the fingerprint (warmup.py refuses those).
+ENV_NAMES: dict[str, tuple[str, ...]] = {
+    "OMP_NUM_THREADS": ("threads",),
+    "MKL_NUM_THREADS": ("threads",),
+    "ATEN_CPU_CAPABILITY": ("cpu", "cpu_vec_isa"),
+    "TORCHINDUCTOR_CPP_MARCH": ("compile_env", "cpu"),
+    "TORCH_COMPILE_JOB_ID": ("compile_env",),
+    "CUDA_VISIBLE_DEVICES": ("gpus",),
+    "CUDA_DEVICE_ORDER": ("gpus",),
+    # Which GPUs ROCm's torch sees (read by torch in the GPU child, _gpus_from_torch).
+    "HIP_VISIBLE_DEVICES": ("gpus",),
+    "ROCR_VISIBLE_DEVICES": ("gpus",),
+}
+ENV_PREFIXES: dict[str, tuple[str, ...]] = {"TORCHINDUCTOR_": ("compile_env",)}  # less _LEFT_OUT
 # A plain setting: a number, a flag, a name. Other values (paths) enter as a digest.
 _PLAIN = re.compile(r"[A-Za-z0-9_.,:+-]{0,64}")
 _TRITON_DISTS = ("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu")
+
+
+def env_fields(name: str) -> tuple[str, ...]:
+    """The fingerprint fields environment variable `name` feeds (ENV_NAMES, ENV_PREFIXES);
+    () for a variable the fingerprint never reads."""
+    if name in ENV_NAMES:
+        return ENV_NAMES[name]
+    for prefix, feeds in ENV_PREFIXES.items():
+        if name.startswith(prefix) and not _LEFT_OUT.fullmatch(name[len(prefix) :]):
+            return feeds
+    return ()
 
 
 def compile_env(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -90,9 +119,7 @@ def compile_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     env = os.environ if environ is None else environ
     out = {}
     for k in sorted(env):
-        if k == "TORCH_COMPILE_JOB_ID" or (
-            k.startswith("TORCHINDUCTOR_") and not _LEFT_OUT.fullmatch(k[len("TORCHINDUCTOR_") :])
-        ):
+        if "compile_env" in env_fields(k):
             value = env[k]
             if not _PLAIN.fullmatch(value):
                 value = "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:16]
@@ -101,10 +128,12 @@ def compile_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def collect(
-    environ: dict[str, str] | None = None, cpuinfo: CpuInfo | None = None
+    environ: Mapping[str, str] | None = None, cpuinfo: CpuInfo | None = None
 ) -> dict[str, Any]:
-    """Read the fields on this machine, without importing torch (see the module docstring)."""
-    env = dict(os.environ if environ is None else environ)
+    """Read the fields on this machine, without importing torch (see the module docstring),
+    and of `environ` (default: this process's) only the variables env_fields() declares."""
+    source = os.environ if environ is None else environ
+    env = {k: source[k] for k in source if env_fields(k)}
     torch = _TorchInstall.find()
     cpus = affinity()
     info = CpuInfo.read() if cpuinfo is None else cpuinfo
@@ -226,15 +255,19 @@ def _dist_version(names: tuple[str, ...]) -> str | None:
 
 
 def _gpus(torch: _TorchInstall, env: dict[str, str]) -> list[str]:
-    """'<name> sm_<major><minor>' for every visible GPU, as torch would name them."""
+    """'<name> sm_<major><minor>' for every visible GPU, as torch would name them; `env`
+    holds the declared variables only (ENV_NAMES)."""
     if torch.attr("cuda") is None and torch.attr("hip") is None:
         return []  # a CPU build of torch sees no GPU, whatever the machine has
+    # torch's child needs this process's environment to start (PATH, library paths);
+    # of the variables the fingerprint reads, it gets those of `env` only.
+    child_env = {k: v for k, v in os.environ.items() if not env_fields(k)} | env
     if torch.attr("hip") is not None:
-        return _gpus_from_torch(env)  # ROCm: NVML does not apply; torch's own answer (slow)
+        return _gpus_from_torch(child_env)  # ROCm: NVML does not apply; torch's answer (slow)
     try:
         import pynvml  # type: ignore[import-not-found]
     except ImportError:
-        return _gpus_from_torch(env)
+        return _gpus_from_torch(child_env)
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError:
@@ -242,7 +275,7 @@ def _gpus(torch: _TorchInstall, env: dict[str, str]) -> list[str]:
     try:
         spec = env.get("CUDA_VISIBLE_DEVICES")
         if _numbering_may_differ(pynvml, spec, env.get("CUDA_DEVICE_ORDER")):
-            return _gpus_from_torch(env)
+            return _gpus_from_torch(child_env)
         return sorted({_model(pynvml, h) for h in _visible(pynvml, spec)})
     finally:
         pynvml.nvmlShutdown()

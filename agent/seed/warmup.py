@@ -222,13 +222,14 @@ def _refuse_fingerprint_changes(
 ) -> None:
     """ConfigError when a variable of `env` changes the fingerprint (OMP_NUM_THREADS, a
     TORCHINDUCTOR_* setting): a node reads its fingerprint from the pull's own
-    environment, which `env` never reaches, so that cache would never be taken."""
-    if not extra:
-        return
-    before = fingerprint.collect(base)
+    environment, which `env` never reaches, so that cache would never be taken.
+
+    Decided from the variables the fingerprint declares it reads (fingerprint.env_fields),
+    without computing it: each computation may start torch to list the GPUs.
+    """
     for name, value in torchenv.expand(extra, cache).items():
-        changed = fingerprint.differences(before, fingerprint.collect({**base, name: value}))
-        if changed:
+        changed = fingerprint.env_fields(name)
+        if changed and base.get(name) != value:
             where = "its env" if name in (w.command.env if w.command else {}) else "env"
             raise ConfigError(
                 f"workload {w.name!r}: {where} sets {name}, which changes fingerprint "
