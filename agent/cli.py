@@ -30,7 +30,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from torchwarm import __version__
 from torchwarm import config as cfgmod
@@ -229,6 +229,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _warmup(args: argparse.Namespace) -> int:
+    from torchwarm.seed import kinds
     from torchwarm.seed import warmup as wu
 
     cfg = _load(args, format=args.format)
@@ -239,7 +240,7 @@ def _warmup(args: argparse.Namespace) -> int:
         for w in cfg.selected(args.workload):
             t0 = time.perf_counter()
             result = wu.warmup(cfg, w, root / w.name)
-            print(f"warmed {w.name}: {_warmed(result.summary)}, "
+            print(f"warmed {w.name}: {kinds.of(w).warmed(result.summary)}, "
                   f"{time.perf_counter() - t0:.1f} s in all")  # fmt: skip
             if args.push:
                 _publish(cfg, result)
@@ -252,23 +253,6 @@ def _warmup(args: argparse.Namespace) -> int:
     if args.out is None:
         shutil.rmtree(root, ignore_errors=True)
     return 0
-
-
-def _warmed(summary: dict[str, Any]) -> str:
-    """What a warm-up saw, from its manifest summary: a command's counters only if it
-    printed them (command.REPORT_KEY)."""
-    c = summary.get("counters")
-    if "command" in summary:
-        seen = (
-            f"fxgraph misses {c.get('fxgraph_cache_miss', '?')} (as the command reported)"
-            if c is not None
-            else "the command reported no counters"
-        )
-        return f"command ran {summary['wall_s']:.2f} s, {seen}, {summary['so_files']} kernels"
-    return (
-        f"first call {summary['first_call_s']:.2f} s cold, fxgraph misses "
-        f"{c['fxgraph_cache_miss']}, {summary['so_files']} kernels compiled"
-    )
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -422,68 +406,11 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _probe_workloads(cfg: cfgmod.Config, args: argparse.Namespace) -> None:
-    from torchwarm.seed import child as workload
+    from torchwarm.seed import kinds
 
     for w in cfg.selected(args.workload):
-        if w.command is not None:
-            _probe_command(cfg, w, args.json)
-            continue
-        r = workload.run(w)
-        if args.json:
-            print(json.dumps(r.to_dict(), sort_keys=True))
-        else:
-            c = r.counters
-            print(
-                f"{w.name}: first call {r.first_call_s:.2f} s; "
-                f"fxgraph hit {c['fxgraph_cache_hit']} "
-                f"miss {c['fxgraph_cache_miss']}; aot_autograd hit {c['autograd_cache_hit']} "
-                f"miss {c['autograd_cache_miss']}; dynamo cache hit {c['dynamo_cache_hit']} "
-                f"miss {c['dynamo_cache_miss']}; kernels compiled {r.new_so_files}"
-            )
-
-
-def _probe_command(cfg: cfgmod.Config, w: cfgmod.Workload, as_json: bool) -> None:
-    """Run a command workload against the cache dir, as the app would run it, and say
-    what it reported: its own counters if it printed them, else that none are known."""
-    from torchwarm.seed import child as workload
-    from torchwarm.seed import processes as command
-    from torchwarm.seed import warmup
-
-    assert w.command is not None
-    cache = cfg.cache_dir
-    so_before = workload.count_so(cache)
-    log = Path(tempfile.mkdtemp(prefix="torchwarm-probe-")) / f"{w.name}.log"
-    env = warmup.child_env(cache, {**cfg.env, **w.command.env})
-    who = f"workload {w.name!r}"
-    ended = command.run(who, w.command.argv, env, log, w.warmup_timeout_s, cwd=w.command.cwd)
-    if ended.how != "exited" or ended.returncode != 0:
-        why = (
-            "ran past warmup_timeout_s" if ended.how == "timeout" else f"exited {ended.returncode}"
-        )
-        raise WarmupError(
-            f"probe of {w.name!r}: the command {why}: {command.last_line(log)} (full log: {log})"
-        )
-    reported = command.read_report(log) or {}
-    shutil.rmtree(log.parent, ignore_errors=True)
-    doc = {
-        "workload": w.name, "cache_dir": str(cache), "command": list(w.command.argv),
-        "wall_s": round(ended.wall_s, 3), "counters": reported.get("counters"),
-        "first_call_s": reported.get("first_call_s"),
-        "new_so_files": workload.count_so(cache) - so_before,
-    }  # fmt: skip
-    if as_json:
-        print(json.dumps(doc, sort_keys=True))
-        return
-    c = doc["counters"]
-    seen = (
-        f"fxgraph hit {c.get('fxgraph_cache_hit', '?')} miss {c.get('fxgraph_cache_miss', '?')}; "
-        f"aot_autograd hit {c.get('autograd_cache_hit', '?')} "
-        f"miss {c.get('autograd_cache_miss', '?')} (as the command reported)"
-        if c is not None
-        else f"the command printed no {command.REPORT_KEY} line, so its hits are unknown"
-    )
-    print(f"{w.name}: command ran {doc['wall_s']:.2f} s; {seen}; "
-          f"kernels compiled {doc['new_so_files']}")  # fmt: skip
+        probe = kinds.of(w).probe(cfg, w)  # a command: its warm-up run, on this cache dir
+        print(json.dumps(probe.doc, sort_keys=True) if args.json else probe.line)
 
 
 def _s(p: Path | None) -> str | None:

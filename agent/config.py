@@ -89,6 +89,7 @@ class Workload:
     # Not part of what is compiled: warmup.warmup_key leaves it out.
     warmup_timeout_s: float = DEFAULT_WARMUP_TIMEOUT_S
     command: Command | None = None  # set instead of model (then model is None, inputs ())
+    # Which of the two it is, and all that follows from it: torchwarm.seed.kinds.of(w).
 
 
 @dataclass(frozen=True)
@@ -303,15 +304,16 @@ def _parse(
     for i, n in enumerate(names):
         if n in names[:i]:
             v.fail(f"workloads[{i}].name", f"duplicate workload name {n!r}")
+    from torchwarm.seed import kinds  # imports this module: here, once it is loaded
+
     for i, w in enumerate(workloads):
-        if w.command is not None and fmt != "cachedir":
-            # megacache and precompile save from inside the compiling process, which a
-            # command workload does not let torchwarm into.
+        kind = kinds.of(w)
+        if fmt not in kind.formats:
             v.fail(
                 "format",
-                f"is {fmt!r}, but workloads[{i}] ({w.name!r}) is a command workload, which "
-                "can only be captured as cachedir (the other formats save from inside the "
-                "compiling process); use format: cachedir",
+                f"is {fmt!r}, but workloads[{i}] ({w.name!r}) is a {kind.name} workload, "
+                f"which can only be captured as {' or '.join(kind.formats)} "
+                f"({kind.formats_why}); use format: {kind.formats[0]}",
             )
     env = _env(v, "env", raw.get("env"), reaches_app=True)
     signing_key = None

@@ -22,13 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torchwarm.env import torchenv
 from torchwarm.errors import ConfigError
+from torchwarm.node import precompile_rules
 from torchwarm.node.verify import file_sha256
 from torchwarm.seed.child import COUNTERS
 
 # The line a command prints to report its counters, on stdout or stderr, flushed:
 #   {"torchwarm_report": {"counters": {"fxgraph_cache_hit": 0, ...}, "first_call_s": 1.5}}
-# counters: names from workload.COUNTERS (torch._dynamo.utils.counters), integers.
+# counters: names from child.COUNTERS (torch._dynamo.utils.counters), integers.
 REPORT_KEY = "torchwarm_report"
 _TAIL_BYTES = 1 << 20  # only the end of a (server's) long log is read
 
@@ -38,6 +40,22 @@ class Ended:
     how: str  # "exited", "timeout" or "cancelled"
     returncode: int | None  # the exit status when it exited (negative: killed by a signal)
     wall_s: float
+
+
+def child_env(cache: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A warm-up's environment: this process's, plus `extra` (the config's and a command's
+    `env`, {cache_dir} meaning `cache`), torch's caches in `cache`, torch's precompile
+    mode off, and no TORCHWARM_* variable.
+
+    The child runs the user's model code or command, so it must hold no signing key: not
+    $TORCHWARM_SIGNING_KEY, nor $TORCHWARM_SIGNING_KEY_FILE or the config file that would
+    lead to one. A model workload's child gets its workload as JSON on the command line.
+    Precompile mode is set by the `precompile` format alone (in the child): a command
+    compiling with it would leave AOTAutograd entries no node looks up.
+    """
+    env = torchenv.cache_env(cache, extra=extra)
+    env.pop(precompile_rules.ENV_VAR, None)
+    return {k: v for k, v in env.items() if not k.startswith("TORCHWARM_")}
 
 
 def run(

@@ -2,11 +2,12 @@
 
 A subprocess per workload keeps captures from mixing (torch's mega-cache saves are
 cumulative per process) and gives every warm-up an empty cache dir, so the capture
-holds exactly what the workload needs. For a model workload the child runs
-`python -m torchwarm.seed.warmup` and gets its workload as JSON (never the config); a command
-workload's child is its own command. Neither gets any TORCHWARM_* variable (it runs the
-user's code and must hold no signing key); each runs in a process group of its own,
-killed whole when the warm-up passes its timeout (command.py).
+holds exactly what the workload needs. What the child is comes from the workload's kind
+(kinds.py): for a model workload it runs `python -m torchwarm.seed.warmup` and gets its
+workload as JSON (never the config); a command workload's child is its own command.
+Neither gets any TORCHWARM_* variable (it runs the user's code and must hold no signing
+key); each runs in a process group of its own, killed whole when the warm-up passes its
+timeout (processes.py).
 
 Output folder layout (what `torchwarm push --from DIR` reads):
     DIR/<workload>/warmup.json   fingerprint, counters, timings, captured blob files
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shlex
 import shutil
 import sys
 import threading
@@ -33,12 +33,12 @@ from typing import Any
 from torchwarm import config as cfgmod
 from torchwarm import formats
 from torchwarm.config import Config, Workload
-from torchwarm.env import codeid, fingerprint, torchenv
+from torchwarm.env import fingerprint, torchenv
 from torchwarm.errors import Cancelled, ConfigError, TorchwarmError, WarmupError
 from torchwarm.formats import Captured
-from torchwarm.node import precompile_rules as precompile
 from torchwarm.seed import child as workload
-from torchwarm.seed import processes as command
+from torchwarm.seed import kinds
+from torchwarm.seed.processes import child_env
 from torchwarm.spec import manifest
 
 RESULT = "warmup.json"
@@ -83,8 +83,8 @@ def warmup_key(
 ) -> str:
     """What decides whether a stored warm-up is still current: the workload's config, its
     code (the model's whole top-level package, as `codeid.code_identity` hashes it, or a
-    command's `code` files), the config's `env` (every warm-up gets it), the capture
-    format and the environment.
+    command's `code` files: kinds.Kind.key), the config's `env` (every warm-up gets it),
+    the capture format and the environment.
 
     The seed daemon skips a workload whose manifest carries this key. A model's package
     is hashed whole because its factory's module imports its siblings: an edited
@@ -92,19 +92,12 @@ def warmup_key(
     image; a new torch changes the fingerprint). A command's code is whatever its `code`
     list names, and nothing else.
     """
-    settings = asdict(w)
-    del settings["warmup_timeout_s"]  # how long it may take does not change what it compiles
     doc: dict[str, Any] = {
-        "workload": settings,
+        **kinds.of(w).key(w),
         "format": fmt,
         "fingerprint": fingerprint_digest,
         "torchwarm_format_version": manifest.FORMAT_VERSION,
     }
-    if w.command is None:
-        del settings["command"]  # a model workload's key is what it was before commands
-        doc["model_code_sha256"] = codeid.code_identity(str(w.model)).sha256
-    else:
-        doc["code_sha256"] = command.code_digest(w.command.code)
     if env:
         doc["env"] = dict(env)
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
@@ -119,81 +112,31 @@ def warmup(
 ) -> WarmupResult:
     """Warm `w` up in a child process with an empty cache dir and capture it into `out_dir`.
 
-    A model workload runs in `python -m torchwarm.seed.warmup`; a command workload is its own
-    command, in its cwd, with its env on top of the config's. Either runs in a process
-    group of its own. Past `w.warmup_timeout_s` the group (the child and whatever it
-    started) is killed and WarmupError says so; with `stop`, setting it kills the group
-    and raises Cancelled. `on_capture()` is called when the child has exited well,
-    before the capture.
+    The child is the workload kind's (kinds.run): `python -m torchwarm.seed.warmup` for a
+    model, the command itself, in its cwd with its env on top of the config's, for a
+    command. It runs in a process group of its own. Past `w.warmup_timeout_s` the group
+    (the child and whatever it started) is killed and WarmupError says so; with `stop`,
+    setting it kills the group and raises Cancelled. `on_capture()` is called when the
+    child has exited well, before the capture.
     """
+    kind = kinds.of(w)
     fmt = formats.get(cfg.format)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     cache = out_dir / "cache"
     cache.mkdir(parents=True)
-    log_path = out_dir / "warmup.log"
-    extra = {**cfg.env, **(w.command.env if w.command else {})}
-    env = child_env(cache, extra)
-    _refuse_fingerprint_changes(w, child_env(cache), extra, cache)
-    who = f"workload {w.name!r}"
-    if w.command is None:
-        doc = {k: v for k, v in asdict(w).items() if k != "command"}
-        argv = [
-            sys.executable, "-m", "torchwarm.seed.warmup", "--workload-json", json.dumps(doc),
-            "--format", fmt.name, "--out", str(out_dir),
-        ]  # fmt: skip
-        ended = command.run(who, argv, env, log_path, w.warmup_timeout_s, stop=stop)
-        what = f"warm-up of {w.name!r}"
-    else:
-        fields = fingerprint.collect(env)  # what the command's own torch sees
-        ended = command.run(who, w.command.argv, env, log_path, w.warmup_timeout_s,
-                            cwd=w.command.cwd, stop=stop)  # fmt: skip
-        what = f"warm-up of {w.name!r} (command {shlex.join(w.command.argv)})"
-    if ended.how != "exited" or ended.returncode != 0:
+    _refuse_fingerprint_changes(w, child_env(cache), {**cfg.env, **kind.env(w)}, cache)
+    try:
+        ran = kinds.run(cfg, w, fmt.name, cache, out_dir, stop=stop)
+    except (WarmupError, Cancelled):
         shutil.rmtree(cache, ignore_errors=True)  # the log stays: the error names it
-    if ended.how == "cancelled":
-        raise Cancelled(f"warm-up of {w.name!r} cancelled")
-    if ended.how == "timeout":
-        raise WarmupError(
-            f"{what} did not finish within {w.warmup_timeout_s:g} s "
-            f"(warmup_timeout_s); killed it and its child processes; last output: "
-            f"{command.last_line(log_path)} (full log: {log_path})"
-        )
-    if ended.returncode != 0:
-        raise WarmupError(
-            f"{what} failed (exit {ended.returncode}): {command.last_line(log_path)} "
-            f"(full log: {log_path})"
-        )
+        raise
     if on_capture is not None:
         on_capture()
     captured = fmt.capture(cache, out_dir)
     unpacked = sum((cache / m).stat().st_size for m in formats.cache_members(cache))
-    if w.command is None:
-        child = json.loads((out_dir / "child.json").read_text())
-        fields = child["fingerprint"]
-        summary = {
-            **fmt.manifest_fields(w, out_dir),
-            "mode": w.mode,
-            "device": w.device,
-            "compile": w.compile.as_kwargs(),
-            "input_sets": [
-                [{"shape": list(t.shape), "dtype": t.dtype, "dynamic": list(t.dynamic)} for t in s]
-                for s in w.inputs
-            ],
-            "counters": child["report"]["counters"],
-            "first_call_s": round(child["report"]["first_call_s"], 3),
-            "so_files": child["report"]["new_so_files"],
-        }
-    else:
-        summary = {
-            **fmt.manifest_fields(w, out_dir),
-            "command": list(w.command.argv),
-            "env": sorted(extra),  # names only: values may hold paths or secrets
-            "wall_s": round(ended.wall_s, 3),
-            # Only what the command printed (command.REPORT_KEY), never made up.
-            **(command.read_report(log_path) or {}),
-            "so_files": workload.count_so(cache),  # the cache dir started empty
-        }
+    fields, summary = kind.result(w, ran)
+    summary = {**fmt.manifest_fields(w, out_dir), **summary}
     summary["unpacked_bytes"] = unpacked  # what a node needs free to install it
     summary["warmup_key"] = warmup_key(w, fmt.name, fingerprint.digest(fields), cfg.env)
     result = WarmupResult(w.name, fmt.name, fields, summary, captured)
@@ -201,24 +144,8 @@ def warmup(
     return result
 
 
-def child_env(cache: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """A warm-up's environment: this process's, plus `extra` (the config's and a command's
-    `env`, {cache_dir} meaning `cache`), torch's caches in `cache`, torch's precompile
-    mode off, and no TORCHWARM_* variable.
-
-    The child runs the user's model code or command, so it must hold no signing key: not
-    $TORCHWARM_SIGNING_KEY, nor $TORCHWARM_SIGNING_KEY_FILE or the config file that would
-    lead to one. A model workload's child gets its workload as JSON on the command line.
-    Precompile mode is set by the `precompile` format alone (in the child): a command
-    compiling with it would leave AOTAutograd entries no node looks up.
-    """
-    env = torchenv.cache_env(cache, extra=extra)
-    env.pop(precompile.ENV_VAR, None)
-    return {k: v for k, v in env.items() if not k.startswith("TORCHWARM_")}
-
-
 def _refuse_fingerprint_changes(
-    w: Workload, base: dict[str, str], extra: Mapping[str, str], cache: Path
+    w: Workload, base: Mapping[str, str], extra: Mapping[str, str], cache: Path
 ) -> None:
     """ConfigError when a variable of `env` changes the fingerprint (OMP_NUM_THREADS, a
     TORCHINDUCTOR_* setting): a node reads its fingerprint from the pull's own
@@ -230,7 +157,7 @@ def _refuse_fingerprint_changes(
     for name, value in torchenv.expand(extra, cache).items():
         changed = fingerprint.env_fields(name)
         if changed and base.get(name) != value:
-            where = "its env" if name in (w.command.env if w.command else {}) else "env"
+            where = "its env" if name in kinds.of(w).env(w) else "env"
             raise ConfigError(
                 f"workload {w.name!r}: {where} sets {name}, which changes fingerprint "
                 f"field(s) {', '.join(changed)}; a node reads those from the environment "
@@ -258,7 +185,7 @@ def _child(argv: list[str]) -> int:
         print(f"torchwarm: error: {e}", file=sys.stderr)
         return e.exit_code
     doc = {"fingerprint": fields, "report": report.to_dict()}
-    (a.out / "child.json").write_text(json.dumps(doc, indent=2))
+    (a.out / kinds.CHILD_RESULT).write_text(json.dumps(doc, indent=2))
     print(json.dumps({"first_call_s": report.first_call_s, "counters": report.counters}))
     return 0
 

@@ -1,0 +1,283 @@
+"""Workload kinds: what differs between a model workload (a factory that torchwarm's own
+child compiles) and a command workload (a process of the user's), behind one protocol.
+
+The warm-up, its key, the config's checks and `torchwarm probe` ask a workload's kind
+(`of`, the one place that tells the kinds apart) and never switch on it. A kind says:
+which capture formats it allows, what its warm-up process is (argv, cwd, the env it
+adds to the config's), what of it goes into the warm-up key, how the fingerprint and
+the manifest's summary are read once that process exited, and how it is probed against
+a cache dir. `run` is the one path that starts a warm-up process and turns how it ended
+into an error.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from torchwarm.config import FORMATS, Command, Config, Workload
+from torchwarm.env import codeid, fingerprint
+from torchwarm.errors import Cancelled, WarmupError
+from torchwarm.seed import child, processes
+
+LOG = "warmup.log"  # the warm-up process's output, in its out_dir (a command's report line)
+CHILD_RESULT = "child.json"  # what a model workload's child wrote: fingerprint and counters
+
+
+@dataclass(frozen=True)
+class Launch:
+    argv: tuple[str, ...]  # run as is: no shell
+    cwd: Path | None  # None: this process's
+
+
+@dataclass(frozen=True)
+class Ran:
+    """A warm-up process that exited well, and where it ran."""
+
+    out_dir: Path
+    cache: Path  # the cache dir it compiled into
+    log: Path
+    env: Mapping[str, str]  # its whole environment
+    env_names: tuple[str, ...]  # the variables the config's and its own env set
+    ended: processes.Ended
+
+
+@dataclass(frozen=True)
+class Probe:
+    doc: dict[str, Any]  # `probe --json`
+    line: str  # `probe`, for people
+
+
+class Kind(Protocol):
+    name: str  # as messages say it: "model", "command"
+    formats: tuple[str, ...]  # the capture formats it allows
+    formats_why: str  # why only those; "" when it allows all
+
+    def env(self, w: Workload) -> Mapping[str, str]:
+        """What its warm-up gets on top of the config's `env`, unexpanded."""
+        ...
+
+    def label(self, w: Workload) -> str:
+        """What follows the workload's name in messages, e.g. " (command python warm.py)"."""
+        ...
+
+    def key(self, w: Workload) -> dict[str, Any]:
+        """Its part of the warm-up key: its settings and the digest of its code."""
+        ...
+
+    def launch(self, w: Workload, fmt: str, out_dir: Path) -> Launch:
+        """Its warm-up process, capturing as `fmt` into `out_dir`."""
+        ...
+
+    def result(self, w: Workload, ran: Ran) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The fingerprint its cache is for, and its part of the manifest's summary."""
+        ...
+
+    def warmed(self, summary: dict[str, Any]) -> str:
+        """What a warm-up saw, from its summary, for `torchwarm warmup`'s line."""
+        ...
+
+    def probe(self, cfg: Config, w: Workload) -> Probe:
+        """Run it against cfg.cache_dir (this process's torch cache dir) and say what
+        torch's caches did."""
+        ...
+
+
+def of(w: Workload) -> Kind:
+    """The kind of `w`."""
+    return MODEL if w.command is None else COMMAND
+
+
+def run(
+    cfg: Config,
+    w: Workload,
+    fmt: str,
+    cache: Path,
+    out_dir: Path,
+    stop: threading.Event | None = None,
+    doing: str = "warm-up",
+) -> Ran:
+    """Run `w`'s warm-up process with its cache dir in `cache`, its output in
+    `out_dir`/warmup.log, in a process group of its own (processes.run), and return
+    once it exited 0.
+
+    WarmupError naming the log when it failed or ran past `w.warmup_timeout_s` (then it
+    and whatever it started were killed); Cancelled when `stop` was set; ConfigError
+    when it cannot be started. `doing` names the run in those messages.
+    """
+    kind = of(w)
+    extra = {**cfg.env, **kind.env(w)}
+    env = processes.child_env(cache, extra)
+    launch = kind.launch(w, fmt, out_dir)
+    log = out_dir / LOG
+    ended = processes.run(f"workload {w.name!r}", launch.argv, env, log, w.warmup_timeout_s,
+                          cwd=launch.cwd, stop=stop)  # fmt: skip
+    what = f"{doing} of {w.name!r}{kind.label(w)}"
+    if ended.how == "cancelled":
+        raise Cancelled(f"{doing} of {w.name!r} cancelled")
+    if ended.how == "timeout":
+        raise WarmupError(
+            f"{what} did not finish within {w.warmup_timeout_s:g} s "
+            f"(warmup_timeout_s); killed it and its child processes; last output: "
+            f"{processes.last_line(log)} (full log: {log})"
+        )
+    if ended.returncode != 0:
+        raise WarmupError(
+            f"{what} failed (exit {ended.returncode}): {processes.last_line(log)} (full log: {log})"
+        )
+    return Ran(out_dir, cache, log, env, tuple(sorted(extra)), ended)
+
+
+def _settings(w: Workload, *leave_out: str) -> dict[str, Any]:
+    """The workload's fields for its key; how long it may take changes nothing compiled."""
+    doc = asdict(w)
+    for name in ("warmup_timeout_s", *leave_out):
+        del doc[name]
+    return doc
+
+
+class ModelKind:
+    """A model factory with input sets, compiled by `python -m torchwarm.seed.warmup`,
+    which gets its workload as JSON (never the config) and writes child.json."""
+
+    name = "model"
+    formats = FORMATS
+    formats_why = ""
+
+    def env(self, w: Workload) -> Mapping[str, str]:
+        return {}
+
+    def label(self, w: Workload) -> str:
+        return ""
+
+    def key(self, w: Workload) -> dict[str, Any]:
+        # Without the command field: a model workload's key is what it was before commands.
+        return {
+            "workload": _settings(w, "command"),
+            "model_code_sha256": codeid.code_identity(str(w.model)).sha256,
+        }
+
+    def launch(self, w: Workload, fmt: str, out_dir: Path) -> Launch:
+        doc = {k: v for k, v in asdict(w).items() if k != "command"}
+        return Launch(
+            (sys.executable, "-m", "torchwarm.seed.warmup", "--workload-json", json.dumps(doc),
+             "--format", fmt, "--out", str(out_dir)),
+            None,
+        )  # fmt: skip
+
+    def result(self, w: Workload, ran: Ran) -> tuple[dict[str, Any], dict[str, Any]]:
+        done = json.loads((ran.out_dir / CHILD_RESULT).read_text())
+        report = done["report"]
+        return done["fingerprint"], {
+            "mode": w.mode,
+            "device": w.device,
+            "compile": w.compile.as_kwargs(),
+            "input_sets": [
+                [{"shape": list(t.shape), "dtype": t.dtype, "dynamic": list(t.dynamic)} for t in s]
+                for s in w.inputs
+            ],
+            "counters": report["counters"],
+            "first_call_s": round(report["first_call_s"], 3),
+            "so_files": report["new_so_files"],
+        }
+
+    def warmed(self, summary: dict[str, Any]) -> str:
+        return (
+            f"first call {summary['first_call_s']:.2f} s cold, fxgraph misses "
+            f"{summary['counters']['fxgraph_cache_miss']}, {summary['so_files']} kernels compiled"
+        )
+
+    def probe(self, cfg: Config, w: Workload) -> Probe:
+        r = child.run(w)  # in this process: the caller pointed its cache dir at cfg.cache_dir
+        c = r.counters
+        return Probe(
+            r.to_dict(),
+            f"{w.name}: first call {r.first_call_s:.2f} s; "
+            f"fxgraph hit {c['fxgraph_cache_hit']} "
+            f"miss {c['fxgraph_cache_miss']}; aot_autograd hit {c['autograd_cache_hit']} "
+            f"miss {c['autograd_cache_miss']}; dynamo cache hit {c['dynamo_cache_hit']} "
+            f"miss {c['dynamo_cache_miss']}; kernels compiled {r.new_so_files}",
+        )
+
+
+class CommandKind:
+    """A process of the user's (a warm-up script, a server start plus a warm request),
+    run as is in its cwd with its env; it compiles whatever it compiles, and may print a
+    report line (processes.REPORT_KEY) so that its counters reach the manifest."""
+
+    name = "command"
+    formats = ("cachedir",)
+    formats_why = "the other formats save from inside the compiling process"
+
+    def env(self, w: Workload) -> Mapping[str, str]:
+        return _command(w).env
+
+    def label(self, w: Workload) -> str:
+        return f" (command {shlex.join(_command(w).argv)})"
+
+    def key(self, w: Workload) -> dict[str, Any]:
+        return {"workload": _settings(w), "code_sha256": processes.code_digest(_command(w).code)}
+
+    def launch(self, w: Workload, fmt: str, out_dir: Path) -> Launch:
+        return Launch(_command(w).argv, _command(w).cwd)
+
+    def result(self, w: Workload, ran: Ran) -> tuple[dict[str, Any], dict[str, Any]]:
+        return fingerprint.collect(ran.env), {  # what the command's own torch saw
+            "command": list(_command(w).argv),
+            "env": list(ran.env_names),  # names only: values may hold paths or secrets
+            "wall_s": round(ran.ended.wall_s, 3),
+            # Only what the command printed (processes.REPORT_KEY), never made up.
+            **(processes.read_report(ran.log) or {}),
+            "so_files": child.count_so(ran.cache),  # the cache dir started empty
+        }
+
+    def warmed(self, summary: dict[str, Any]) -> str:
+        c = summary.get("counters")
+        seen = (
+            f"fxgraph misses {c.get('fxgraph_cache_miss', '?')} (as the command reported)"
+            if c is not None
+            else "the command reported no counters"
+        )
+        return f"command ran {summary['wall_s']:.2f} s, {seen}, {summary['so_files']} kernels"
+
+    def probe(self, cfg: Config, w: Workload) -> Probe:
+        cache = cfg.cache_dir
+        so_before = child.count_so(cache)
+        scratch = Path(tempfile.mkdtemp(prefix="torchwarm-probe-"))
+        ran = run(cfg, w, cfg.format, cache, scratch, doing="probe")  # its log stays on failure
+        reported = processes.read_report(ran.log) or {}
+        shutil.rmtree(scratch, ignore_errors=True)
+        doc = {
+            "workload": w.name, "cache_dir": str(cache), "command": list(_command(w).argv),
+            "wall_s": round(ran.ended.wall_s, 3), "counters": reported.get("counters"),
+            "first_call_s": reported.get("first_call_s"),
+            "new_so_files": child.count_so(cache) - so_before,
+        }  # fmt: skip
+        c = doc["counters"]
+        seen = (
+            f"fxgraph hit {c.get('fxgraph_cache_hit', '?')} "
+            f"miss {c.get('fxgraph_cache_miss', '?')}; "
+            f"aot_autograd hit {c.get('autograd_cache_hit', '?')} "
+            f"miss {c.get('autograd_cache_miss', '?')} (as the command reported)"
+            if c is not None
+            else f"the command printed no {processes.REPORT_KEY} line, so its hits are unknown"
+        )
+        return Probe(doc, f"{w.name}: command ran {doc['wall_s']:.2f} s; {seen}; "
+                          f"kernels compiled {doc['new_so_files']}")  # fmt: skip
+
+
+def _command(w: Workload) -> Command:
+    assert w.command is not None, "of() gives CommandKind only to a workload with a command"
+    return w.command
+
+
+MODEL: Kind = ModelKind()
+COMMAND: Kind = CommandKind()
