@@ -122,8 +122,8 @@ class Config:
     # unexpanded ({cache_dir}: torchenv.expand): where other compile caches go.
     env: Mapping[str, str] = field(default_factory=dict)
 
-    def open_store(self) -> Store:
-        return open_store(self.store, self.store_options)
+    def open_store(self, read_only: bool = False) -> Store:
+        return open_store(self.store, self.store_options, read_only=read_only)
 
     @property
     def marker_path(self) -> Path:

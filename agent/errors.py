@@ -35,6 +35,11 @@ class ObjectNotFound(StoreError):
     """A key the caller asked for does not exist in the store."""
 
 
+class ReadOnlyStoreError(StoreError):
+    """A write was asked of a store opened read-only (stores/readonly.py; nodes open their
+    store so): refused before it reached the store, and never retried."""
+
+
 def one_line(text: str) -> str:
     """Collapse whitespace (SDK messages hold newlines) so an error stays one line."""
     return " ".join(text.split())
@@ -59,8 +64,8 @@ class ObjectTooLarge(IntegrityError):
     """An object in the store holds more bytes than its reader allows (a manifest over the
     manifest cap, a blob over its manifest's size); the read stopped at limit + 1 bytes.
 
-    `version` is the object's version token where the store gave one (see
-    Store.read_versioned), so that a publisher can replace it conditionally.
+    `version` is the object's version token where the store gave one (see Store.read),
+    so that a publisher can replace it conditionally.
     """
 
     def __init__(self, where: str, limit: int, version: str | None = None) -> None:

@@ -3,7 +3,7 @@
 Starts its own SeaweedFS on loopback ports (as the tests do), then times, each
 `--rounds` times in interleaved order (median reported):
   pull   256 MB blob: torchwarm download() / `s5cmd cp` / boto3 download_file
-  push   the same file: torchwarm put_file() / `s5cmd cp` / boto3 upload_file
+  push   the same file: torchwarm put() of its path / `s5cmd cp` / boto3 upload_file
   re-push of unchanged content: torchwarm exists-check (bytes sent must be 0)
 and, with --crossover, single GET vs parallel ranged GETs for sizes 1..128 MiB.
 
@@ -94,7 +94,7 @@ def run(work: Path, endpoint: str, size: int, rounds: int, crossover: bool) -> N
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     key = f"blobs/{digest}"
     s3_key = f"bench/{key}"
-    store.put_file(key, src)
+    store.put(key, src)
     print(f"SeaweedFS at {endpoint}; blob {size / MiB:.0f} MiB; {os.cpu_count()} CPUs")
     print(f"torchwarm: chunk {options.chunk_size // MiB} MiB x {options.concurrency} parallel")
 
@@ -108,7 +108,7 @@ def run(work: Path, endpoint: str, size: int, rounds: int, crossover: bool) -> N
         "boto3 download_file": lambda: client.download_file(BUCKET, s3_key, str(work / "b3.out")),
     }
     pushes: dict[str, Callable[[], None]] = {
-        "torchwarm put_file": lambda: store.put_file("push/tw", src),
+        "torchwarm put": lambda: store.put("push/tw", src),
         "s5cmd cp": lambda: s5cmd(endpoint, "cp", str(src), f"s3://{BUCKET}/bench/push/s5"),
         "boto3 upload_file": lambda: client.upload_file(str(src), BUCKET, "bench/push/b3"),
     }
@@ -131,7 +131,7 @@ def run(work: Path, endpoint: str, size: int, rounds: int, crossover: bool) -> N
     def repush() -> None:
         nonlocal sent
         if not store.exists(key):
-            store.put_file(key, src)
+            store.put(key, src)
             sent += size
 
     t = timed(repush)

@@ -118,7 +118,7 @@ def main() -> int:
     from torchwarm.stores import local
 
     if point == "push-before-manifest":  # every blob written, the manifest not yet
-        local.LocalStore.put_if_absent = lambda *a, **k: die()  # type: ignore[method-assign]
+        local.LocalStore.put_if_version = lambda *a, **k: die()  # type: ignore[method-assign]
     elif point == "push-mid-blob":  # half of a blob's bytes written to its temp file
         real_copy = local.shutil.copyfileobj
 

@@ -188,7 +188,7 @@ class RecordingStore:
 
     def writes(self) -> list[tuple[str, str]]:
         return [
-            c for c in self.calls if c[0] in ("put", "put_file", "put_if_absent", "put_if_version")
+            c for c in self.calls if c[0] in ("put", "put_if_version")
         ]
 
 

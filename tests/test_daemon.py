@@ -587,7 +587,7 @@ def test_daemon_repairs_a_manifest_forged_under_its_key_name(tmp_path):
     assert cli(config, env, "daemon", "--once").returncode == 0
     store = LocalStore(tmp_path / "store")
     (info,) = [i for i in store.list(keytree.MANIFESTS)]
-    good = mf.parse(store.read(info.key, mf.MAX_MANIFEST_BYTES), info.key)
+    good = mf.parse(store.read(info.key, mf.MAX_MANIFEST_BYTES).data, info.key)
     forged_sig = {**(good.signature or {}), "value": good.signature["value"][::-1]}
     forged = mf.Manifest(**{**good.__dict__, "signature": forged_sig, "created_by": "mallory"})
     store.put(info.key, forged.to_json())
@@ -597,7 +597,7 @@ def test_daemon_repairs_a_manifest_forged_under_its_key_name(tmp_path):
     assert second.returncode == 0, second.stderr
     events = [json.loads(line)["event"] for line in second.stdout.splitlines()]
     assert "published" in events and "skipped_present" not in events
-    repaired = mf.parse(store.read(info.key, mf.MAX_MANIFEST_BYTES), info.key)
+    repaired = mf.parse(store.read(info.key, mf.MAX_MANIFEST_BYTES).data, info.key)
     signing.verify(repaired, trusted, info.key)  # raises if it does not verify
     assert repaired.serial > good.serial
     third = cli(config, env, "daemon", "--once")

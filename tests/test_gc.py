@@ -28,7 +28,7 @@ from torchwarm.seed.publish import publish
 from torchwarm.spec import keys
 from torchwarm.spec import manifest as mf
 from torchwarm.spec.manifest import BlobRef, Manifest
-from torchwarm.stores import Store, StoreOptions, open_store
+from torchwarm.stores import Read, Store, StoreOptions, open_store
 from torchwarm.stores.local import LocalStore
 
 OLD = time.time() - 30 * 86400
@@ -122,9 +122,8 @@ def named_blobs(store: Store) -> dict[str, set[str]]:
     """Each manifest in the store -> the blob keys it names."""
     out = {}
     for info in store.list(keys.MANIFESTS):
-        out[info.key] = {
-            bkey(b) for b in mf.parse(store.read(info.key, mf.MAX_MANIFEST_BYTES), info.key).blobs
-        }
+        data = store.read(info.key, mf.MAX_MANIFEST_BYTES).data
+        out[info.key] = {bkey(b) for b in mf.parse(data, info.key).blobs}
     return out
 
 
@@ -402,15 +401,15 @@ def test_publish_landing_between_gc_listing_and_delete_loses_nothing(gc_store):
 
 class GcDeletesAfterPutIfAbsent(StoreWrapper):
     """A store for a publisher: an older manifest at its key is deleted by gc right after
-    put_if_absent found it there."""
+    a create-if-absent (put_if_version with version=None) found it there."""
 
     def __init__(self, inner: Store) -> None:
         super().__init__(inner)
         self.deleted = False
 
-    def put_if_absent(self, key: str, data: bytes) -> bool:
-        created = self.inner.put_if_absent(key, data)
-        if not created:
+    def put_if_version(self, key: str, data: bytes, version: str | None) -> bool:
+        created = self.inner.put_if_version(key, data, version)
+        if not created and version is None:
             self.inner.delete(key)
             self.deleted = True
         return created
@@ -488,7 +487,7 @@ class OtherGcDeletesFirst(StoreWrapper):
         super().__init__(inner)
         self.deleted: list[str] = []
 
-    def read(self, key: str, limit: int) -> bytes:
+    def read(self, key: str, limit: int) -> Read:
         if keys.parse_manifest_key(key) and not self.deleted:
             self.deleted.append(key)
             self.inner.delete(key)

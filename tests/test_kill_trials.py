@@ -66,7 +66,7 @@ def assert_store_consistent(root: Path) -> int:
     store = LocalStore(root)
     found = 0
     for info in store.list("manifests/"):
-        m = mf.parse(store.read(info.key, mf.MAX_MANIFEST_BYTES), info.key)
+        m = mf.parse(store.read(info.key, mf.MAX_MANIFEST_BYTES).data, info.key)
         for b in m.blobs:
             assert verify.file_sha256(root / keys.blob_key(b.sha256)) == (b.sha256, b.size)
         found += 1

@@ -27,7 +27,7 @@ from torchwarm.seed.warmup import WarmupResult
 from torchwarm.spec import keys, signing
 from torchwarm.spec import manifest as mf
 from torchwarm.spec.manifest import Manifest
-from torchwarm.stores import Store
+from torchwarm.stores import Read, Store
 from torchwarm.stores.local import LocalStore
 
 
@@ -84,7 +84,7 @@ def test_republish_identical_uploads_nothing(tmp_path, store):
     assert (rep.outcome, rep.bytes_uploaded, rep.blobs_uploaded, rep.blobs_present) == (
         "unchanged", 0, 0, 1,
     )  # fmt: skip
-    assert not [c for c in rec.writes() if c[0] in ("put", "put_file")]
+    assert not [c for c in rec.writes() if c[0] == "put"]
 
 
 def test_republish_different_content_replaces(tmp_path, store):
@@ -228,7 +228,7 @@ def forged(m: Manifest, name: str = "seed-1") -> Manifest:
 
 def stored(store: Store, m: Manifest) -> Manifest:
     key = keys.manifest_key(m.workload, m.fingerprint_digest)
-    return mf.parse(store.read(key, mf.MAX_MANIFEST_BYTES), key)
+    return mf.parse(store.read(key, mf.MAX_MANIFEST_BYTES).data, key)
 
 
 def verifies(m: Manifest, key: signing.SigningKey) -> bool:
@@ -368,7 +368,7 @@ def test_racing_publishers_never_leave_a_lower_serial_current(
         start.wait()
         while not done.is_set():
             with contextlib.suppress(ObjectNotFound):  # not yet written
-                seen.append(mf.parse(store.read(key, mf.MAX_MANIFEST_BYTES), key).serial)
+                seen.append(mf.parse(store.read(key, mf.MAX_MANIFEST_BYTES).data, key).serial)
 
     threads = [threading.Thread(target=publisher, args=(n,)) for n in clocks]
     reader = threading.Thread(target=node)
@@ -385,14 +385,14 @@ def test_racing_publishers_never_leave_a_lower_serial_current(
 
 
 class WriterSneaksIn(StoreWrapper):
-    """A store where another publisher's write lands right after our first versioned read."""
+    """A store where another publisher's write lands right after our first read."""
 
     def __init__(self, inner: Store, sneak) -> None:
         super().__init__(inner)
         self.sneak = sneak
 
-    def read_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
-        got = self.inner.read_versioned(key, limit)
+    def read(self, key: str, limit: int) -> Read:
+        got = self.inner.read(key, limit)
         if self.sneak is not None:
             sneak, self.sneak = self.sneak, None
             sneak()
@@ -427,7 +427,7 @@ def test_unchanged_content_writes_nothing(store_factory: StoreFactory, tmp_path,
     m, files = build(tmp_path)
     first = publish(store, m, files, seed_key)
     key = keys.manifest_key("mlp", m.fingerprint_digest)
-    _, before = store.read_versioned(key, mf.MAX_MANIFEST_BYTES)
+    before = store.read(key, mf.MAX_MANIFEST_BYTES).version
     again = publish(store, *build(tmp_path), seed_key)
     assert again.outcome == "unchanged" and again.manifest == first.manifest
-    assert store.read_versioned(key, mf.MAX_MANIFEST_BYTES)[1] == before
+    assert store.read(key, mf.MAX_MANIFEST_BYTES).version == before

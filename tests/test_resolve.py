@@ -14,6 +14,7 @@ from factories import StoreWrapper, fields, manifest
 from torchwarm.node import resolve
 from torchwarm.node.resolve import Miss
 from torchwarm.spec import keys
+from torchwarm.stores import Read
 from torchwarm.stores.local import LocalStore
 
 OTHERS = 40  # other environments in the store: more than the explanation compares
@@ -28,12 +29,12 @@ class Reads(StoreWrapper):
         self.bytes = 0
         self.delay_s = delay_s
 
-    def read(self, key: str, limit: int) -> bytes:
+    def read(self, key: str, limit: int) -> Read:
         self.keys.append(key)
         time.sleep(self.delay_s)
-        data: bytes = self.inner.read(key, limit)
-        self.bytes += len(data)
-        return data
+        got = self.inner.read(key, limit)
+        self.bytes += len(got.data)
+        return got
 
 
 @pytest.fixture

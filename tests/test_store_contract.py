@@ -5,17 +5,25 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from conftest import WORKLOAD, torchwarm
+from factories import inject_env, tree
 from servers import StoreFactory
+from synthetic import publish_synthetic
 
-from torchwarm.errors import ObjectNotFound, ObjectTooLarge
+from torchwarm.errors import ObjectNotFound, ObjectTooLarge, ReadOnlyStoreError, StoreError
+from torchwarm.stores import Capabilities, StoreOptions, open_store
 
 MiB = 1 << 20
 LARGE = os.urandom(40 * MiB)
@@ -40,7 +48,7 @@ def test_put_then_read(store_factory: StoreFactory) -> None:
     """What put stored, read returns."""
     store = store_factory()
     store.put("a/b.json", b'{"x": 1}')
-    assert store.read("a/b.json", 100) == b'{"x": 1}'
+    assert store.read("a/b.json", 100).data == b'{"x": 1}'
 
 
 def test_put_replaces(store_factory: StoreFactory) -> None:
@@ -48,7 +56,7 @@ def test_put_replaces(store_factory: StoreFactory) -> None:
     store = store_factory()
     store.put("k", b"old")
     store.put("k", b"new")
-    assert store.read("k", 100) == b"new"
+    assert store.read("k", 100).data == b"new"
 
 
 def test_read_missing_raises_object_not_found(store_factory: StoreFactory) -> None:
@@ -108,19 +116,21 @@ def test_delete_missing_is_not_an_error(store_factory: StoreFactory) -> None:
     store_factory().delete("never/was")
 
 
-def test_put_if_absent_creates_once(store_factory: StoreFactory) -> None:
-    """The first put_if_absent creates; the second returns False and keeps the original."""
+def test_put_if_version_none_creates_once(store_factory: StoreFactory) -> None:
+    """The first put_if_version with version=None creates; the second returns False and
+    keeps the original."""
     store = store_factory()
-    assert store.put_if_absent("m", b"first") is True
-    assert store.put_if_absent("m", b"second") is False
-    assert store.read("m", 100) == b"first"
+    assert store.put_if_version("m", b"first", version=None) is True
+    assert store.put_if_version("m", b"second", version=None) is False
+    assert store.read("m", 100).data == b"first"
 
 
-def test_put_if_absent_race_has_one_winner(store_factory: StoreFactory) -> None:
-    """Of 8 threads racing put_if_absent on one key, exactly one wins, and its data stays."""
+def test_put_if_version_none_race_has_one_winner(store_factory: StoreFactory) -> None:
+    """Of 8 threads racing to create one key (version=None), exactly one wins, and its
+    data stays."""
     store = store_factory()
-    (winner,) = race_8(lambda i: store.put_if_absent("race", f"writer {i}".encode()))
-    assert store.read("race", 100) == f"writer {winner}".encode()
+    (winner,) = race_8(lambda i: store.put_if_version("race", f"writer {i}".encode(), None))
+    assert store.read("race", 100).data == f"writer {winner}".encode()
 
 
 def race_8(write: Callable[[int], bool]) -> list[int]:
@@ -169,30 +179,30 @@ def test_download_large_in_order(store_factory: StoreFactory) -> None:
     assert sink.sha.hexdigest() == hashlib.sha256(LARGE).hexdigest()
 
 
-def test_put_file_multipart(store_factory: StoreFactory, tmp_path: Path) -> None:
-    """A 40 MiB file uploaded in parts reads back byte-exact."""
+def test_put_path_multipart(store_factory: StoreFactory, tmp_path: Path) -> None:
+    """put of a 40 MiB file's path uploads it in parts; it reads back byte-exact."""
     src = tmp_path / "blob"
     src.write_bytes(LARGE)
     store = store_factory(**TRANSFER)
-    store.put_file("blobs/large", src)
-    assert store.read("blobs/large", len(LARGE)) == LARGE
+    store.put("blobs/large", src)
+    assert store.read("blobs/large", len(LARGE)).data == LARGE
     assert [o.size for o in store.list("blobs/")] == [len(LARGE)]
 
 
-def test_put_file_small(store_factory: StoreFactory, tmp_path: Path) -> None:
-    """A small file uploads in one request and reads back byte-exact."""
+def test_put_path_small(store_factory: StoreFactory, tmp_path: Path) -> None:
+    """put of a small file's path uploads it in one request; it reads back byte-exact."""
     src = tmp_path / "small"
     src.write_bytes(b"abc" * 1000)
     store = store_factory()
-    store.put_file("s", src)
-    assert store.read("s", 3000) == b"abc" * 1000
+    store.put("s", src)
+    assert store.read("s", 3000).data == b"abc" * 1000
 
 
-def test_put_file_missing_source_is_os_error(store_factory: StoreFactory, tmp_path: Path) -> None:
-    """A missing source file surfaces as FileNotFoundError, and no object appears."""
+def test_put_missing_path_is_os_error(store_factory: StoreFactory, tmp_path: Path) -> None:
+    """put of a path that does not exist raises FileNotFoundError, and no object appears."""
     store = store_factory()
     with pytest.raises(FileNotFoundError):
-        store.put_file("s", tmp_path / "absent")
+        store.put("s", tmp_path / "absent")
     assert not store.exists("s")
 
 
@@ -205,7 +215,7 @@ def test_touch_renews_modified_time_keeps_bytes(store_factory: StoreFactory) -> 
     store.touch("blobs/t")
     (after,) = list(store.list("blobs/t"))
     assert after.modified > before.modified
-    assert store.read("blobs/t", 100) == b"same bytes"
+    assert store.read("blobs/t", 100).data == b"same bytes"
 
 
 def test_touch_missing_is_not_found(store_factory: StoreFactory) -> None:
@@ -244,8 +254,8 @@ def test_read_at_the_limit_returns_the_object(store_factory: StoreFactory) -> No
     store = store_factory()
     store.put("m", b"12345")
     store.put("empty", b"")
-    assert store.read("m", 5) == b"12345"
-    assert store.read("empty", 0) == b""
+    assert store.read("m", 5).data == b"12345"
+    assert store.read("empty", 0).data == b""
 
 
 def test_read_over_the_limit_is_object_too_large(store_factory: StoreFactory) -> None:
@@ -264,6 +274,19 @@ def test_read_large_object_with_small_limit(store_factory: StoreFactory) -> None
     store.put("big", LARGE)
     with pytest.raises(ObjectTooLarge):
         store.read("big", MiB)
+
+
+def test_download_from_an_offset(store_factory: StoreFactory) -> None:
+    """download with offset=N writes the bytes from N on and returns how many; `limit`
+    still counts from byte 0, and an offset at the end writes nothing."""
+    store = store_factory()
+    store.put("blob", b"0123456789")
+    sink = io.BytesIO()
+    assert store.download("blob", sink, offset=4, limit=10) == 6
+    assert sink.getvalue() == b"456789"
+    assert store.download("blob", io.BytesIO(), offset=10) == 0
+    with pytest.raises(ObjectTooLarge):
+        store.download("blob", io.BytesIO(), offset=4, limit=9)
 
 
 def test_download_within_limit(store_factory: StoreFactory) -> None:
@@ -291,69 +314,78 @@ def test_download_over_limit_writes_nothing(store_factory: StoreFactory) -> None
 # -- versions and compare-and-swap ----------------------------------------------------------
 
 
-def test_read_versioned_token_follows_content(store_factory: StoreFactory) -> None:
-    """read_versioned returns the bytes and a token that changes when the object is replaced."""
+def test_read_token_follows_content(store_factory: StoreFactory) -> None:
+    """read returns the bytes and a version token that changes when the object is replaced."""
     store = store_factory()
     store.put("m", b"one")
-    data, v1 = store.read_versioned("m", 100)
+    data, v1 = store.read("m", 100)
     store.put("m", b"two")
-    data2, v2 = store.read_versioned("m", 100)
-    assert (data, data2) == (b"one", b"two") and v1 != v2
+    data2, v2 = store.read("m", 100)
+    assert (data, data2) == (b"one", b"two") and v1 is not None and v1 != v2
 
 
 def test_put_if_version_replaces_unchanged_object(store_factory: StoreFactory) -> None:
     """put_if_version with the token just read replaces the object."""
     store = store_factory()
     store.put("m", b"one")
-    _, version = store.read_versioned("m", 100)
+    _, version = store.read("m", 100)
     assert store.put_if_version("m", b"two", version) is True
-    assert store.read("m", 100) == b"two"
+    assert store.read("m", 100).data == b"two"
 
 
 def test_put_if_version_refuses_a_stale_token(store_factory: StoreFactory) -> None:
     """A token read before another writer replaced the object is refused; that write stays."""
     store = store_factory()
     store.put("m", b"one")
-    _, stale = store.read_versioned("m", 100)
+    _, stale = store.read("m", 100)
     store.put("m", b"other writer")
     assert store.put_if_version("m", b"mine", stale) is False
-    assert store.read("m", 100) == b"other writer"
-    _, current = store.read_versioned("m", 100)
+    assert store.read("m", 100).data == b"other writer"
+    _, current = store.read("m", 100)
     assert store.put_if_version("m", b"mine", current) is True
+
+
+def test_put_if_version_none_creates_again_after_a_delete(store_factory: StoreFactory) -> None:
+    """version=None creates an object that was deleted since it was first created."""
+    store = store_factory()
+    assert store.put_if_version("m", b"first", version=None) is True
+    store.delete("m")
+    assert store.put_if_version("m", b"again", version=None) is True
+    assert store.read("m", 100).data == b"again"
 
 
 def test_put_if_version_refuses_a_deleted_object(store_factory: StoreFactory) -> None:
     """A token of an object deleted since is refused, and nothing is created."""
     store = store_factory()
     store.put("m", b"one")
-    _, version = store.read_versioned("m", 100)
+    _, version = store.read("m", 100)
     store.delete("m")
     assert store.put_if_version("m", b"mine", version) is False
     assert not store.exists("m")
 
 
 def test_oversized_object_can_be_replaced_conditionally(store_factory: StoreFactory) -> None:
-    """ObjectTooLarge from read_versioned carries a token that put_if_version accepts."""
+    """ObjectTooLarge from read carries a token that put_if_version accepts."""
     store = store_factory()
     store.put("m", b"x" * 1000)
     with pytest.raises(ObjectTooLarge) as info:
-        store.read_versioned("m", 100)
+        store.read("m", 100)
     assert info.value.version is not None
     assert store.put_if_version("m", b"small", info.value.version) is True
-    assert store.read("m", 100) == b"small"
+    assert store.read("m", 100).data == b"small"
 
 
 def test_put_if_version_race_has_one_winner(store_factory: StoreFactory) -> None:
     """Of 8 threads swapping from the same token, exactly one wins, and its data stays."""
     store = store_factory()
     store.put("race", b"base")
-    _, version = store.read_versioned("race", 100)
+    _, version = store.read("race", 100)
     (winner,) = race_8(lambda i: store.put_if_version("race", f"writer {i}".encode(), version))
-    assert store.read("race", 100) == f"writer {winner}".encode()
+    assert store.read("race", 100).data == f"writer {winner}".encode()
 
 
 def test_concurrent_read_modify_write_loses_no_update(store_factory: StoreFactory) -> None:
-    """4 threads each add 1 five times by read_versioned + put_if_version, retrying when
+    """4 threads each add 1 five times by read + put_if_version, retrying when
     refused: the counter ends at 20, so no write overwrote another it had not read."""
     store = store_factory()
     store.put("counter", b"0")
@@ -361,7 +393,7 @@ def test_concurrent_read_modify_write_loses_no_update(store_factory: StoreFactor
     def add_five() -> None:
         for _ in range(5):
             while True:
-                data, version = store.read_versioned("counter", 100)
+                data, version = store.read("counter", 100)
                 if store.put_if_version("counter", b"%d" % (int(data) + 1), version):
                     break
 
@@ -370,4 +402,105 @@ def test_concurrent_read_modify_write_loses_no_update(store_factory: StoreFactor
         t.start()
     for t in threads:
         t.join()
-    assert store.read("counter", 100) == b"20"
+    assert store.read("counter", 100).data == b"20"
+
+
+# -- capabilities and the read-only store (what a node opens) ----------------------------
+
+
+def read_only(store_factory: StoreFactory, prefix: str) -> Any:
+    """The store at `prefix` as a node opens it: open_store(..., read_only=True)."""
+    return open_store(store_factory.url(prefix), store_factory.options, read_only=True)
+
+
+def test_backends_declare_their_capabilities(store_factory: StoreFactory) -> None:
+    """Every backend, as open_store returns it, declares itself writable and resumable;
+    opened read-only, the same store declares itself not writable."""
+    prefix = f"caps-{uuid.uuid4().hex[:12]}"
+    assert store_factory(prefix).capabilities == Capabilities(
+        writable=True, resumable_download=True
+    )
+    assert read_only(store_factory, prefix).capabilities == Capabilities(
+        writable=False, resumable_download=True
+    )
+
+
+def test_read_only_store_refuses_every_write(store_factory: StoreFactory, tmp_path: Path) -> None:
+    """Opened read-only, every write (put of bytes or a path, both conditional puts, delete,
+    touch) raises ReadOnlyStoreError, one line naming the store, the key and the operation,
+    and the store is left as it was."""
+    prefix = f"ro-{uuid.uuid4().hex[:12]}"
+    writer = store_factory(prefix)
+    writer.put("k", b"old")
+    version = writer.read("k", 100).version
+    src = tmp_path / "src"
+    src.write_bytes(b"new")
+    reader = read_only(store_factory, prefix)
+    writes: list[tuple[str, Callable[[], object]]] = [
+        ("put", lambda: reader.put("k", b"new")),
+        ("put", lambda: reader.put("k", src)),
+        ("put_if_version", lambda: reader.put_if_version("fresh", b"new", version=None)),
+        ("put_if_version", lambda: reader.put_if_version("k", b"new", version)),
+        ("delete", lambda: reader.delete("k")),
+        ("touch", lambda: reader.touch("k")),
+    ]
+    for op, write in writes:
+        with pytest.raises(ReadOnlyStoreError) as info:
+            write()
+        message = str(info.value)
+        assert f"{op}(" in message and reader.url in message and "read-only" in message
+        assert "\n" not in message and isinstance(info.value, StoreError)
+    assert writer.read("k", 100) == (b"old", version)
+    assert not writer.exists("fresh")
+
+
+def test_read_only_store_reads_as_the_store_does(store_factory: StoreFactory) -> None:
+    """Opened read-only, read, download, exists and list answer as the writable store does."""
+    prefix = f"ro-{uuid.uuid4().hex[:12]}"
+    writer = store_factory(prefix)
+    writer.put("blobs/k", b"bytes")
+    reader = read_only(store_factory, prefix)
+    sink = io.BytesIO()
+    assert reader.download("blobs/k", sink, limit=5) == 5 and sink.getvalue() == b"bytes"
+    assert reader.read("blobs/k", 100) == writer.read("blobs/k", 100)
+    assert reader.exists("blobs/k") and not reader.exists("blobs/other")
+    assert [(o.key, o.size) for o in reader.list("blobs/")] == [("blobs/k", 5)]
+
+
+NODE_FILES = {"fxgraph/entry": b"graph" * 100, "kernels/k.so": b"so" * 50}
+
+
+def node_config(store_factory: StoreFactory, prefix: str, root: Path) -> Path:
+    """A node's YAML config for the store at `prefix` (its options as the factory's)."""
+    defaults = asdict(StoreOptions())
+    options = {k: v for k, v in asdict(store_factory.options).items() if v != defaults[k]}
+    doc = {"store": store_factory.url(prefix), "store_options": options,
+           "cache_dir": str(root / "volume" / "inductor"), "workloads": [WORKLOAD]}  # fmt: skip
+    path = root / "node.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_node_pull_works_through_a_read_only_store(
+    store_factory: StoreFactory, tmp_path: Path
+) -> None:
+    """A fresh node process (which opens its store read-only) pulls a published cache from
+    the backend and installs exactly its files."""
+    prefix = f"node-{uuid.uuid4().hex[:12]}"
+    publish_synthetic(store_factory(prefix), tmp_path / "capture", NODE_FILES)
+    config = node_config(store_factory, prefix, tmp_path)
+    report = json.loads(torchwarm("pull", "-c", str(config), "--json").stdout)
+    assert report["status"] == "warm", report
+    assert tree(tmp_path / "volume" / "inductor") == NODE_FILES
+
+
+@pytest.mark.parametrize("store_factory", ["local"], indirect=True)
+def test_node_opens_its_store_read_only(store_factory: StoreFactory, tmp_path: Path) -> None:
+    """A node's pull reads its manifest through ReadOnlyStore: a fault injected there makes
+    the pull start cold, naming the fault."""
+    prefix = f"node-{uuid.uuid4().hex[:12]}"
+    publish_synthetic(store_factory(prefix), tmp_path / "capture", NODE_FILES)
+    config = node_config(store_factory, prefix, tmp_path)
+    fault = inject_env("torchwarm.stores.readonly:ReadOnlyStore.read:raise")
+    report = json.loads(torchwarm("pull", "-c", str(config), "--json", env=fault).stdout)
+    assert report["status"] == "cold" and "injected fault" in json.dumps(report), report

@@ -1,7 +1,9 @@
-"""Faults from a real loopback proxy in front of SeaweedFS, and the one-line errors users see.
+"""Faults from a real loopback proxy in front of SeaweedFS, and the one-line errors users see;
+last, the retry policy against what a store declares it can do (its capabilities).
 
 Every test asserts that its fault really happened (the proxy's record of what it answered,
-or the SDK exception at the root of the error), so none can pass without its fault.
+the SDK exception at the root of the error, or the offsets a store was asked for), so none
+can pass without its fault.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 from botocore.exceptions import EndpointConnectionError, NoCredentialsError
@@ -21,7 +23,8 @@ from google.api_core import exceptions as gexc
 from servers import BUCKET, fake_aws_env, free_port, s3_options
 
 from torchwarm.errors import ObjectNotFound, StoreError, TransientStoreError
-from torchwarm.stores import open_store
+from torchwarm.stores import Store, open_store
+from torchwarm.stores.local import LocalStore
 from torchwarm.stores.retry import RetryingStore
 from torchwarm.stores.s3 import S3Store
 
@@ -54,34 +57,36 @@ def test_put_survives_30_percent_503(faulty: FaultProxy) -> None:
     faulty.fail_rate = 0.3
     for i in range(10):
         store.put(f"k{i}", b"v%d" % i)
-    assert [store.read(f"k{i}", 10) for i in range(10)] == [b"v%d" % i for i in range(10)]
+    assert [store.read(f"k{i}", 10).data for i in range(10)] == [b"v%d" % i for i in range(10)]
     assert answered(faulty, "PUT", 503) > 0 and answered(faulty, "GET", 503) > 0
 
 
-def test_put_file_multipart_survives_30_percent_503(faulty: FaultProxy, tmp_path: Path) -> None:
-    """With 30 % of requests answered 503, a 24 MiB multipart put_file stores the exact bytes."""
+def test_put_path_multipart_survives_30_percent_503(faulty: FaultProxy, tmp_path: Path) -> None:
+    """With 30 % of requests answered 503, a 24 MiB multipart put of a path stores the exact
+    bytes."""
     src = tmp_path / "blob"
     src.write_bytes(BLOB)
     store = retrying(faulty.endpoint)
     faulty.fail_rate = 0.3
-    store.put_file("blob", src)
+    store.put("blob", src)
     faulty.fail_rate = 0.0
     assert answered(faulty, "PUT", 503) > 0  # parts were refused and sent again
-    assert hashlib.sha256(store.read("blob", len(BLOB))).digest() == hashlib.sha256(BLOB).digest()
+    stored = store.read("blob", len(BLOB)).data
+    assert hashlib.sha256(stored).digest() == hashlib.sha256(BLOB).digest()
 
 
-def test_put_file_retry_sends_only_missing_parts(faulty: FaultProxy, tmp_path: Path) -> None:
+def test_put_path_retry_sends_only_missing_parts(faulty: FaultProxy, tmp_path: Path) -> None:
     """When completing a multipart upload fails once, the retry re-sends no part."""
     src = tmp_path / "blob"
     src.write_bytes(BLOB)
     store = retrying(faulty.endpoint)
     faulty.fail_once = lambda method, path: method == "POST" and "uploadId=" in path
-    store.put_file("blob", src)
+    store.put("blob", src)
     part_puts = [p for m, p in faulty.seen if m == "PUT" and "partNumber=" in p]
     completes = [p for m, p in faulty.seen if m == "POST" and "uploadId=" in p]
     assert len(part_puts) == 5 and len(completes) == 2  # 24 MiB in 5 MiB parts
     assert faulty.fail_once is None and answered(faulty, "POST", 503) == 1
-    assert store.read("blob", len(BLOB)) == BLOB
+    assert store.read("blob", len(BLOB)).data == BLOB
 
 
 def test_download_survives_30_percent_503(faulty: FaultProxy) -> None:
@@ -114,7 +119,7 @@ def test_all_503_fails_within_deadline_with_one_line(faulty: FaultProxy, tmp_pat
     faulty.fail_rate = 1.0
     calls = [
         lambda: store.put("k", b"v"),
-        lambda: store.put_file("k", src),
+        lambda: store.put("k", src),
         lambda: store.download("k", io.BytesIO()),
     ]
     for call in calls:
@@ -196,3 +201,52 @@ def test_gcs_missing_bucket_says_create_it(
     with pytest.raises(StoreError, match="create it") as info:
         list(store.list(""))
     assert isinstance(info.value.__cause__, gexc.NotFound)  # the server's 404
+
+
+# -- the retry policy against a store's declared capabilities ------------------------------
+
+
+class BreaksOnce:
+    """A local store whose first download breaks (transiently) after `cut` bytes reached the
+    sink, declaring `resumable_download` as told; records the offset of every download."""
+
+    def __init__(self, inner: Store, cut: int, resumable: bool) -> None:
+        self.inner, self.url, self.cut = inner, inner.url, cut
+        self.capabilities = replace(inner.capabilities, resumable_download=resumable)
+        self.offsets: list[int] = []
+
+    def download(
+        self, key: str, sink: BinaryIO, *, limit: int | None = None, offset: int = 0
+    ) -> int:
+        self.offsets.append(offset)
+        if len(self.offsets) > 1:
+            return self.inner.download(key, sink, limit=limit, offset=offset)
+        whole = io.BytesIO()
+        self.inner.download(key, whole, limit=limit)
+        sink.write(whole.getvalue()[: self.cut])
+        raise TransientStoreError(f"{self.url}/{key}: connection reset by peer (test)")
+
+
+def test_retry_resumes_a_store_that_declares_resumable_download(tmp_path: Path) -> None:
+    """A download broken after 1000 bytes, from a store that declares resumable_download,
+    is resumed at offset 1000: every byte reaches the sink once."""
+    local = LocalStore(tmp_path / "store")
+    local.put("blob", BLOB[:5000])
+    store = BreaksOnce(local, 1000, resumable=True)
+    sink = io.BytesIO()
+    retrying = RetryingStore(store, backoff_s=0.01)  # type: ignore[arg-type]
+    assert retrying.download("blob", sink, limit=5000) == 5000
+    assert store.offsets == [0, 1000] and sink.getvalue() == BLOB[:5000]
+
+
+def test_retry_never_repeats_bytes_of_a_store_that_cannot_resume(tmp_path: Path) -> None:
+    """From a store that declares resumable_download False, a download broken after 1000
+    bytes is not started again (its sink would get those bytes twice): one line says so."""
+    local = LocalStore(tmp_path / "store")
+    local.put("blob", BLOB[:5000])
+    store = BreaksOnce(local, 1000, resumable=False)
+    sink = io.BytesIO()
+    retrying = RetryingStore(store, backoff_s=0.01)  # type: ignore[arg-type]
+    with pytest.raises(StoreError, match="after 1000 bytes and this store cannot resume"):
+        retrying.download("blob", sink)
+    assert store.offsets == [0] and sink.getvalue() == BLOB[:1000]

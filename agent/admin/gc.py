@@ -140,7 +140,7 @@ def _manifests(store: Store) -> tuple[list[_Entry], list[str]]:
         if keys.parse_manifest_key(info.key) is None:
             continue
         try:
-            data = store.read(info.key, mf.MAX_MANIFEST_BYTES)
+            data = store.read(info.key, mf.MAX_MANIFEST_BYTES).data
             found.append(_Entry(info, mf.parse(data, info.key)))
         except ObjectNotFound:
             continue  # deleted since the listing (another gc, a replacement)
@@ -173,7 +173,7 @@ def _restore_named(store: Store, report: GcReport, held: Path) -> None:
     for key in list(report.deleted_blobs):
         digest = keys.parse_blob_key(key)
         if digest is not None and (digest in named or unreadable):
-            store.put_file(key, held / digest)
+            store.put(key, held / digest)
             report.deleted_blobs.remove(key)
             report.restored_blobs.append(key)
 

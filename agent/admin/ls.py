@@ -38,7 +38,7 @@ def entries(store: Store) -> list[Entry]:
         if keys.parse_manifest_key(info.key) is None:
             continue
         try:
-            m = mf.parse(store.read(info.key, mf.MAX_MANIFEST_BYTES), info.key)
+            m = mf.parse(store.read(info.key, mf.MAX_MANIFEST_BYTES).data, info.key)
         except IntegrityError:  # malformed or oversized: not listed
             continue
         out.append(

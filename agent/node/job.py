@@ -120,7 +120,7 @@ class PullJob:
             self.fields = fields
             self.chan.send("fingerprint", digest=fingerprint.digest(fields),
                            seconds=time.perf_counter() - t0)  # fmt: skip
-            store = self.cfg.open_store()
+            store = self.cfg.open_store(read_only=True)  # a node never writes to the store
             downloads = work / f"downloads-{os.getpid()}"
             try:
                 downloads.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ def resolve(
     digest = fingerprint.digest(fields)
     key = keys.manifest_key(workload, digest)
     try:
-        data = store.read(key, mf.MAX_MANIFEST_BYTES)
+        data = store.read(key, mf.MAX_MANIFEST_BYTES).data
     except ObjectNotFound:
         return Miss(explain_miss(store, workload, fields))
     m = mf.parse(data, f"{store.url}/{key}")
@@ -81,7 +81,7 @@ def explain_miss(store: Store, workload: str, fields: dict[str, Any]) -> str:
         reads += 1
         spent += limit + 1  # what the read may take, until it says how much it took
         try:
-            data = store.read(info.key, limit)
+            data = store.read(info.key, limit).data
             spent += len(data) - (limit + 1)
             others.append(mf.parse(data, info.key))
         except Exception:  # noqa: BLE001 - an explanation must not turn a miss into a failure

@@ -358,7 +358,7 @@ class Daemon:
 
 def _read_manifest(store: Any, key: str) -> mf.Manifest | None:
     try:
-        return mf.parse(store.read(key, mf.MAX_MANIFEST_BYTES), key)
+        return mf.parse(store.read(key, mf.MAX_MANIFEST_BYTES).data, key)
     except ObjectNotFound:
         return None
     except IntegrityError as e:  # malformed or oversized

@@ -102,7 +102,7 @@ def publish(
                 log.info("blob %s already in the store; not uploading", key)
                 continue
         with progress.Progress(f"uploading {m.workload} {blob.role}", blob.size) as bar:
-            store.put_file(key, path)
+            store.put(key, path)
             bar.update(blob.size)
         uploaded += 1
         nbytes += blob.size
@@ -116,7 +116,7 @@ def publish(
         if not store.exists(keys.blob_key(blob.sha256)):
             log.warning("blob %s vanished during publish (a concurrent gc?); re-uploading",
                         blob.sha256)  # fmt: skip
-            store.put_file(keys.blob_key(blob.sha256), path)
+            store.put(keys.blob_key(blob.sha256), path)
             nbytes += blob.size
     return PublishReport(key, stored, nbytes, uploaded, present, outcome)
 
@@ -157,15 +157,15 @@ def _write_manifest(
 
     ours = stamped(0)
     sent, outcome = ours.to_json(), "published"
-    if store.put_if_absent(key, sent):
+    if store.put_if_version(key, sent, version=None):
         return ours, outcome
     for _ in range(MANIFEST_WRITE_ATTEMPTS):
         try:
-            data, version = store.read_versioned(key, mf.MAX_MANIFEST_BYTES)
+            data, version = store.read(key, mf.MAX_MANIFEST_BYTES)
         except ObjectNotFound:  # deleted (by gc) since: create it again
             ours = stamped(0)
             sent, outcome = ours.to_json(), "published"
-            if store.put_if_absent(key, sent):
+            if store.put_if_version(key, sent, version=None):
                 return ours, outcome
             continue
         except ObjectTooLarge as e:
@@ -179,6 +179,11 @@ def _write_manifest(
             return existing, "unchanged"  # same bytes already published: keep the older one
         ours = stamped(existing.serial if existing is not None else 0)
         sent, outcome = ours.to_json(), "replaced"
+        if version is None:  # version=None would mean "only if absent": never true here
+            raise StoreError(
+                f"manifest {store.url}/{key}: the store gave no version token (S3: an ETag) "
+                "for it, which replacing it safely needs; use a store that sends ETags"
+            )
         if store.put_if_version(key, sent, version):
             return ours, outcome
     raise StoreError(

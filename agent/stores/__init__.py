@@ -1,8 +1,8 @@
 """Backends chosen by URL scheme; see base.py for the interface every one implements.
 
 `file:///abs/path` (the embedded default), `s3://bucket/prefix`, `gs://bucket/prefix`.
-Cloud stores come wrapped in RetryingStore (retry.py); docs/stores.md documents
-every StoreOptions field.
+Cloud stores come wrapped in RetryingStore (retry.py), and in ReadOnlyStore (readonly.py)
+when opened read-only; docs/stores.md documents every StoreOptions field.
 """
 
 from __future__ import annotations
@@ -13,10 +13,21 @@ from typing import Literal
 from urllib.parse import unquote, urlparse
 
 from torchwarm.errors import ConfigError
-from torchwarm.stores.base import ObjectInfo, Store
+from torchwarm.stores.base import Capabilities, ObjectInfo, Read, Store
 from torchwarm.stores.local import LocalStore
+from torchwarm.stores.readonly import ReadOnlyStore
 
-__all__ = ["ObjectInfo", "Store", "StoreOptions", "open_store", "preload", "SCHEMES"]
+__all__ = [
+    "Capabilities",
+    "ObjectInfo",
+    "Read",
+    "ReadOnlyStore",
+    "Store",
+    "StoreOptions",
+    "open_store",
+    "preload",
+    "SCHEMES",
+]
 
 SCHEMES = ("file", "s3", "gs")
 
@@ -36,7 +47,7 @@ class StoreOptions:
     attempts: int = 8  # retry attempts per call; 1 turns RetryingStore off
     deadline_s: float = 120.0  # overall limit per call, retries included
     chunk_size: int = 16 << 20  # bytes per ranged GET and per multipart part
-    multipart_threshold: int = 64 << 20  # put_file uses multipart / resumable above this
+    multipart_threshold: int = 64 << 20  # put of a Path uses multipart / resumable above this
     concurrency: int = 8  # parallel ranges or parts per transfer
 
 
@@ -50,9 +61,14 @@ def preload(url: str) -> None:
         from torchwarm.stores import gcs, retry  # noqa: F401
 
 
-def open_store(url: str, options: StoreOptions | None = None) -> Store:
-    """Return the backend for `url` (`file:///abs/path`, `s3://bucket/prefix`, `gs://...`)."""
-    options = options or StoreOptions()
+def open_store(url: str, options: StoreOptions | None = None, *, read_only: bool = False) -> Store:
+    """Return the backend for `url` (`file:///abs/path`, `s3://bucket/prefix`, `gs://...`);
+    with `read_only`, wrapped so that every write raises ReadOnlyStoreError (nodes)."""
+    store = _open(url, options or StoreOptions())
+    return ReadOnlyStore(store) if read_only else store
+
+
+def _open(url: str, options: StoreOptions) -> Store:
     parsed = urlparse(url)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):

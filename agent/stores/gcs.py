@@ -31,7 +31,7 @@ from torchwarm.errors import (
     TransientStoreError,
     one_line,
 )
-from torchwarm.stores.base import ObjectInfo, check_key
+from torchwarm.stores.base import Capabilities, ObjectInfo, Read, check_key
 from torchwarm.stores.transfer import write_ranges_in_order
 
 if TYPE_CHECKING:
@@ -83,9 +83,8 @@ class _Capped:
 class GCSStore:
     """Objects are blobs under `prefix` in `bucket`."""
 
-    resumable_download = True  # download() takes an offset (see retry.py)
-
     def __init__(self, bucket: str, prefix: str, options: StoreOptions) -> None:
+        self.capabilities = Capabilities(writable=True, resumable_download=True)
         self.bucket_name = bucket
         self.prefix = prefix.strip("/")
         self.url = f"gs://{bucket}/{self.prefix}" if self.prefix else f"gs://{bucket}"
@@ -185,10 +184,7 @@ class GCSStore:
 
     # -- the Store protocol --------------------------------------------------------
 
-    def read(self, key: str, limit: int) -> bytes:
-        return self.read_versioned(key, limit)[0]
-
-    def read_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
+    def read(self, key: str, limit: int) -> Read:
         """The object's metadata first (size, generation, CRC32C): one over `limit` is
         refused unread; otherwise that generation is read with a ranged GET for bytes
         0..limit (at most limit + 1 bytes, whatever the metadata claimed) and checked
@@ -205,7 +201,7 @@ class GCSStore:
             data = out.buf.getvalue()
             if meta.crc32c and _crc32c(data) != base64.b64decode(meta.crc32c):
                 raise TransientStoreError(f"{where}: CRC32C mismatch (corrupted in transit)")
-            return data, version
+            return Read(data, version)
 
     def _meta(self, key: str) -> Any:
         meta = self._bucket.get_blob(self._key(key), retry=None, timeout=self._timeout)
@@ -231,7 +227,9 @@ class GCSStore:
                 f"{self._where(key)}: changed while being read; reading it again"
             ) from None
 
-    def download(self, key: str, sink: BinaryIO, offset: int = 0, limit: int | None = None) -> int:
+    def download(
+        self, key: str, sink: BinaryIO, *, limit: int | None = None, offset: int = 0
+    ) -> int:
         """Write the object (from byte `offset`) to `sink`; ranges in parallel when large.
 
         One metadata GET gives size, generation and CRC32C: an object over `limit` is
@@ -275,37 +273,29 @@ class GCSStore:
                 )
             return size - offset
 
-    def put(self, key: str, data: bytes) -> None:
-        with self._mapped(key):
-            self._blob(key).upload_from_string(data, retry=None, timeout=self._timeout)
-
-    def put_file(self, key: str, path: Path) -> None:
-        size = path.stat().st_size
+    def put(self, key: str, data: bytes | Path) -> None:
+        """Bytes in one upload; a file in one upload up to multipart_threshold, above it as
+        a resumable upload in chunk_size chunks."""
         with self._mapped(key):
             blob = self._blob(key)
-            if size > self.options.multipart_threshold:
+            if not isinstance(data, Path):
+                blob.upload_from_string(data, retry=None, timeout=self._timeout)
+                return
+            if data.stat().st_size > self.options.multipart_threshold:
                 unit = _GCS_CHUNK_UNIT
                 blob.chunk_size = max(unit, self.options.chunk_size // unit * unit)
-            blob.upload_from_filename(str(path), retry=None, timeout=self._timeout)
+            blob.upload_from_filename(str(data), retry=None, timeout=self._timeout)
 
-    def put_if_absent(self, key: str, data: bytes) -> bool:
+    def put_if_version(self, key: str, data: bytes, version: str | None) -> bool:
+        # Generation 0 matches only a missing object: create-if-absent.
+        generation = 0 if version is None else int(version)
         with self._mapped(key):
             try:
                 self._blob(key).upload_from_string(
-                    data, if_generation_match=0, retry=None, timeout=self._timeout
+                    data, if_generation_match=generation, retry=None, timeout=self._timeout
                 )
             except gexc.PreconditionFailed:
-                return False
-            return True
-
-    def put_if_version(self, key: str, data: bytes, version: str) -> bool:
-        with self._mapped(key):
-            try:
-                self._blob(key).upload_from_string(
-                    data, if_generation_match=int(version), retry=None, timeout=self._timeout
-                )
-            except gexc.PreconditionFailed:
-                return False  # another generation now, or none (deleted)
+                return False  # another generation now, or none (deleted), or one exists
             return True
 
     def exists(self, key: str) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from torchwarm.errors import ObjectNotFound, ObjectTooLarge, StoreError
-from torchwarm.stores.base import ObjectInfo, check_key
+from torchwarm.stores.base import Capabilities, ObjectInfo, Read, check_key
 from torchwarm.util.fs import fsync_dir
 
 _CHUNK = 1 << 20
@@ -24,10 +24,11 @@ _LOCK_NAME = ".torchwarm.lock"
 class LocalStore:
     """Objects are files under `root`; every write is temp file + fsync + rename.
 
-    Every write to a folder (put, put_file, put_if_absent, put_if_version, delete) takes
-    an exclusive flock on that folder's `.torchwarm.lock` for its final step only (the
-    rename, link or unlink; the bytes are written before), so that put_if_version's
-    compare and swap is atomic against every writer of the store, across processes.
+    Every write to a folder (put, put_if_version, delete) takes an exclusive flock on that
+    folder's `.torchwarm.lock` for its final step only (the rename, link or unlink; the
+    bytes are written before), so that put_if_version's compare and swap is atomic
+    against every writer of the store, across processes; its create-if-absent
+    (version=None) is a hard link, which fails if the name exists.
     On NFS this relies on the server's lock support (Linux maps flock onto NFSv4 locks).
     A version token is `size-n-sha256(first n bytes)`, n = min(size, limit + 1): a content
     digest like S3's ETag, computed without reading more than limit + 1 bytes.
@@ -36,6 +37,7 @@ class LocalStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.url = root.as_uri()
+        self.capabilities = Capabilities(writable=True, resumable_download=True)
 
     def _path(self, key: str) -> Path:
         path = self.root / check_key(key)
@@ -52,41 +54,41 @@ class LocalStore:
         except OSError as e:
             raise StoreError(f"cannot read {path}: {e.strerror}") from e
 
-    def read(self, key: str, limit: int) -> bytes:
-        return self.read_versioned(key, limit)[0]
-
-    def read_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
+    def read(self, key: str, limit: int) -> Read:
         with self._open(key) as f:
             data, version = _head(f, limit + 1)
         if len(data) > limit:
             raise ObjectTooLarge(f"{self.url}/{key}", limit, version)
-        return data, version
+        return Read(data, version)
 
-    def download(self, key: str, sink: BinaryIO, limit: int | None = None) -> int:
+    def download(
+        self, key: str, sink: BinaryIO, *, limit: int | None = None, offset: int = 0
+    ) -> int:
         where = f"{self.url}/{key}"
         with self._open(key) as f:
-            if limit is not None and os.fstat(f.fileno()).st_size > limit:
+            if limit is not None and (offset > limit or os.fstat(f.fileno()).st_size > limit):
                 raise ObjectTooLarge(where, limit)
-            n = 0
+            f.seek(offset)
+            n = offset
             # Never read past limit + 1: a file that grows while it is read is caught too.
             while chunk := f.read(_CHUNK if limit is None else min(_CHUNK, limit + 1 - n)):
                 if limit is not None and n + len(chunk) > limit:
                     raise ObjectTooLarge(where, limit)
                 sink.write(chunk)
                 n += len(chunk)
-            return n
+            return n - offset
 
-    def put(self, key: str, data: bytes) -> None:
-        self._commit(key, lambda f: f.write(data), _replace)
-
-    def put_file(self, key: str, path: Path) -> None:
-        with path.open("rb") as src:  # a bad source: OSError, as S3/GCS
+    def put(self, key: str, data: bytes | Path) -> None:
+        if not isinstance(data, Path):
+            self._commit(key, lambda f: f.write(data), _replace)
+            return
+        with data.open("rb") as src:  # a bad source: OSError, as S3/GCS
             self._commit(key, lambda f: shutil.copyfileobj(src, f, _CHUNK), _replace)
 
-    def put_if_absent(self, key: str, data: bytes) -> bool:
-        return self._commit(key, lambda f: f.write(data), _link)
+    def put_if_version(self, key: str, data: bytes, version: str | None) -> bool:
+        if version is None:
+            return self._commit(key, lambda f: f.write(data), _link)
 
-    def put_if_version(self, key: str, data: bytes, version: str) -> bool:
         def swap(tmp: str, target: Path) -> bool:
             try:
                 with target.open("rb") as f:

@@ -8,9 +8,9 @@ by a number of attempts AND an overall deadline per call; it never retries
 access denied, not found, or a bad request.
 
 Downloads never duplicate bytes in the sink: the wrapper counts what reached
-the sink and, when the backend can resume (`resumable_download = True`, S3 and
-GCS), asks it to continue from that offset; a backend that cannot resume is
-retried only before its first byte.
+the sink and, when the store declares it can resume (its capabilities'
+`resumable_download`, true of every backend here), asks it to continue from that
+offset; a store that cannot resume is retried only before its first byte.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar, cast
+from typing import BinaryIO, TypeVar, cast
 
 from tenacity import (
     RetryCallState,
@@ -31,7 +31,7 @@ from tenacity import (
 )
 
 from torchwarm.errors import StoreError, TransientStoreError, one_line
-from torchwarm.stores.base import ObjectInfo, Store
+from torchwarm.stores.base import ObjectInfo, Read, Store
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class RetryingStore:
             raise ValueError("attempts must be >= 1 and deadline_s > 0")
         self.inner = inner
         self.url = inner.url
+        self.capabilities = inner.capabilities
         self.attempts = attempts
         self.deadline_s = deadline_s
         self.backoff_s = backoff_s
@@ -109,45 +110,37 @@ class RetryingStore:
             ) from e
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def read(self, key: str, limit: int) -> bytes:
+    def read(self, key: str, limit: int) -> Read:
         return self._call(f"read({key})", lambda: self.inner.read(key, limit))
 
-    def read_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
-        return self._call(f"read({key})", lambda: self.inner.read_versioned(key, limit))
-
-    def download(self, key: str, sink: BinaryIO, limit: int | None = None) -> int:
+    def download(
+        self, key: str, sink: BinaryIO, *, limit: int | None = None, offset: int = 0
+    ) -> int:
         counting = _CountingSink(sink)
         out = cast(BinaryIO, counting)
-        resumable: Any = self.inner if getattr(self.inner, "resumable_download", False) else None
+        resumable = self.inner.capabilities.resumable_download
 
         def attempt() -> int:
-            if resumable is not None:
+            if resumable:
                 # `limit` counts from byte 0: the backend never asks past it in all.
-                resumable.download(key, out, offset=counting.written, limit=limit)
+                self.inner.download(key, out, limit=limit, offset=offset + counting.written)
                 return counting.written
             if counting.written:
                 raise StoreError(
                     f"{self.url}/{key}: download failed after {counting.written} bytes "
                     "and this store cannot resume; try again"
                 )
-            return self.inner.download(key, out, limit)
+            return self.inner.download(key, out, limit=limit, offset=offset)
 
         return self._call(f"download({key})", attempt)
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | Path) -> None:
         self._call(f"put({key})", lambda: self.inner.put(key, data))
 
-    def put_file(self, key: str, path: Path) -> None:
-        self._call(f"put_file({key})", lambda: self.inner.put_file(key, path))
-
-    def put_if_absent(self, key: str, data: bytes) -> bool:
-        # If an attempt's request reached the store but its answer was lost, the retry
-        # sees our own object and returns False: the data is stored either way.
-        return self._call(f"put_if_absent({key})", lambda: self.inner.put_if_absent(key, data))
-
-    def put_if_version(self, key: str, data: bytes, version: str) -> bool:
-        # As for put_if_absent: if a write landed but its answer was lost, the retry sees
-        # our own object as a change and returns False; the caller reads again and sees it.
+    def put_if_version(self, key: str, data: bytes, version: str | None) -> bool:
+        # If an attempt's write reached the store but its answer was lost, the retry sees
+        # our own object (as present, or as a change) and returns False: the caller reads
+        # again and finds its data there.
         return self._call(
             f"put_if_version({key})", lambda: self.inner.put_if_version(key, data, version)
         )

@@ -42,7 +42,7 @@ from torchwarm.errors import (
     TransientStoreError,
     one_line,
 )
-from torchwarm.stores.base import ObjectInfo, check_key
+from torchwarm.stores.base import Capabilities, ObjectInfo, Read, check_key
 from torchwarm.stores.transfer import write_ranges_in_order
 
 if TYPE_CHECKING:
@@ -103,9 +103,8 @@ class _Upload:
 class S3Store:
     """Objects are keys under `prefix` in `bucket`."""
 
-    resumable_download = True  # download() takes an offset (see retry.py)
-
     def __init__(self, bucket: str, prefix: str, options: StoreOptions) -> None:
+        self.capabilities = Capabilities(writable=True, resumable_download=True)
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
@@ -229,33 +228,22 @@ class S3Store:
 
     # -- the Store protocol --------------------------------------------------------
 
-    def read(self, key: str, limit: int) -> bytes:
-        return self._read(key, limit)[0]
-
-    def read_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
-        data, etag = self._read(key, limit)
-        if not etag:
-            raise StoreError(
-                f"{self._where(key)}: the store sent no ETag, which conditional writes need; "
-                "use an S3 store that sends ETags"
-            )
-        return data, etag
-
-    def _read(self, key: str, limit: int) -> tuple[bytes, str]:
+    def read(self, key: str, limit: int) -> Read:
         """One GET for `bytes=0-limit`: the server sends at most limit + 1 bytes, and its
-        Content-Range tells the whole size, so an oversized object is refused unread."""
+        Content-Range tells the whole size, so an oversized object is refused unread. The
+        version token is the ETag."""
         where = self._where(key)
         with self._mapped(key):
             resp = self._ranged_get(key, 0, limit + 1)
-            etag = str(resp.get("ETag") or "")
+            etag = resp.get("ETag") or None
             total = _total_size(resp)
             if total > limit:
                 _read_body(resp, 0)
-                raise ObjectTooLarge(where, limit, etag or None)
+                raise ObjectTooLarge(where, limit, etag)
             data = _read_body(resp, total)
             if len(data) != total:
                 raise TransientStoreError(f"{where}: short read ({len(data)} of {total} bytes)")
-            return data, etag
+            return Read(data, etag)
 
     def _ranged_get(self, key: str, start: int, end: int) -> Any:
         """GET bytes [start, end); None when the object ends at or before `start` (non-zero).
@@ -275,7 +263,9 @@ class S3Store:
                 return None
             return self._client.get_object(Bucket=self.bucket, Key=full)
 
-    def download(self, key: str, sink: BinaryIO, offset: int = 0, limit: int | None = None) -> int:
+    def download(
+        self, key: str, sink: BinaryIO, *, limit: int | None = None, offset: int = 0
+    ) -> int:
         """Write the object (from byte `offset`) to `sink`; ranges in parallel when large.
 
         The first GET asks for one chunk (never past byte `limit`); its Content-Range tells
@@ -326,11 +316,15 @@ class S3Store:
             rest = write_ranges_in_order(fetch, start, total, chunk, self.options.concurrency, sink)
             return len(first) + rest
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | Path) -> None:
+        if isinstance(data, Path):
+            self._put_file(key, data)
+            return
         with self._mapped(key):
             self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
-    def put_file(self, key: str, path: Path) -> None:
+    def _put_file(self, key: str, path: Path) -> None:
+        """One streamed PUT up to multipart_threshold, a multipart upload above it."""
         size = path.stat().st_size
         if size <= self.options.multipart_threshold:
             with self._mapped(key), path.open("rb") as f:
@@ -406,26 +400,16 @@ class S3Store:
         finally:
             os.close(fd)
 
-    def put_if_absent(self, key: str, data: bytes) -> bool:
+    def put_if_version(self, key: str, data: bytes, version: str | None) -> bool:
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
         with self._mapped(key):
             try:
                 self._client.put_object(
-                    Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"
+                    Bucket=self.bucket, Key=self._key(key), Body=data, **condition
                 )
             except ClientError as e:
-                if _code(e) == "PreconditionFailed":
-                    return False
-                raise
-            return True
-
-    def put_if_version(self, key: str, data: bytes, version: str) -> bool:
-        with self._mapped(key):
-            try:
-                self._client.put_object(
-                    Bucket=self.bucket, Key=self._key(key), Body=data, IfMatch=version
-                )
-            except ClientError as e:
-                # 412: replaced since; AWS answers 404 NoSuchKey (SeaweedFS 412) if deleted.
+                # 412: another writer won, or replaced it since; to If-Match on a deleted
+                # key AWS answers 404 NoSuchKey (SeaweedFS 412).
                 if _code(e) in ("PreconditionFailed", "NoSuchKey"):
                     return False
                 raise
