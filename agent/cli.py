@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -138,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     wt = cmd("wait", _wait, "block until the ready marker exists (main-process side)",
              config=False)  # fmt: skip
     wt.add_argument("--marker", type=Path, required=True, help="the ready marker path")
-    wt.add_argument("--timeout", type=float, default=600.0, help="seconds (default: 600)")
+    wt.add_argument("--timeout", type=_seconds, default=600.0, help="seconds (default: 600)")
 
     dm = cmd("daemon", _daemon, "keep the store warm: warm up and publish every workload whose "
              "manifest is missing or stale, on an interval")  # fmt: skip
@@ -167,6 +168,18 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--cache-dir", type=Path, help="use this cache dir (overrides the config)")
     pr.add_argument("--json", action="store_true", help="print the reports as JSON")
     return p
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a finite number of seconds, 0 or more (`nan` once made wait wait
+    forever: no time is past a deadline of nan)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds >= 0")
+    return value
 
 
 def _pull_options(sp: argparse.ArgumentParser) -> None:

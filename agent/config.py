@@ -8,9 +8,10 @@ Validation errors name the file and the key path, and say what was expected.
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -21,7 +22,7 @@ from torchwarm.env.torchenv import PLACEHOLDER
 from torchwarm.errors import ConfigError
 from torchwarm.spec import signing
 from torchwarm.spec.signing import SigningKey, TrustedKeys
-from torchwarm.stores import Store, StoreOptions, open_store
+from torchwarm.stores import SCHEMES, Store, StoreOptions, open_store
 
 FORMATS = ("cachedir", "megacache", "precompile")
 DEFAULT_FORMAT = "cachedir"  # measured faster on the node; see README "Measured"
@@ -39,6 +40,30 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # workload (a process of the user's) has.
 MODEL_KEYS = ("model", "model_kwargs", "inputs", "device", "mode", "compile", "seed")
 COMMAND_KEYS = ("command", "cwd", "env", "code")
+# What a config file may make the loader do (#20). A real config is a few KB and a few
+# hundred YAML nodes; these bounds are far above that and far below a stall.
+MAX_CONFIG_BYTES = 256 << 10
+MAX_YAML_DEPTH = 32  # mappings and lists inside each other
+MAX_YAML_NODES = 10_000  # counted expanded: an alias counts every node it stands for
+# Upper bounds of durations in seconds, by key name (README, "Config"). Past them a value
+# is a typo; far past them it overflows the clocks it is added to.
+MAX_SECONDS = {
+    "deadline_s": 86400.0,  # a day
+    "warmup_timeout_s": 7 * 86400.0,
+    "interval_s": 30 * 86400.0,
+    "backoff_max_s": 30 * 86400.0,
+    "refresh_s": 365 * 86400.0,
+}
+# The numeric store options: (lowest, highest); floats must be above their lowest.
+STORE_RANGES: dict[str, tuple[float, float]] = {
+    "connect_timeout_s": (0, 3600.0),
+    "read_timeout_s": (0, 3600.0),
+    "deadline_s": (0, 86400.0),
+    "attempts": (1, 100),
+    "chunk_size": (1, 5 << 30),  # S3's largest part
+    "multipart_threshold": (0, 5 << 40),  # S3's largest object
+    "concurrency": (1, 256),
+}
 
 
 @dataclass(frozen=True)
@@ -145,20 +170,171 @@ class Config:
         return self.workloads
 
 
-# Environment variables, in one table: name -> Config field.
-ENV_VARS = {
-    "TORCHWARM_STORE": "store",
-    "TORCHWARM_CACHE_DIR": "cache_dir",
-    "TORCHWARM_FORMAT": "format",
-    "TORCHWARM_MARKER": "marker",
-    "TORCHWARM_REQUIRE": "require",
-    "TORCHWARM_DEADLINE_S": "deadline_s",
-    "TORCHWARM_SIGNING_KEY_FILE": "signing_key_file",
-    "TORCHWARM_TRUSTED_KEYS": "trusted_keys",  # space- or comma-separated public keys
+# -- the environment ------------------------------------------------------------------
+# One parser per kind of value. Each takes a variable's text (never empty: an empty
+# variable is unset, as Kubernetes' `value: ""` is) and returns the value for its field,
+# or raises ValueError with what was expected; load() names the variable in the error.
+# A blank value is refused everywhere: `" ".split()` once turned TORCHWARM_TRUSTED_KEYS
+# into an empty list, which switched signature checks off (#20).
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _env_text(text: str) -> str:
+    """Any value: not blank, no whitespace around it (a stray space or newline must not
+    change what it means), no NUL."""
+    if not text.strip():
+        raise ValueError("expected a value; unset the variable to use the file's or the default")
+    if text != text.strip():
+        raise ValueError("expected no whitespace around the value")
+    if "\0" in text:
+        raise ValueError("expected no NUL character")
+    return text
+
+
+def _env_bool(text: str) -> bool:
+    word = _env_text(text).lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise ValueError(f"expected true or false ({', '.join(_TRUE)} / {', '.join(_FALSE)})")
+
+
+def _env_number(text: str) -> float:
+    """A number; its range is the key's, checked with the file's values (_Validator)."""
+    text = _env_text(text)
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("expected a number") from None
+
+
+def _env_keys(text: str) -> list[str]:
+    """Public keys separated by spaces or commas (each is parsed by signing.load_trusted).
+    Surrounding whitespace is a separator here, but at least one key must be left."""
+    keys = text.replace(",", " ").split()
+    if not keys:
+        raise ValueError("expected public keys like 'seed-1:base64…', separated by spaces")
+    return keys
+
+
+# Environment variables, in one table: name -> (Config field, parser of its text). What
+# a value means past its parser is checked with the file's values, in one place: a URL's
+# scheme (_store_url), a path (_path, relative to the working directory: _from_cwd), a
+# format (FORMATS), a number's range (MAX_SECONDS), each key (signing.load_trusted).
+ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "TORCHWARM_STORE": ("store", _env_text),
+    "TORCHWARM_CACHE_DIR": ("cache_dir", _env_text),
+    "TORCHWARM_FORMAT": ("format", _env_text),
+    "TORCHWARM_MARKER": ("marker", _env_text),
+    "TORCHWARM_REQUIRE": ("require", _env_bool),
+    "TORCHWARM_DEADLINE_S": ("deadline_s", _env_number),
+    "TORCHWARM_SIGNING_KEY_FILE": ("signing_key_file", _env_text),
+    "TORCHWARM_TRUSTED_KEYS": ("trusted_keys", _env_keys),
 }
 # The secret key itself may come from the environment (a Kubernetes Secret as env),
 # never from the YAML file.
 SIGNING_KEY_VAR = "TORCHWARM_SIGNING_KEY"
+# The ready marker's boot identity (torchwarm.node.marker), read by pull and wait alike.
+BOOT_ID_VAR = "TORCHWARM_BOOT_ID"
+
+
+def boot_id_variable(environ: Mapping[str, str] | None = None) -> str | None:
+    """$TORCHWARM_BOOT_ID, None when unset or empty; ConfigError when blank or padded."""
+    text = (os.environ if environ is None else environ).get(BOOT_ID_VAR, "")
+    if text == "":
+        return None
+    try:
+        return _env_text(text)
+    except ValueError as e:
+        raise ConfigError(f"${BOOT_ID_VAR} is {_short(text)}; {e}") from None
+
+
+# -- the file -------------------------------------------------------------------------
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses, with the line where it happens, a document nested
+    deeper than MAX_YAML_DEPTH (PyYAML composes recursively: 500 nested lists were a
+    RecursionError), one of more than MAX_YAML_NODES nodes once aliases are expanded (the
+    validator walks them expanded: a 45 KB file of aliases of aliases took 47 s and
+    1.5 GiB), an alias inside the node it names, and a scalar its constructor cannot read
+    (an integer past int()'s digit limit, a date such as 2001-13-45). Nodes are counted
+    as they are read, so a refused file costs at most MAX_YAML_NODES nodes of parsing."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0  # read so far, expanded
+        self._weight: dict[int, int] = {}  # id(node) -> nodes it stands for, expanded
+
+    def _count(self, n: int, mark: Any) -> None:
+        self._nodes += n
+        if self._nodes > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(
+                None, None,
+                f"the document expands to more than {MAX_YAML_NODES} YAML nodes (an alias "
+                "counts as the nodes it stands for)", mark,
+            )  # fmt: skip
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            target = self.anchors.get(event.anchor)  # None: PyYAML says "undefined alias"
+            if target is not None:
+                if id(target) not in self._weight:
+                    raise yaml.composer.ComposerError(
+                        None, None, f"the alias *{event.anchor} is inside the node it names",
+                        event.start_mark,
+                    )  # fmt: skip
+                self._count(self._weight[id(target)], event.start_mark)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark
+            )
+        before = self._nodes
+        self._count(1, event.start_mark)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        self._weight[id(node)] = self._nodes - before
+        return node
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as e:
+            kind = node.tag.rpartition(":")[2]
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this {kind}: {str(e).split(';')[0]}", node.start_mark
+            ) from None
+
+
+def _read_yaml(p: Path) -> Any:
+    """The YAML document in file `p`, within the bounds above; ConfigError otherwise."""
+    try:
+        with p.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file: {e.strerror or e}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{p}: is larger than {MAX_CONFIG_BYTES >> 10} KiB; a config is a few KB: is this "
+            "the right file?"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: is not UTF-8 text; save the config as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{p}{where}: {problem}; fix the YAML syntax") from None
 
 
 def load(
@@ -175,35 +351,28 @@ def load(
         p = Path(path)
         source = str(p)
         base = p.resolve().parent
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise ConfigError(f"{p}: cannot read the config file: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{p}: is not UTF-8 text; save the config as UTF-8") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or "invalid YAML"
-            raise ConfigError(f"{p}{where}: {problem}; fix the YAML syntax") from None
+        loaded = _read_yaml(p)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping, got {_kind(loaded)}")
         raw = loaded
     origins: dict[str, str] = {}
-    for var, key in ENV_VARS.items():
-        if environ.get(var, "") != "":
-            value = environ[var]
-            raw[key] = value.replace(",", " ").split() if key == "trusted_keys" else value
-            raw[key] = _from_cwd(key, raw[key])
-            origins[key] = f"{key} (from ${var})"
+    v = _Validator(source, origins)
+    for var, (key, parse) in ENV_VARS.items():
+        text = environ.get(var, "")
+        if text == "":
+            continue
+        origins[key] = f"{key} (from ${var})"
+        try:
+            raw[key] = _from_cwd(key, parse(text))
+        except ValueError as e:
+            v.fail(key, f"is {_short(text)}; {e}")
     for key, value in (overrides or {}).items():
         if value is not None:
             raw[key] = _from_cwd(key, value)
             origins[key] = f"{key} (from the command line)"
+    boot_id_variable(environ)  # refused here too, so that a pull says so before it starts
     cfg = _parse(raw, source, base, origins)
     secret = environ.get(SIGNING_KEY_VAR, "")
     if secret:
@@ -228,35 +397,57 @@ def fallback(
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Fallback:
-    """Best effort, from the flags, the environment and whatever part of the YAML parses."""
-    environ = os.environ if environ is None else environ
+    """Best effort, from the flags, the environment and whatever part of the YAML parses.
+
+    Never raises: the gate calls it when load() failed, for whatever reason, to still
+    write the marker and decide fail-open. A value that does not parse is unknown (the
+    next source down is used), except `require`: set but unparsable, it reads as true,
+    since whoever set it asked for something and only true differs from the default.
+    """
+    try:
+        return _fallback(path, overrides or {}, os.environ if environ is None else environ)
+    except Exception:  # noqa: BLE001 - a bug here must not stop a fail-open start
+        return Fallback(None, None, False)
+
+
+def _fallback(
+    path: str | Path | None, overrides: Mapping[str, Any], environ: Mapping[str, str]
+) -> Fallback:
     raw: dict[str, Any] = {}
     base = Path.cwd()
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = _read_yaml(Path(path))
             base = Path(path).resolve().parent
-        except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError):
+        except Exception:  # noqa: BLE001 - an unreadable file tells nothing
             loaded = None
         raw = dict(loaded) if isinstance(loaded, dict) else {}
-    for var, key in ENV_VARS.items():
-        if environ.get(var):
-            raw[key] = _from_cwd(key, environ[var])
-    for key, value in (overrides or {}).items():
+    for var, (key, parse) in ENV_VARS.items():
+        if environ.get(var, "") != "":
+            try:
+                raw[key] = _from_cwd(key, parse(environ[var]))
+            except ValueError:
+                if key == "require":
+                    raw[key] = True
+    for key, value in overrides.items():
         if value is not None:
-            raw[key] = value
+            raw[key] = _from_cwd(key, value)
 
     def as_path(value: Any) -> Path | None:
         if not isinstance(value, str) or not value or "\0" in value:
             return None
-        return (base / os.path.expanduser(value)).resolve()
+        try:
+            return (base / os.path.expanduser(value)).resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            return None
 
     cache_dir = as_path(raw.get("cache_dir"))
     marker = as_path(raw.get("marker"))
     if marker is None and cache_dir is not None:
         marker = cache_dir.parent / "torchwarm-ready.json"
-    req = raw.get("require")
-    require = req is True or (isinstance(req, str) and req.lower() in ("1", "true", "yes", "on"))
+    req = raw.get("require", False)
+    word = req.lower() if isinstance(req, str) else None
+    require = req if isinstance(req, bool) else word not in (*_FALSE, "")
     return Fallback(cache_dir, marker, require)
 
 
@@ -336,6 +527,10 @@ def _store_url(v: _Validator, value: Any, base: Path) -> str:
     if not isinstance(value, str) or not value or "\0" in value:
         v.fail("store", f"must be a URL string, got {_kind(value)}")
     if "://" in value:
+        scheme = value.partition("://")[0]
+        if scheme not in SCHEMES:
+            urls = ", ".join(f"{s}://" for s in SCHEMES)
+            v.fail("store", f"has an unsupported scheme {scheme!r}; expected {urls} or a folder")
         return value
     # A bare path means a local folder, relative to the config file.
     return (base / value).resolve().as_uri()
@@ -361,7 +556,14 @@ def _store_options(v: _Validator, value: Any) -> StoreOptions:
             ok = isinstance(given, int | float) and not isinstance(given, bool)
         if not ok:
             kind = {bool: "true or false", str: "a string", int: "an integer"}.get(want, "a number")
-            v.fail(f"store_options.{name}", f"is {given!r}; expected {kind}")
+            v.fail(f"store_options.{name}", f"is {_short(given)}; expected {kind}")
+        if name in STORE_RANGES:
+            low, high = STORE_RANGES[name]
+            number = _number(given)
+            inside = number is not None and (low < number if want is float else low <= number)
+            if not (inside and number <= high):
+                span = f"above {low:g} and at most" if want is float else f"from {low:g} to"
+                v.fail(f"store_options.{name}", f"is {_short(given)}; expected {span} {high:.0f}")
     try:
         return StoreOptions(**value)
     except (TypeError, ValueError, ConfigError) as e:
@@ -595,6 +797,23 @@ def _posint(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
+def _number(x: Any) -> float | None:
+    """`x` as a finite float (a number, or a string that reads as one), else None."""
+    if isinstance(x, bool) or not isinstance(x, int | float | str):
+        return None
+    try:
+        number = float(x)
+    except (ValueError, OverflowError):  # "soon"; an int of 400 digits
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _short(x: Any) -> str:
+    """`repr(x)`, cut to one readable length (a hostile value may be a megabyte)."""
+    text = repr(x)
+    return text if len(text) <= 80 else f"{text[:60]}… ({len(text)} characters)"
+
+
 def _kind(x: Any) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(
         type(x), type(x).__name__
@@ -624,12 +843,12 @@ class _Validator:
         return value
 
     def positive(self, key: str, value: Any) -> float:
-        try:
-            number = float(value) if not isinstance(value, bool) else -1.0
-        except (TypeError, ValueError):
-            number = -1.0
-        if not number > 0 or number == float("inf"):
-            self.fail(key, f"is {value!r}; expected a positive number of seconds")
+        """Seconds: a finite number above 0, at most MAX_SECONDS of the key's name."""
+        most = MAX_SECONDS[key.rpartition(".")[2]]
+        number = _number(value)
+        if number is None or not 0 < number <= most:
+            self.fail(key, f"is {_short(value)}; expected a positive number of seconds, "
+                           f"at most {most:.0f}")  # fmt: skip
         return number
 
     def boolean(self, key: str, value: Any) -> bool:

@@ -332,6 +332,6 @@ def _write_marker(path: Path, report: PullReport) -> None:
     report.marker = str(path)
     try:
         marker.write(path, report.to_dict())
-    except OSError as e:
+    except (OSError, TorchwarmError) as e:  # TorchwarmError: a blank $TORCHWARM_BOOT_ID
         report.marker = ""
-        report.marker_error = one_line(f"{path}: {e.strerror or e}")
+        report.marker_error = one_line(f"{path}: {getattr(e, 'strerror', None) or e}")

@@ -4,30 +4,30 @@ A marker names the boot it was written in (`boot_id`): `$TORCHWARM_BOOT_ID` when
 (the deploy kit sets the pod's UID through the downward API, so a pod recreated on a
 persistent volume is a new boot), else the kernel's boot id. `wait` ignores a marker
 from another boot, so a waiter that starts before the pull has deleted last boot's
-marker does not pass at once.
+marker does not pass at once. A blank $TORCHWARM_BOOT_ID, or one with whitespace around
+it, is a config error (torchwarm.config), never a boot id that every boot would share.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from torchwarm.config import BOOT_ID_VAR, boot_id_variable
 from torchwarm.errors import WaitTimeout
 from torchwarm.util.fs import atomic_write_bytes
 
-BOOT_ID_VAR = "TORCHWARM_BOOT_ID"
 _KERNEL_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 def boot_id(environ: dict[str, str] | None = None) -> str:
     """This boot's identity: $TORCHWARM_BOOT_ID, else the kernel's boot id."""
-    env = os.environ if environ is None else environ
-    if env.get(BOOT_ID_VAR):
-        return env[BOOT_ID_VAR]
+    given = boot_id_variable(environ)
+    if given is not None:
+        return given
     try:
         return "kernel:" + _KERNEL_BOOT_ID.read_text().strip()
     except OSError:
@@ -59,6 +59,7 @@ def read(path: Path) -> dict[str, Any] | None:
 
 def wait(path: Path, timeout_s: float, poll_s: float = 0.2) -> dict[str, Any]:
     """Block until this boot's marker exists; return its content."""
+    boot_id()  # a blank $TORCHWARM_BOOT_ID is refused now, not after the timeout
     deadline = time.monotonic() + timeout_s
     while True:
         doc = read(path)
