@@ -204,3 +204,109 @@ def test_extract_replaces_symlink_without_following_it(tmp_path):
     archive.extract(hand_archive(tmp_path / "a.tzst", [Member("f", b"new")]), dest)
     assert not (dest / "f").is_symlink()
     assert target.read_bytes() == b"keep"
+
+
+# -- hostile structure (#20): depth, name length, extended headers, duplicate names ------
+
+
+def raw_archive(path, blocks: list[bytes]):
+    """A tar+zstd made of raw tar bytes (headers the tarfile writer will not produce)."""
+    import zstandard
+
+    path.write_bytes(zstandard.ZstdCompressor().compress(b"".join(blocks) + b"\0" * 1024))
+    return path
+
+
+def header(name: str, kind: bytes, size: int) -> bytes:
+    """One 512-byte ustar header block."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, size
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def pax_record(keyword: str, value: str) -> bytes:
+    """One PAX record, "LEN keyword=value\\n", LEN counting itself."""
+    body = f" {keyword}={value}\n"
+    n = len(body) + 1
+    while len(f"{n}{body}") != n:
+        n += 1
+    return f"{n}{body}".encode()
+
+
+def padded(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % 512)
+
+
+def test_too_deep_member_refused(tmp_path):
+    """A member more folders deep than Limits.max_depth is refused in one line."""
+    name = "/".join(["d"] * 1000) + "/f"
+    path = hand_archive(tmp_path / "a.tzst", [Member(name)])
+    assert "levels deep" in extract_error(path, tmp_path / "d")
+    assert not (tmp_path / "d" / "d").exists()
+
+
+def test_too_long_member_name_refused(tmp_path):
+    """A member name longer than Limits.max_path_bytes is refused before anything is written."""
+    name = "/".join(["n" * 200] * 8)
+    path = hand_archive(tmp_path / "a.tzst", [Member(name)])
+    assert "name is" in extract_error(path, tmp_path / "d")
+    assert os.listdir(tmp_path / "d") == []
+
+
+def test_huge_pax_header_refused(tmp_path):
+    """A PAX header over Limits.max_header_bytes is refused (tarfile would read it whole)."""
+    member = Member("f", extra={"pax_headers": {"comment": "x" * (1 << 20)}})
+    path = hand_archive(tmp_path / "a.tzst", [member])
+    assert "extended header" in extract_error(path, tmp_path / "d")
+
+
+def test_huge_gnu_long_name_refused(tmp_path):
+    """A GNU long-name header over Limits.max_header_bytes is refused before it is read."""
+    blocks = [header("././@LongLink", tarfile.GNUTYPE_LONGNAME, 1 << 20), b"n" * (1 << 20)]
+    path = raw_archive(tmp_path / "a.tzst", [*blocks, header("f", tarfile.REGTYPE, 0)])
+    assert "extended header" in extract_error(path, tmp_path / "d")
+
+
+def test_chain_of_extended_headers_refused(tmp_path):
+    """Thousands of PAX headers in a row (tarfile follows them by recursion) are refused."""
+    record = padded(pax_record("comment", "x"))
+    chain = [header("././@PaxHeader", tarfile.XHDTYPE, 512) + record for _ in range(3000)]
+    path = raw_archive(tmp_path / "a.tzst", [*chain, header("f", tarfile.REGTYPE, 0)])
+    assert "extended headers in a row" in extract_error(path, tmp_path / "d")
+
+
+PAX_SPARSE = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "s",
+              "GNU.sparse.realsize": "1"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        Member("s", type=tarfile.GNUTYPE_SPARSE),
+        Member("s", b"1\n0\n1\n".ljust(512, b"\0") + b"x", extra={"pax_headers": PAX_SPARSE}),
+    ],
+    ids=["gnu", "pax-1.0"],
+)
+def test_sparse_member_refused(tmp_path, member):
+    """A sparse member (its map is an unbounded header) is refused, whatever its flavour."""
+    path = hand_archive(tmp_path / "a.tzst", [member])
+    assert "sparse" in extract_error(path, tmp_path / "d")
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        (Member("a/f", b"one"), Member("a/f", b"two")),
+        (Member("a/f"), Member("a//f")),
+        (Member("a/f"), Member("./a/f")),
+        (Member("a/f"), Member("a/f", type=tarfile.DIRTYPE, mode=0o755)),
+        (Member("a/f", type=tarfile.DIRTYPE, mode=0o755), Member("a/f")),
+    ],
+    ids=["file-file", "double-slash", "dot", "file-dir", "dir-file"],
+)
+def test_duplicate_member_names_refused(tmp_path, first, second):
+    """Two members with one path (after normalising it) are refused: neither may win."""
+    path = hand_archive(tmp_path / "a.tzst", [first, second])
+    assert "twice" in extract_error(path, tmp_path / "d")
+    with pytest.raises(ArchiveError, match="twice"):
+        archive.members(path)
