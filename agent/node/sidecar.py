@@ -7,11 +7,16 @@ from then on. A startupProbe on /readyz holds the main container until then. Wit
 restarts the sidecar and tries again. After the pull it keeps serving /healthz and
 /metrics until SIGTERM, and watches the cache dir for entries the app compiles that the
 warm-up did not cover (misses.py): counted on /metrics, one log line per kind.
+
+The endpoint is one thread (util/httpd.py). Where not even that can be started (a full
+pids cgroup), `serve` fails open as `pull` does: the main thread finishes the pull, then
+serves, so probes queued on the socket meanwhile get /readyz 200 once it is done.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -95,13 +100,20 @@ def serve(
 ) -> int:
     """Pull in a worker, serve probes, then keep serving until SIGTERM. The exit code."""
     state = Sidecar()
-    # The worker is forked before the HTTP threads start (fork copies only this thread).
+    # The worker is forked before the HTTP thread starts (fork copies only this thread).
     begun = node.begin(config_path, overrides, names, require, started=started)
-    server = httpd.serve(
+    server = httpd.bind(
         listen, {"/readyz": state.readyz, "/healthz": state.healthz, "/metrics": state.metrics}
     )
+    threaded = _start(server)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def on_sigterm(*_: object) -> None:
+        stop.set()
+        if not threaded:
+            server.shutdown()  # the loop runs on this thread: it ends after this handler
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         report = begun if isinstance(begun, PullReport) else begun.finish()
         for line in describe(report):
@@ -116,8 +128,24 @@ def serve(
     except Exception as e:  # noqa: BLE001 - a watcher that cannot start must not stop serving
         print(f"miss watcher not started: {one_line(f'{type(e).__name__}: {e}')}", flush=True)
     state.report = report
-    stop.wait()
+    if threaded:
+        stop.wait()
+    elif not stop.is_set():
+        server.serve_forever()  # until SIGTERM
     if state.watcher is not None:
         state.watcher.stop()
     server.shutdown()
     return 0
+
+
+def _start(server: httpd.Server) -> bool:
+    """Serve from a thread of its own; False where none can be started (a pids cgroup
+    that is full). Then, failing open as `pull` does, this thread serves once the pull is
+    done: the listening socket queues the probes until then, and /readyz says 200 after."""
+    try:
+        server.start()
+    except RuntimeError as e:
+        print(f"torchwarm: http: no thread for the endpoint ({e}); probes are answered "
+              "once the pull is done", file=sys.stderr, flush=True)  # fmt: skip
+        return False
+    return True
