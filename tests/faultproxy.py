@@ -29,6 +29,8 @@ class FaultProxy(ThreadingHTTPServer):
     `answers` records, per request, (method, path, status, body bytes the proxy sends
     to the client), before it sends them: an upper bound on what crossed the wire, for
     tests that bound it.
+    `fail_once` / `fail_if` answer 503 to the first / every request a (method, path)
+    predicate picks; `rewrite` changes an answer's body, as a server that misbehaves would.
     The Host header is forwarded as sent, so signatures still verify upstream.
     """
 
@@ -49,6 +51,9 @@ class FaultProxy(ThreadingHTTPServer):
             self.failed = 0
             self.cut = 0
             self.fail_once: Callable[[str, str], bool] | None = None  # (method, path)
+            self.fail_if: Callable[[str, str], bool] | None = None  # every match, not once
+            # (method, path, body) -> the body the client gets instead
+            self.rewrite: Callable[[str, str, bytes], bytes] | None = None
             self.seen: list[tuple[str, str]] = []
             self.answers: list[tuple[str, str, int, int]] = []
             self._rng = random.Random(seed)
@@ -78,6 +83,8 @@ class FaultProxy(ThreadingHTTPServer):
             fail = self._rng.random() < self.fail_rate
             if self.fail_once and self.fail_once(method, path):
                 fail, self.fail_once = True, None
+            if self.fail_if and self.fail_if(method, path):
+                fail = True
             cut = not fail and self._rng.random() < self.cut_rate
             self.failed += fail
             self.cut += cut
@@ -125,6 +132,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             upstream.request(self.command, self.path, body=body, headers=headers)
             resp = upstream.getresponse()
             data = resp.read()
+            if self.server.rewrite:
+                data = self.server.rewrite(self.command, self.path, data)
             self.send_response(resp.status, resp.reason)
             for k, v in resp.getheaders():
                 if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":

@@ -12,7 +12,9 @@ the environment inside fixtures only; the host's AWS/GCP configuration is hidden
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -26,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import pytest
@@ -293,6 +296,82 @@ def proxy(fault_proxy: FaultProxy) -> Iterator[FaultProxy]:
     fault_proxy.reset()
     yield fault_proxy
     fault_proxy.reset()
+
+
+@dataclass
+class ListingFaults:
+    """Listings of one backend that cannot be completed, failing for real: a local folder
+    that os.scandir cannot read (ESTALE, an NFS handle gone stale), or a cloud store that
+    lists in pages of one key through a FaultProxy in front of its real server."""
+
+    factory: StoreFactory
+    monkeypatch: pytest.MonkeyPatch
+    proxy: FaultProxy | None  # None for the local folder
+
+    def unreadable(self, store: Store, under: str) -> Store:
+        """`store` again, on which a listing that reaches the keys under `under` fails part-way:
+        the local folder `under` cannot be scanned; a cloud listing whose prefix overlaps
+        `under` gets its first page, then 503 SlowDown for every later one."""
+        if self.proxy is None:
+            folder = os.fspath(store.root / under)  # type: ignore[attr-defined]
+            scandir = os.scandir
+
+            def stale(path: Any = ".") -> Any:
+                if not isinstance(path, int) and os.fspath(path) == folder:  # not an fd
+                    raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), folder)
+                return scandir(path)
+
+            self.monkeypatch.setattr(os, "scandir", stale)
+            return store
+        own = store.url.split("/", 3)[3] + "/"
+
+        def later_page_under(method: str, path: str) -> bool:
+            query = parse_qs(urlsplit(path).query)
+            listed = query.get("prefix", [""])[0].removeprefix(own)
+            later = "continuation-token" in query or "pageToken" in query
+            return later and (listed.startswith(under) or under.startswith(listed))
+
+        self.proxy.fail_if = later_page_under
+        return self._paged(store)
+
+    def tokenless(self, store: Store) -> Store:
+        """S3 only: `store` again, whose listing pages say more keys follow (IsTruncated)
+        but carry no continuation token to ask for them with."""
+        assert self.proxy is not None and self.factory.backend != "gcs"
+        self.proxy.rewrite = lambda method, path, body: re.sub(
+            rb"<NextContinuationToken>[^<]*</NextContinuationToken>", b"", body
+        )
+        return self._paged(store)
+
+    def _paged(self, store: Store) -> Store:
+        from torchwarm.stores import gcs, s3
+
+        for backend in (s3, gcs):
+            self.monkeypatch.setattr(backend, "_LIST_PAGE", 1)
+        assert self.proxy is not None
+        prefix = store.url.split("/", 3)[3]
+        return self.factory(prefix, endpoint_url=self.proxy.endpoint, attempts=2)
+
+
+@pytest.fixture
+def listing_faults(
+    store_factory: StoreFactory, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[ListingFaults]:
+    """ListingFaults for store_factory's backend (a fresh FaultProxy for a cloud one)."""
+    if store_factory.backend == "local":
+        yield ListingFaults(store_factory, monkeypatch, None)
+        return
+    if store_factory.backend == "gcs":
+        upstream = request.getfixturevalue("gcs_server").emulator_host
+    else:
+        upstream = store_factory.options.endpoint_url
+    server = FaultProxy(int(urlsplit(upstream).port or 80))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield ListingFaults(store_factory, monkeypatch, server)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture

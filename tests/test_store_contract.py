@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import WORKLOAD, torchwarm
 from factories import inject_env, tree
-from servers import StoreFactory
+from servers import ListingFaults, StoreFactory
 from synthetic import publish_synthetic
 
 from torchwarm.errors import ObjectNotFound, ObjectTooLarge, ReadOnlyStoreError, StoreError
@@ -99,6 +99,32 @@ def test_list_ignores_sibling_prefixes(store_factory: StoreFactory) -> None:
     store_factory(prefix="p-sib/a").put("k", b"1")
     store_factory(prefix="p-sib/ab").put("k", b"2")
     assert [o.key for o in store_factory(prefix="p-sib/a").list("")] == ["k"]
+
+
+def test_list_that_cannot_finish_raises_store_error(
+    store_factory: StoreFactory, listing_faults: ListingFaults
+) -> None:
+    """A listing that fails part-way (a folder that cannot be read, a page the server will
+    not send) raises StoreError instead of ending early with the keys it got."""
+    store = store_factory()
+    for name in ("a", "b", "c"):
+        store.put(f"manifests/{name}/m", b"1")
+    broken = listing_faults.unreadable(store, "manifests/b")
+    with pytest.raises(StoreError):
+        list(broken.list("manifests/"))
+
+
+@pytest.mark.parametrize("store_factory", ["moto", "seaweedfs"], indirect=True)
+def test_list_refuses_a_truncated_page_without_a_token(
+    store_factory: StoreFactory, listing_faults: ListingFaults
+) -> None:
+    """S3: a listing page that says more keys follow (IsTruncated) but gives no continuation
+    token raises StoreError instead of ending the listing there."""
+    store = store_factory()
+    for name in ("a", "b"):
+        store.put(f"blobs/{name}", b"1")
+    with pytest.raises(StoreError, match="continuation token"):
+        list(listing_faults.tokenless(store).list("blobs/"))
 
 
 def test_delete(store_factory: StoreFactory) -> None:

@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -106,18 +107,45 @@ class LocalStore:
         return self._path(key).is_file()
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        # Walk only the deepest directory the prefix names, then filter.
-        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
-        for dirpath, _dirs, files in os.walk(base):
-            for name in files:
-                if name == _LOCK_NAME or name.startswith(".") and name.endswith(_TMP_SUFFIX):
-                    continue  # the folder lock, or a write in progress
-                full = Path(dirpath, name)
-                key = full.relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    with contextlib.suppress(FileNotFoundError):
-                        st = full.stat()
-                        yield ObjectInfo(key, st.st_size, st.st_mtime)
+        """Walk only the deepest folder the prefix names, and below it only the folders
+        whose keys can start with the prefix. A folder or file that cannot be read (EACCES,
+        ESTALE on NFS) raises StoreError: a listing that skipped it would be short, and gc
+        would take the blobs of the manifests it missed for unreferenced."""
+        base = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
+        folders = [base]
+        while folders:
+            folder = folders.pop()
+            for entry in self._scan(folder, prefix):
+                key = folder + entry.name
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        if (key + "/").startswith(prefix):
+                            folders.append(key + "/")
+                        continue
+                    name = entry.name
+                    if name == _LOCK_NAME or name.startswith(".") and name.endswith(_TMP_SUFFIX):
+                        continue  # the folder lock, or a write in progress
+                    if not key.startswith(prefix):
+                        continue
+                    st = os.stat(entry.path)
+                except FileNotFoundError:
+                    continue  # deleted since the folder was read
+                except OSError as e:
+                    raise _unlistable(entry.path, e, f"{self.url}/{prefix}") from e
+                if stat.S_ISREG(st.st_mode):
+                    yield ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def _scan(self, folder: str, prefix: str) -> list[os.DirEntry[str]]:
+        """The entries of the store's `folder` ('' is the root, else it ends in '/'); none
+        when it does not exist (never written to, or not a folder)."""
+        path = self.root / folder if folder else self.root
+        try:
+            with os.scandir(path) as entries:
+                return list(entries)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as e:
+            raise _unlistable(path, e, f"{self.url}/{prefix}") from e
 
     def touch(self, key: str) -> None:
         try:
@@ -180,6 +208,13 @@ def _head(f: BinaryIO, n: int) -> tuple[bytes, str]:
     size = os.fstat(f.fileno()).st_size
     data = f.read(n)
     return data, f"{size}-{len(data)}-{hashlib.sha256(data).hexdigest()}"
+
+
+def _unlistable(path: str | Path, e: OSError, listing: str) -> StoreError:
+    return StoreError(
+        f"cannot list {path}: {e.strerror or e}, so the listing of {listing} would be "
+        "incomplete: fix the folder's permissions or the mount, then try again"
+    )
 
 
 def _replace(tmp: str, target: Path) -> bool:

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from torchwarm.stores import StoreOptions
 
 _MAX_PARTS = 10_000
+_LIST_PAGE = 1000  # keys per listing page: S3's most (tests lower it to get several pages)
 _MIN_PART = 5 << 20  # S3's minimum part size (all parts but the last)
 _TRANSIENT_CODES = {
     "SlowDown",
@@ -426,16 +427,32 @@ class S3Store:
             return True
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """ListObjectsV2 page by page. botocore's paginator ends quietly on a page that
+        says more keys follow (IsTruncated) but carries no token to ask for them; a short
+        listing makes gc take live blobs for unreferenced ones, so that page raises here."""
         base = f"{self.prefix}/" if self.prefix else ""
+        where = f"{self.url}/{prefix}" if prefix else self.url
+        token: str | None = None
         with self._mapped(None):
-            pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=base + prefix
-            )
-            for page in pages:
+            while True:
+                more = {"ContinuationToken": token} if token else {}
+                page = self._client.list_objects_v2(
+                    Bucket=self.bucket, Prefix=base + prefix, MaxKeys=_LIST_PAGE, **more
+                )
                 for obj in page.get("Contents", []):
                     yield ObjectInfo(
                         obj["Key"][len(base) :], int(obj["Size"]), obj["LastModified"].timestamp()
                     )
+                if not page.get("IsTruncated"):
+                    return
+                following = page.get("NextContinuationToken")
+                if not following or following == token:
+                    raise StoreError(
+                        f"{where}: the listing from {self.endpoint} stopped part-way (a page "
+                        "said more keys follow but gave no new continuation token); "
+                        "nothing after it is known: check the S3-compatible store or a proxy"
+                    )
+                token = following
 
     def delete(self, key: str) -> None:
         with self._mapped(key):
