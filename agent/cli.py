@@ -354,7 +354,7 @@ def _daemon(args: argparse.Namespace) -> int:
 
 
 def _gc(args: argparse.Namespace) -> int:
-    from torchwarm.admin.gc import gc
+    from torchwarm.admin.gc import TEMP_RESERVE_BYTES, gc
 
     if args.keep < 1:
         raise cfgmod.ConfigError("--keep must be at least 1")
@@ -376,6 +376,10 @@ def _gc(args: argparse.Namespace) -> int:
     )
     for key in rep.restored_blobs:
         print(f"restored blob {key}: a manifest published during this gc names it")
+    for key in rep.unheld_blobs:
+        print(f"kept blob {key}: no room in {rep.temp_dir} to hold a copy while deleting it "
+              f"(gc leaves {_size(TEMP_RESERVE_BYTES)} free there); "
+              "set TMPDIR to a larger disk")  # fmt: skip
     if rep.sweep_skipped:
         print(f"blob sweep skipped: {rep.sweep_skipped}")
     return 0

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,9 +24,10 @@ import pytest
 import yaml
 from conftest import torchwarm
 from factories import StoreWrapper, blob, fields, manifest
-from servers import BUCKET, FAKE_AWS_ENV, S3Server, fake_aws_env
+from servers import BUCKET, FAKE_AWS_ENV, ListingFaults, S3Server, StoreFactory, fake_aws_env
 
 from torchwarm.admin import gc as retention
+from torchwarm.errors import StoreError
 from torchwarm.seed.publish import publish
 from torchwarm.spec import keys
 from torchwarm.spec import manifest as mf
@@ -504,3 +508,155 @@ def test_two_overlapping_gc_runs_do_not_fail(gc_store):
     retention.gc(racing, keep=1, older_than_s=0, grace_s=0)
     assert racing.deleted  # the race happened
     assert_no_dangling(gc_store.store)
+
+
+# -- failures part-way: nothing a manifest names may be lost ------------------------------
+
+
+def test_unreadable_manifest_listing_deletes_nothing(
+    store_factory: StoreFactory, listing_faults: ListingFaults, tmp_path: Path
+):
+    """A manifest listing that fails part-way (a folder gone stale on NFS, a page the server
+    will not send) stops gc before any delete, with an error that says so; on every backend."""
+    store = store_factory()
+    (tmp_path / "files").mkdir()
+    filled = GcStore(store, tmp_path / "unused.yaml", tmp_path / "files", local=False)
+    for m, contents in (version(1), version(1, "other", shared=b"other kernels")):
+        filled.publish(m, contents)
+    filled.put_blob(b"orphan")
+    before = filled.keys()
+    broken = listing_faults.unreadable(store, keys.MANIFESTS + "mlp")
+    with pytest.raises(StoreError, match="gc deleted nothing"):
+        retention.gc(broken, keep=1, older_than_s=0, grace_s=0)
+    assert [k for k in sorted(before) if not store.exists(k)] == []
+
+
+class PublishThenFail(StoreWrapper):
+    """A store for gc: right before gc deletes its first blob, a publish whose manifest names
+    that blob completes (the race gc's put-back repairs); then the store fails the next
+    download, as one that goes away mid-sweep."""
+
+    def __init__(self, inner: Store, publish_naming: Callable[[str], None]) -> None:
+        super().__init__(inner)
+        self.publish_naming = publish_naming
+        self.published = ""
+
+    def delete(self, key: str) -> None:
+        if keys.parse_blob_key(key) and not self.published:
+            self.publish_naming(key)
+            self.published = key
+        self.inner.delete(key)
+
+    def download(self, key: str, sink: Any, limit: int | None = None) -> int:
+        if self.published:
+            raise StoreError(f"{self.url}/{key}: the store went away")
+        return self.inner.download(key, sink, limit=limit)
+
+
+def test_store_error_mid_sweep_still_puts_back_what_a_manifest_names(gc_store):
+    """gc deletes a blob that a manifest published meanwhile names, then the store fails
+    mid-sweep: the blob is back before the error reaches the caller."""
+    old = {gc_store.put_blob(data): data for data in (b"old kernels 1", b"old kernels 2")}
+    gc_store.age_all()
+
+    def publish_naming(key: str) -> None:
+        gc_store.publish(*version(1, shared=old[key]))
+
+    racing = PublishThenFail(gc_store.store, publish_naming)
+    with pytest.raises(StoreError, match="the store went away"):
+        retention.gc(racing, keep=1, older_than_s=0, grace_s=0)
+    assert racing.published  # the race happened
+    assert racing.published in gc_store.keys(keys.BLOBS)
+    assert_no_dangling(gc_store.store)
+
+
+class PublishThenFailForGood(PublishThenFail):
+    """As PublishThenFail, and the store refuses the put-back too."""
+
+    def put(self, key: str, data: bytes | Path) -> None:
+        raise StoreError(f"{self.url}/{key}: the store went away")
+
+
+def test_blob_that_cannot_be_put_back_keeps_its_copy(gc_store):
+    """When the store fails mid-sweep and refuses the put-back too, gc's error names the
+    folder that still holds the copy of the blob a manifest names."""
+    old = {gc_store.put_blob(data): data for data in (b"old kernels 1", b"old kernels 2")}
+    gc_store.age_all()
+    racing = PublishThenFailForGood(
+        gc_store.store, lambda k: gc_store.publish(*version(1, shared=old[k]))
+    )
+    with pytest.raises(StoreError, match="copies are kept in ") as info:
+        retention.gc(racing, keep=1, older_than_s=0, grace_s=0)
+    folder = Path(str(info.value).split("copies are kept in ")[1].split()[0])
+    copy = folder / keys.parse_blob_key(racing.published)
+    assert copy.read_bytes() == old[racing.published]
+    shutil.rmtree(folder)
+
+
+class ManifestsUnlistableAfterDelete(StoreWrapper):
+    """A store for gc: once gc has deleted a blob, listing the manifests fails."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.deleted: list[str] = []
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+        self.deleted.append(key)
+
+    def list(self, prefix: str):
+        if self.deleted and prefix == keys.MANIFESTS:
+            raise StoreError(f"{self.url}/{prefix}: the listing failed")
+        return self.inner.list(prefix)
+
+
+def test_manifests_unlistable_after_the_sweep_puts_back_every_deleted_blob(gc_store):
+    """When gc cannot list the manifests again after its sweep, it cannot tell which deleted
+    blobs a manifest written meanwhile names: it puts every one back and says so."""
+    orphans = {gc_store.put_blob(data) for data in (b"orphan 1", b"orphan 2")}
+    gc_store.age_all()
+    racing = ManifestsUnlistableAfterDelete(gc_store.store)
+    with pytest.raises(StoreError, match="every blob this gc deleted was put back"):
+        retention.gc(racing, keep=1, older_than_s=0, grace_s=0)
+    assert len(racing.deleted) == 2  # the sweep deleted both before the listing failed
+    assert gc_store.keys(keys.BLOBS) == orphans
+
+
+def tmpfs_prefix() -> list[str] | None:
+    """A command prefix that runs the rest of the line with its TMPDIR on a fresh 80 MiB
+    tmpfs, in a mount namespace of its own; None where this machine cannot make one."""
+    mount = 'mount -t tmpfs -o size=80m torchwarm-test "$TMPDIR" && exec "$@"'
+    for unshare in (["unshare", "--mount"], ["unshare", "--user", "--map-root-user", "--mount"]):
+        prefix = [*unshare, "sh", "-c", mount, "sh"]
+        if (
+            shutil.which("unshare")
+            and subprocess.run(
+                [*prefix, "true"], env={**os.environ, "TMPDIR": "/tmp"}, capture_output=True
+            ).returncode
+            == 0
+        ):
+            return prefix
+    return None
+
+
+@LOCAL_ONLY
+def test_blob_gc_cannot_hold_a_copy_of_stays(gc_store, tmp_path):
+    """Local store, TMPDIR on an 80 MiB tmpfs: gc deletes the small unreferenced blob, keeps
+    the 32 MiB one it has no room to hold a copy of (it keeps 64 MiB free), and says so."""
+    prefix = tmpfs_prefix()
+    if prefix is None:
+        pytest.skip("cannot mount a small tmpfs here (needs unshare and mount namespaces)")
+    small = gc_store.put_blob(b"small unreferenced kernels")
+    big = gc_store.put_blob(os.urandom(32 << 20))
+    gc_store.age_all()
+    held = tmp_path / "held"
+    held.mkdir()
+    out = subprocess.run(
+        [*prefix, sys.executable, "-m", "torchwarm.cli", "gc", "-c", str(gc_store.config),
+         "--keep", "1", "--grace", "0"],
+        env={**os.environ, "TMPDIR": str(held)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert gc_store.keys(keys.BLOBS) == {big}
+    assert f"deleted blob {small}" in out.stdout
+    assert f"kept blob {big}: no room in {held} to hold a copy" in out.stdout
