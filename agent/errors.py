@@ -18,6 +18,10 @@ class ConfigError(TorchwarmError):
     exit_code = 2
 
 
+class UnsupportedTorch(ConfigError):
+    """The installed torch is not a version torchwarm was tested with (env/compat.py)."""
+
+
 class StoreError(TorchwarmError):
     """The store could not be reached or answered something unusable."""
 

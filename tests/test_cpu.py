@@ -4,6 +4,8 @@ torch's vector-ISA choice."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from torchwarm.env import fingerprint
@@ -141,3 +143,28 @@ def test_x86_security_flags_are_not_extensions():
     """Security features (smep, smap, umip) and cpuid are not what gcc emits."""
     info = CpuInfo.parse(cpuinfo(ZEN4, extra=" smep smap cpuid umip"))
     assert not {"smep", "smap", "cpuid", "umip"} & set(info.isa)
+
+
+# Graviton4 (Neoverse V2): SVE2 at 128 bits; Graviton3 (Neoverse V1): SVE at 256 bits.
+GRAVITON4 = GRAVITON3.replace("0xd40", "0xd4f").replace(" sve ", " sve sve2 ")
+
+
+def test_a_pinned_march_separates_sve2_from_sve():
+    """Under a pinned march torch builds SVE2 CPUs for armv9-a+sve2 (VecSVE) and SVE-only
+    ones for armv8-a+sve: the same vector ISA, never one cache."""
+    g3, g4 = CpuInfo.parse(GRAVITON3), CpuInfo.parse(GRAVITON4)
+    assert g3.vec_isa("aarch64", None) == g4.vec_isa("aarch64", None) == "sve"
+    assert g3.target("aarch64", "armv8.2-a", None) != g4.target("aarch64", "armv8.2-a", None)
+
+
+def test_the_sve_vector_width_separates_targets():
+    """torch compiles SVE for 128 bits where the vector length is 128, else 256
+    (`-msve-vector-bits`): one CPU model at two lengths is two targets, pinned or not;
+    lengths above 256 compile as 256 and share."""
+    g3 = CpuInfo.parse(GRAVITON3)
+    at = {bits: replace(g3, sve_bits=bits) for bits in (128, 256, 512, None)}
+    for march in (None, "armv8.2-a"):
+        assert at[128].target("aarch64", march, None) != at[256].target("aarch64", march, None)
+        assert at[256].target("aarch64", march, None) == at[512].target("aarch64", march, None)
+    assert at[None].target("aarch64", None, None)["sve_vector_bits"] == 256
+    assert "sve_vector_bits" not in CpuInfo.parse(GRAVITON2).target("aarch64", None, None)

@@ -18,6 +18,8 @@ import pytest
 import tomllib
 import yaml
 from conftest import WORKLOAD
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 try:
     import tomllib
@@ -82,6 +84,25 @@ def test_every_directly_imported_third_party_module_is_declared():
         if not dists & declared():
             missing[module] = (sorted(dists), sorted(files))
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+def test_the_declared_torch_range_is_the_tested_minor():
+    """pyproject.toml admits the torch this suite runs on, any patch release of its minor,
+    and nothing older or newer; it is what torchwarm.env.compat supports."""
+    doc = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    deps = doc["project"]["dependencies"]
+    (spec,) = [m[1] for d in deps if (m := re.fullmatch(r"torch\s*([<>=!~][^;\[]*)", d))]
+    tested = Version(metadata.version("torch"))
+    major, minor = tested.major, tested.minor
+    declared = SpecifierSet(spec)
+    assert declared.contains(tested.base_version)
+    assert declared.contains(f"{major}.{minor}.99")
+    assert not declared.contains(f"{major}.{minor - 1}.99")
+    assert not declared.contains(f"{major}.{minor + 1}.0")
+    from torchwarm.env import compat  # after: the range is what this test is about
+
+    assert ((major, minor),) == compat.SUPPORTED
+    assert spec == compat.requirement()
 
 
 @pytest.fixture(scope="module")

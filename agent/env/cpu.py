@@ -7,21 +7,30 @@ that literal flag, not the CPU. Two CPUs with the same vector ISA but other exte
 may run illegal or wrong instructions on the other. So the fingerprint's `cpu` field is:
 
 - `-march=native` (the default): the CPU's identity, vendor, family and model (what gcc
-  tunes for), and every instruction-set extension it has (what gcc may emit);
-- a pinned `-march=TARGET`: the target, and the vector-ISA flags torch adds on top of it
-  (`cpu_vec_isa.VecISA.build_arch_flags`: the vector ISA it picks, plus AVX512-BF16 and
-  AMX-FP16 when the CPU has them). CPUs of several models then share one cache.
+  tunes for), and every instruction-set extension it has (what gcc may emit); on Arm with
+  SVE also the vector width torch fixes (`-msve-vector-bits`), which the identity does not
+  settle (the kernel can shorten the vector length);
+- a pinned `-march=TARGET`: the target, and what torch's vector ISA adds on top of it
+  (`VecISA.build_arch_flags`: the vector ISA it picks, plus AVX512-BF16 and AMX-FP16 when
+  the CPU has them; for SVE, SVE2 and the vector width). CPUs of several models then
+  share one cache.
 
-Everything here is a pure function of the cpuinfo text (tests inject simulated CPUs).
+torch's rules themselves are in compat.py (the torch versions they were read from).
+Everything here is a pure function of the cpuinfo text and the SVE vector length (tests
+inject simulated CPUs).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from torchwarm.env import compat
 
 CPUINFO = Path("/proc/cpuinfo")
 
@@ -47,11 +56,13 @@ _IDENTITY = {"vendor_id": "vendor", "cpu family": "family", "model": "model",
 
 @dataclass(frozen=True)
 class CpuInfo:
-    """The first processor's identity lines and the flags every processor has."""
+    """The first processor's identity lines, the flags every processor has, and on Arm
+    this process's SVE vector length."""
 
     identity: dict[str, str] = field(default_factory=dict)
     flags: frozenset[str] = frozenset()
     cores: dict[int, tuple[str, str]] = field(default_factory=dict)  # cpu -> (package, core)
+    sve_bits: int | None = None  # None: no SVE, or not known
 
     @classmethod
     def parse(cls, text: str) -> CpuInfo:
@@ -76,67 +87,32 @@ class CpuInfo:
     @classmethod
     def read(cls, path: Path = CPUINFO) -> CpuInfo:
         try:
-            return cls.parse(path.read_text(errors="replace"))
+            info = cls.parse(path.read_text(errors="replace"))
         except OSError:
             return cls()
+        return replace(info, sve_bits=sve_vector_length()) if "sve" in info.flags else info
 
     @property
     def isa(self) -> list[str]:
         pattern = _ISA_ARM if "implementer" in self.identity else _ISA_X86
         return sorted(f for f in self.flags if pattern.fullmatch(f))
 
-    # -- torch's choices, recomputed -----------------------------------------------------
-
-    def vec_isa_candidates(self, machine: str) -> list[str]:
-        """torch's valid_vec_isa_list(), best first, as its str() (cpu_vec_isa.py), assuming
-        the compiler builds every ISA the CPU has. SVE, which torch also calls "asimd"
-        though it compiles it otherwise, is "sve" here."""
-        f = self.flags
-        if machine in ("x86_64", "AMD64"):
-            avx512 = {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= f
-            vnni = avx512 and "avx512_vnni" in f
-            out = []
-            if vnni and "amx_tile" in f:
-                out.append("avx512 avx512_vnni amx_tile")
-            if vnni:
-                out.append("avx512 avx512_vnni")
-            if avx512:
-                out.append("avx512")
-            if "avx2" in f:
-                out.append("avx2")
-            return out
-        if machine == "aarch64":
-            if ({"sve", "sve2"} & f) and "bf16" in f:
-                return ["sve"]
-            return ["asimd"]
-        if machine == "ppc64le":
-            return ["vsx"]
-        if machine == "s390x" and "vxe" in f:
-            return ["zvector"]
-        return []
+    # -- torch's choices, recomputed (compat.py) ---------------------------------------
 
     def vec_isa(self, machine: str, capability: str | None) -> str:
         """What torch's pick_vec_isa() returns (its str()), ATEN_CPU_CAPABILITY included."""
-        valid = self.vec_isa_candidates(machine)
-        if not valid:
-            return "INVALID_VEC_ISA"
-        wanted = {"default": None, "zvector": "zvector", "vsx": "vsx", "avx2": "avx2",
-                  "avx512": "avx512"}  # fmt: skip
-        if capability in wanted:
-            if wanted[capability] is None:
-                return "INVALID_VEC_ISA"
-            for isa in valid:
-                if wanted[capability] in isa:  # a substring, as torch matches it
-                    return isa
-        return valid[0]
+        return compat.pick_vec_isa(self.flags, machine, capability)
 
     def target(self, machine: str, march: str | None, capability: str | None) -> dict[str, Any]:
         """The code-generation target: see the module docstring."""
-        if march is None or march == "native":
-            return {"march": "native", **self.identity, "isa": self.isa}
         vec = self.vec_isa(machine, capability)
-        extra = [x for x in ("avx512_bf16", "amx_fp16") if x in self.flags and "avx512" in vec]
-        return {"march": march, "vec_isa": vec, "extra": extra}
+        if march is None or march == "native":
+            out: dict[str, Any] = {"march": "native", **self.identity, "isa": self.isa}
+            if vec == "sve":  # torch fixes the width, which the CPU's identity does not
+                out["sve_vector_bits"] = compat.sve_vector_bits(self.sve_bits)
+            return out
+        return {"march": march, "vec_isa": vec,
+                "extra": compat.vec_isa_flags(self.flags, vec, self.sve_bits)}  # fmt: skip
 
     def physical_cores(self, cpus: set[int]) -> int:
         """Distinct (package, core) pairs among `cpus`; len(cpus) where cpuinfo has no ids."""
@@ -149,3 +125,15 @@ def affinity() -> set[int]:
         return set(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return set(range(os.cpu_count() or 1))
+
+
+def sve_vector_length() -> int | None:
+    """This process's SVE vector length in bits (Linux prctl PR_SVE_GET_VL, which torch's
+    cpuinfo asks too), or None where there is no SVE or no answer."""
+    if platform.system() != "Linux" or platform.machine() != "aarch64":
+        return None
+    try:
+        ret = ctypes.CDLL(None, use_errno=True).prctl(51, 0, 0, 0, 0)  # PR_SVE_GET_VL
+    except (OSError, AttributeError):
+        return None
+    return (ret & 0xFFFF) * 8 if ret > 0 else None  # PR_SVE_VL_LEN_MASK: bytes

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from torchwarm.env import compat
 from torchwarm.env.cpu import CpuInfo, affinity
 from torchwarm.errors import ConfigError
 
@@ -57,7 +58,8 @@ SOURCES = {
     "pick_vec_isa() decides",
     "cpu": "/proc/cpuinfo and $TORCHINDUCTOR_CPP_MARCH: with -march=native the CPU's vendor, "
     "family, model and instruction-set extensions; with a pinned target that target and "
-    "the vector flags torch adds",
+    "the vector flags torch adds; with SVE (Arm) the vector width torch compiles for, from "
+    "this process's vector length (prctl)",
     "threads": "$OMP_NUM_THREADS, $MKL_NUM_THREADS, and the CPUs and physical cores this "
     "process may run on (what torch.get_num_threads() follows)",
     "compile_env": "$TORCH_COMPILE_JOB_ID and the TORCHINDUCTOR_* settings (not the cache "
@@ -67,12 +69,11 @@ SOURCES = {
     "hash compiler command lines that hold them)",
 }
 
-# TORCHINDUCTOR_* variables left out: where torch keeps its caches and whether it uses
-# them (a node's differ by design), how many processes compile (not in torch's key
-# either: seeds often compile with more), and anything naming a connection or credential.
+# TORCHINDUCTOR_* variables left out: torch's that do not change the code it generates
+# (compat.py), and anything naming a connection or credential.
 _LEFT_OUT = re.compile(
-    r"CACHE_DIR|(FX_GRAPH|AUTOGRAD)_CACHE(_DEFAULT)?|COMPILE_THREADS"
-    r"|.*(^|_)(URL|URI|HOST|PORT|REDIS|REMOTE|KEY|TOKEN|SECRET|PASSWORD|PASS|AUTH|CREDENTIALS?)"
+    compat.INDUCTOR_ENV_NOT_CODE
+    + r"|.*(^|_)(URL|URI|HOST|PORT|REDIS|REMOTE|KEY|TOKEN|SECRET|PASSWORD|PASS|AUTH|CREDENTIALS?)"
     r"(_|$).*"
 )
 # The environment variables the fingerprint reads, with the fields each one feeds: these
@@ -235,9 +236,7 @@ class _TorchInstall:
         if record:
             return hashlib.sha256(record.encode()).hexdigest()
         # No RECORD (a source build installed in develop mode): ask torch itself (slow).
-        from torch._inductor.codecache import torch_key  # noqa: PLC0415
-
-        return "torch_key:" + torch_key().hex()
+        return "torch_key:" + compat.torch_key()
 
 
 def _dist_version(names: tuple[str, ...]) -> str | None:
@@ -390,29 +389,14 @@ def torch_facts(scratch: Path | None = None) -> dict[str, Any]:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(scratch)
         try:
             import torch
-            from torch._inductor import config as inductor_config
-            from torch._inductor.codecache import torch_key
-            from torch._inductor.cpp_builder import _get_cpu_arch_cflags, get_cpp_compiler
-            from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-            isa = pick_vec_isa()
             return {
                 "torch": torch.__version__,
                 "torch_git": torch.version.git_version,
-                "torch_key": torch_key().hex(),
                 "cuda": torch.version.cuda,
                 "hip": torch.version.hip,
                 "gpus": _gpus_from_torch(dict(os.environ)),
-                "cpu_vec_isa": str(isa),
-                "cpu_flags": _get_cpu_arch_cflags(get_cpp_compiler())
-                + isa.build_arch_flags().split(),
-                "cpp_march": inductor_config.cpp.march,
-                # The inductor settings torch puts in its FX-graph key (env-set ones too).
-                "inductor_config": hashlib.sha256(
-                    json.dumps(
-                        inductor_config.save_config_portable(), sort_keys=True, default=str
-                    ).encode()  # fmt: skip
-                ).hexdigest(),
+                **compat.inductor_facts(),
                 "threads": torch.get_num_threads(),
                 "torch_dir": os.path.dirname(torch.__file__),
             }

@@ -1,4 +1,4 @@
-"""The Format interface, and what counts as transient in torch's cache dir."""
+"""The Format interface, and which files of torch's cache dir a capture takes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from torchwarm.env import compat
 
 if TYPE_CHECKING:
     from torchwarm.config import Workload
@@ -53,35 +55,27 @@ def disable_caching_precompile() -> None:
     on the seed: its Dynamo entries must travel only in the `precompile` format, which
     checks the model code on the node, and its AOTAutograd keys (a random backend id in
     each) would never hit on a node."""
-    import torch._dynamo.config
-
-    torch._dynamo.config.caching_precompile = False
-
-
-# Lock files, torch's in-flight temp files (write_atomic: "<name>.<pid>.<tid>.tmp") and
-# torchwarm's own files never travel. Dynamo's precompiled entries (`dynamo/`) travel
-# only in their own blob of the `precompile` format.
-DYNAMO_DIR = "dynamo"
-TRANSIENT_DIRS = {"locks"}
-TRANSIENT_SUFFIXES = (".lock", ".tmp")
+    compat.set_caching_precompile(False)
 
 
 def cache_members(cache_dir: Path, suffix: str | None = None, dynamo: bool = False) -> list[str]:
     """Relative paths of the persistent files in a cache dir, optionally only `*suffix`.
 
-    Files under `dynamo/` are left out, or with `dynamo=True` are the only ones listed.
+    Lock files, torch's in-flight temp files and torchwarm's own files never travel.
+    Files under `dynamo/` (precompiled Dynamo entries, which travel only in their own blob
+    of the `precompile` format) are left out, or with `dynamo=True` are the only ones.
     """
     out = []
     for dirpath, dirnames, filenames in os.walk(cache_dir):
         rel_dir = Path(dirpath).relative_to(cache_dir)
         if rel_dir == Path("."):
             dirnames[:] = [
-                d for d in dirnames if d not in TRANSIENT_DIRS and (d == DYNAMO_DIR) == dynamo
+                d for d in dirnames if d != compat.LOCKS_DIR and (d == compat.DYNAMO_DIR) == dynamo
             ]
             if dynamo:
                 continue  # files at the top level are not Dynamo entries
         for name in filenames:
-            if name.endswith(TRANSIENT_SUFFIXES) or name.startswith(".torchwarm"):
+            if name.endswith(compat.TRANSIENT_SUFFIXES) or name.startswith(".torchwarm"):
                 continue
             if suffix is not None and not name.endswith(suffix):
                 continue

@@ -20,17 +20,16 @@ docs/precompile.md has the measurements behind each choice.
 
 from __future__ import annotations
 
-import itertools
 import json
-import re
 import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torchwarm.env import codeid
+from torchwarm.env import codeid, compat
+from torchwarm.env.compat import DYNAMO_DIR, DYNAMO_ENTRY
 from torchwarm.errors import ArchiveError, ConfigError, WarmupError
-from torchwarm.formats.base import DYNAMO_DIR, Captured, cache_members
+from torchwarm.formats.base import Captured, cache_members
 from torchwarm.node.precompile_rules import SCHEME
 from torchwarm.spec import archive
 
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
     from torchwarm.config import Workload
 
 STATE = "precompile.json"  # in the warm-up out dir: what the child tells capture/manifest
-_ENTRY = re.compile(r"dynamo/([0-9a-f]{64})/entry")
 
 
 class PrecompileFormat:
@@ -54,27 +52,15 @@ class PrecompileFormat:
                 "use format cachedir for training workloads"
             )
         identity = codeid.code_identity(w.model)  # before anything imports the model
-        import torch._dynamo.bytecode_transformation as bt
-        import torch._dynamo.config
-
-        torch._dynamo.config.caching_precompile = True
-        # An entry installs globals named by Dynamo's process-wide counter (e.g.
-        # `__builtins_dict___0`). A node that loads it and then recompiles (a shape never
-        # warmed) draws the same names from its own counter, from 0, and torch 2.13 fails
-        # with "Name ... already exists in scope". Starting the seed's counter far away,
-        # at a base drawn from the workload, keeps the names apart.
-        if not isinstance(getattr(bt, "_unique_id_counter", None), itertools.count):
-            raise WarmupError(
-                f"this torch ({torch.__version__}) has no Dynamo unique-id counter where "
-                "torchwarm expects it; format 'precompile' is not supported with it"
-            )
-        bt._unique_id_counter = itertools.count(_id_base(w))
+        compat.set_caching_precompile(True)
+        # A node that loads an entry and then recompiles (a shape never warmed) draws the
+        # names of Dynamo's globals from 0 again; the seed's start at a base drawn from
+        # the workload, far away, so that the two never meet.
+        compat.set_unique_id_base(_id_base(w))
         _write_state(out_dir, {"code_identity": identity.to_dict()})
 
     def save_in_process(self, w: Workload, out_dir: Path) -> None:
         import torch
-        import torch._dynamo.config
-        from torch._dynamo.utils import counters
 
         from torchwarm.seed import child as workload
 
@@ -93,9 +79,9 @@ class PrecompileFormat:
         # The FX-graph path's own pass: a node without precompile mode (or whose entries
         # were left out) looks up AOTAutograd entries under other keys than this mode
         # wrote, and every FX graph should hit.
-        torch._dynamo.config.caching_precompile = False
-        torch._dynamo.reset()
-        counters.clear()
+        compat.set_caching_precompile(False)
+        torch.compiler.reset()
+        compat.counters().clear()
         t0 = time.perf_counter()
         report = workload.run(w)
         state["dynamo_keys"] = keys
@@ -137,7 +123,7 @@ class PrecompileFormat:
             )
         keys = []
         for name in archive.members(blobs["dynamo"]):
-            m = _ENTRY.fullmatch(name)
+            m = DYNAMO_ENTRY.fullmatch(name)
             if m is None:
                 raise ArchiveError(
                     f"{blobs['dynamo'].name}: member {name!r} is not a Dynamo entry "
@@ -159,7 +145,7 @@ def dynamo_keys(cache_dir: Path) -> list[str]:
     return sorted(
         p.name
         for p in root.iterdir()
-        if _ENTRY.fullmatch(f"{DYNAMO_DIR}/{p.name}/entry") and (p / "entry").is_file()
+        if DYNAMO_ENTRY.fullmatch(f"{DYNAMO_DIR}/{p.name}/entry") and (p / "entry").is_file()
     )
 
 

@@ -6,7 +6,7 @@ sidecar takes a baseline of the entries right after the pull and, every few seco
 counts the entries that were not there: each one is a compile the warm-up did not cover.
 
 What torch 2.13 writes into the cache dir (measured on CPU, fresh processes; README
-"Miss metrics"):
+"Miss metrics"; the names are compat.py's):
 - on a hit, through the FX-graph, AOTAutograd or precompiled Dynamo cache: lock files
   (`locks/<key>.lock`) and nothing else with format cachedir or precompile; with format
   megacache also the output code (`<xx>/<key>.py`) and kernel sources (`.cpp`) that the
@@ -38,8 +38,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from torchwarm.env import compat
+from torchwarm.env.compat import AOTAUTOGRAD_DIR, DYNAMO_DIR, FXGRAPH_DIR, TRITON_DIR
 from torchwarm.errors import one_line
-from torchwarm.formats.base import TRANSIENT_DIRS, TRANSIENT_SUFFIXES
 from torchwarm.node.report import PullReport
 
 POLL_S = 5.0  # seconds between scans, at least
@@ -73,14 +74,14 @@ KINDS = (
 )  # fmt: skip
 _KIND = {k.name: k for k in KINDS}
 _ORDER = {k.name: i for i, k in enumerate(KINDS)}  # lines in this order within one scan
-_ENTRY_DIRS = {"fxgraph", "aotautograd", "dynamo", "triton"}
+_ENTRY_DIRS = {FXGRAPH_DIR, AOTAUTOGRAD_DIR, DYNAMO_DIR, TRITON_DIR}
 
 
 def _transient(parts: list[str]) -> bool:
     return (
-        parts[0] in TRANSIENT_DIRS
-        or any(p.startswith((".", "tmp.")) for p in parts)
-        or parts[-1].endswith(TRANSIENT_SUFFIXES)
+        parts[0] == compat.LOCKS_DIR
+        or any(p.startswith(compat.IN_FLIGHT_PREFIXES) for p in parts)
+        or parts[-1].endswith(compat.TRANSIENT_SUFFIXES)
     )
 
 
@@ -91,15 +92,13 @@ def classify(rel: str) -> str | None:
     if _transient(parts):
         return None
     top, name = parts[0], parts[-1]
-    if top in ("fxgraph", "aotautograd") and len(parts) >= 3:
+    if top in (FXGRAPH_DIR, AOTAUTOGRAD_DIR) and len(parts) >= 3:
         return top
-    if top == "dynamo" and len(parts) == 3 and name == "entry":
+    if top == DYNAMO_DIR and compat.DYNAMO_ENTRY.fullmatch(rel):
         return "dynamo"
-    if top == "triton" and name.startswith("__grp__") and name.endswith(".json"):
+    if top == TRITON_DIR and compat.TRITON_KERNEL.fullmatch(name):
         return "triton_kernel"
-    # Inductor's CPU kernels are `<xx>/<key>.main.so` (CppCodeCache, `main.cpp`); a plain
-    # `<xx>/<key>.so` is torch's CPU ISA check (cpu_vec_isa.check_build), not a kernel.
-    if len(parts) == 2 and len(top) == 2 and name.endswith(".main.so"):
+    if len(parts) == 2 and len(top) == 2 and name.endswith(compat.CPU_KERNEL_SUFFIX):
         return "cpu_kernel"
     return None
 

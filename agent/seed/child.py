@@ -16,15 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from torchwarm.config import TensorSpec, Workload
+from torchwarm.env import compat
+from torchwarm.env.compat import COUNTERS
 from torchwarm.errors import ConfigError, WarmupError
-
-# torch._dynamo.utils.counters groups and the names that prove a hit or a miss.
-COUNTERS = {
-    "inductor": ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass"),
-    "aot_autograd": ("autograd_cache_hit", "autograd_cache_miss", "autograd_cache_bypass"),
-    # Precompiled Dynamo entries (TORCH_CACHING_PRECOMPILE=1): a hit skips Dynamo too.
-    "dynamo_cache": ("dynamo_cache_hit", "dynamo_cache_miss", "dynamo_cache_error"),
-}
 
 
 @dataclass
@@ -139,18 +133,17 @@ def _call(fn: Any, inputs: list[Any], train: bool) -> Any:
 def run(workload: Workload) -> RunReport:
     """Compile the workload and call it once per input set; return timings and counters."""
     import torch
-    from torch._dynamo.utils import counters
 
+    counters = compat.counters()
     root = cache_dir()
     so_before = count_so(root)
     # Each workload compiles as in a process of its own (as its warm-up did): no compiled
     # code or automatic-dynamic state of an earlier workload, and counters of this run only.
-    torch._dynamo.reset()
+    torch.compiler.reset()
     before = _counters(counters)
     model = build(workload)
     if workload.compile.backend == "inductor":
-        # Imported by torch.compile() below; an import, like torch's own, is not timed.
-        import torch._inductor.compile_fx  # noqa: F401
+        compat.import_inductor()  # imported by torch.compile() below: an import is not timed
     start = time.perf_counter()
     # Lazy for the FX-graph path (milliseconds); in precompile mode torch loads the
     # Dynamo entries and their kernels here, before any call.
@@ -163,7 +156,7 @@ def run(workload: Workload) -> RunReport:
         inputs = make_inputs(specs, workload.device, workload.seed + i)
         for t, s in zip(inputs, specs, strict=True):
             for d in s.dynamic:
-                torch._dynamo.mark_dynamic(t, d)
+                compat.mark_dynamic(t, d)
         start = time.perf_counter()
         out = _call(compiled, inputs, train)
         sync()

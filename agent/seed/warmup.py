@@ -33,7 +33,7 @@ from typing import Any
 from torchwarm import config as cfgmod
 from torchwarm import formats
 from torchwarm.config import Config, Workload
-from torchwarm.env import fingerprint, torchenv
+from torchwarm.env import compat, fingerprint, torchenv
 from torchwarm.errors import Cancelled, ConfigError, TorchwarmError, WarmupError
 from torchwarm.formats import Captured
 from torchwarm.seed import child as workload
@@ -119,6 +119,7 @@ def warmup(
     setting it kills the group and raises Cancelled. `on_capture()` is called when the
     child has exited well, before the capture.
     """
+    compat.require_supported()  # before anything runs: a capture relies on torch's internals
     kind = kinds.of(w)
     fmt = formats.get(cfg.format)
     if out_dir.exists():
