@@ -21,6 +21,7 @@ from torchwarm.config import Workload
 from torchwarm.env import codeid
 from torchwarm.formats import get as get_format
 from torchwarm.node import precompile_rules as precompile
+from torchwarm.node.job import unpacked_bytes
 from torchwarm.seed.publish import build_manifest, publish_warmup
 from torchwarm.seed.warmup import WarmupResult
 from torchwarm.spec.manifest import Manifest
@@ -220,6 +221,14 @@ def test_app_without_precompile_hits_the_fx_graph_cache(pc_seed, tmp_path):
     assert c["fxgraph_cache_hit"] == N_SETS and c["fxgraph_cache_miss"] == 0
     assert c["autograd_cache_hit"] == N_SETS and c["autograd_cache_miss"] == 0
     assert r["new_so_files"] == 0 and right_numbers(r)
+
+
+def test_the_free_space_check_asks_for_what_the_install_writes(pc_seed, tmp_path):
+    """The manifest's unpacked size, which a node's free-space check adds to the download,
+    covers the whole install, precompiled Dynamo entries included."""
+    cache = install_node(pc_seed, tmp_path / "n" / "inductor", precompiled=True)
+    written = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    assert unpacked_bytes(pc_seed.manifest) >= written > 0
 
 
 def test_train_mode_is_refused_at_warmup_in_one_line(tmp_path):

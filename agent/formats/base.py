@@ -40,6 +40,11 @@ class Format(Protocol):
         """Extra fields for the manifest's `warmup` object (docs/format.md), after capture."""
         ...
 
+    def unpacked_bytes(self, cache_dir: Path) -> int:
+        """After capture: the bytes this capture's blobs write into a node's cache dir,
+        every blob installed (the manifest's `unpacked_bytes`, the free-space check)."""
+        ...
+
     def install(self, blobs: dict[str, Path], staging: Path, *, precompiled: bool = False) -> None:
         """Fill the directory `staging` (the future cache dir) from verified blob files.
 
@@ -84,3 +89,8 @@ def cache_members(cache_dir: Path, suffix: str | None = None, dynamo: bool = Fal
                 continue
             out.append((rel_dir / name).as_posix())
     return sorted(out)
+
+
+def tree_bytes(cache_dir: Path, members: list[str]) -> int:
+    """The size of `members` (paths relative to `cache_dir`) together."""
+    return sum((cache_dir / m).stat().st_size for m in members)

@@ -9,7 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torchwarm.formats.base import Captured, cache_members, disable_caching_precompile
+from torchwarm.formats.base import (
+    Captured,
+    cache_members,
+    disable_caching_precompile,
+    tree_bytes,
+)
 from torchwarm.spec import archive
 
 if TYPE_CHECKING:
@@ -32,6 +37,9 @@ class CacheDirFormat:
 
     def manifest_fields(self, w: Workload, out_dir: Path) -> dict[str, Any]:
         return {}
+
+    def unpacked_bytes(self, cache_dir: Path) -> int:
+        return tree_bytes(cache_dir, cache_members(cache_dir))
 
     def install(self, blobs: dict[str, Path], staging: Path, *, precompiled: bool = False) -> None:
         archive.extract(blobs["cachedir"], staging)

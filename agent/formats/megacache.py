@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from torchwarm.env.torchenv import torch_cache_dir
 from torchwarm.errors import ArchiveError
-from torchwarm.formats.base import Captured, cache_members, disable_caching_precompile
+from torchwarm.formats.base import (
+    Captured,
+    cache_members,
+    disable_caching_precompile,
+    tree_bytes,
+)
 from torchwarm.spec import archive
 
 if TYPE_CHECKING:
@@ -47,6 +52,11 @@ class MegaCacheFormat:
 
     def manifest_fields(self, w: Workload, out_dir: Path) -> dict[str, Any]:
         return {}
+
+    def unpacked_bytes(self, cache_dir: Path) -> int:
+        """The kernels, plus what load_cache_artifacts() writes: at most the seed's own
+        entries, so the whole cache dir (its output code and sources included) bounds it."""
+        return tree_bytes(cache_dir, cache_members(cache_dir))
 
     def install(self, blobs: dict[str, Path], staging: Path, *, precompiled: bool = False) -> None:
         import torch

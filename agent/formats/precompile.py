@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from torchwarm.env import codeid, compat
 from torchwarm.env.compat import DYNAMO_DIR, DYNAMO_ENTRY
 from torchwarm.errors import ArchiveError, ConfigError, WarmupError
-from torchwarm.formats.base import Captured, cache_members
+from torchwarm.formats.base import Captured, cache_members, tree_bytes
 from torchwarm.node.precompile_rules import SCHEME
 from torchwarm.spec import archive
 
@@ -113,6 +113,10 @@ class PrecompileFormat:
                 "fallback": state["fallback"],
             }
         }
+
+    def unpacked_bytes(self, cache_dir: Path) -> int:
+        members = cache_members(cache_dir) + cache_members(cache_dir, dynamo=True)
+        return tree_bytes(cache_dir, members)
 
     def install(self, blobs: dict[str, Path], staging: Path, *, precompiled: bool = False) -> None:
         rest = archive.extract(blobs["cachedir"], staging)

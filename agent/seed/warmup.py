@@ -135,7 +135,7 @@ def warmup(
     if on_capture is not None:
         on_capture()
     captured = fmt.capture(cache, out_dir)
-    unpacked = sum((cache / m).stat().st_size for m in formats.cache_members(cache))
+    unpacked = fmt.unpacked_bytes(cache)
     fields, summary = kind.result(w, ran)
     summary = {**fmt.manifest_fields(w, out_dir), **summary}
     summary["unpacked_bytes"] = unpacked  # what a node needs free to install it
