@@ -287,7 +287,7 @@ def matrix(tmp_path_factory) -> dict[str, tuple[str, dict, dict]]:
         f.write("torch/_inductor/patched.py,sha256=AAAA,10\n")
     probe = tmp_path_factory.mktemp("isa-probe")  # torch's ISA probe, built once per ISA
     code = (
-        "import json, sys; from pathlib import Path; from torchwarm import fingerprint as f; "
+        "import json, sys; from pathlib import Path; from torchwarm.env import fingerprint as f; "
         "fields = f.collect(); print(json.dumps([f.digest(fields), fields, "
         "f.torch_facts(Path(sys.argv[1]))]))"
     )
