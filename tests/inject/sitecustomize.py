@@ -10,7 +10,9 @@ one function of the code under test (the real code otherwise) with a fault:
     slow         sleep 2 s, then the real call (a store that is slow to answer)
 
 With $TORCHWARM_TEST_INJECT_ONLY set, only calls whose arguments' repr contains it get the
-fault; the others run the real function.
+fault; the others run the real function. With $TORCHWARM_TEST_INJECT_SKIP=N, the first N
+calls that would get the fault run the real function (to reach, say, a function's second
+call, where its first would fault too).
 """
 
 import os
@@ -30,9 +32,13 @@ def _install(spec: str) -> None:
     real = getattr(owner, name)
 
     only = os.environ.get("TORCHWARM_TEST_INJECT_ONLY")
+    skip = [int(os.environ.get("TORCHWARM_TEST_INJECT_SKIP", "0"))]
 
     def fault(*args, **kwargs):
         if only and only not in repr((args, kwargs)):
+            return real(*args, **kwargs)
+        if skip[0] > 0:
+            skip[0] -= 1
             return real(*args, **kwargs)
         if action == "raise":
             raise RuntimeError("injected fault")
