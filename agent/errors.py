@@ -12,6 +12,11 @@ class TorchwarmError(Exception):
     exit_code = 1
 
 
+class InternalError(TorchwarmError):
+    """A bug: an exception torchwarm did not raise on purpose, caught where it must not
+    stop the app (the pull's worker, its gate) and reported as one line."""
+
+
 class ConfigError(TorchwarmError):
     """The YAML file, an environment variable or a flag is invalid."""
 

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from factories import Member, hand_archive, make_tree, read_tree
+import yaml
+from conftest import WORKLOAD
+from factories import Member, hand_archive, inject_env, make_tree, read_tree, tree
+from synthetic import publish_synthetic
 
 from torchwarm.errors import InstallError
 from torchwarm.node import install
+from torchwarm.node.replay import Memory
 from torchwarm.spec import archive
+from torchwarm.stores.local import LocalStore
 
 OLD = {"fxgraph/aa/old": b"old entry", "shared": b"old shared"}
 
@@ -168,3 +177,57 @@ def test_unusable_parent_is_install_error(tmp_path):
         install.locked(tmp_path / "file" / "inductor"),
     ):
         pass
+
+
+# -- the commit point: a fresh `pull` whose worker stops after its swap ------------------
+
+NEW = {f"fxgraph/new-{i}": os.urandom(512) for i in range(4)}
+DEADLINE = 5.0
+
+
+def pull_after_the_swap(tmp_path: Path, fault: str, *flags: str, skip: int = 0):
+    """A fresh `pull` of NEW over a cache dir holding OLD, with `fault` injected
+    (`skip`: the first calls it would hit run for real). Returns (process, cache dir)."""
+    store = LocalStore(tmp_path / "store")
+    published = publish_synthetic(store, tmp_path / "capture", NEW)
+    cache = make_tree(tmp_path / "volume" / "inductor", OLD)
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(yaml.safe_dump({"store": store.url, "cache_dir": str(cache),
+                                   "deadline_s": DEADLINE, "workloads": [WORKLOAD]}))  # fmt: skip
+    env = {**os.environ, **inject_env(fault), "TORCHWARM_TEST_INJECT_SKIP": str(skip)}
+    proc = subprocess.run([sys.executable, "-m", "torchwarm.cli", "pull", "-c", str(cfg), *flags],
+                          capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    return proc, cache, published.manifest
+
+
+# The second _rmtree of an install removes the previous tree (the first clears staging).
+STUCK_CLEANUP = "torchwarm.node.install:_rmtree:c-sleep"
+
+
+@pytest.mark.parametrize("flags", [(), ("--require",)], ids=["fail-open", "require"])
+def test_deadline_during_the_old_trees_cleanup_is_warm(tmp_path, flags):
+    """A pull whose deadline passes while it deletes the previous tree exits 0 with the new
+    tree and a warm marker: the swap had committed."""
+    proc, cache, _ = pull_after_the_swap(tmp_path, STUCK_CLEANUP, *flags, skip=1)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((cache.parent / "torchwarm-ready.json").read_text())
+    assert doc["status"] == "warm" and not doc["timed_out"], doc
+    assert tree(cache) == {**OLD, **NEW}
+
+
+def test_replay_memory_survives_a_worker_stopped_in_cleanup(tmp_path):
+    """The installed manifest's serial is remembered even when the worker never finished."""
+    _, cache, m = pull_after_the_swap(tmp_path, STUCK_CLEANUP, skip=1)
+    entry = Memory(install.workdir(cache)).entries[Memory.key(m)]
+    assert entry["serial"] == m.serial
+
+
+@pytest.mark.parametrize("flags", [(), ("--require",)], ids=["fail-open", "require"])
+def test_worker_killed_right_after_the_rename_is_warm(tmp_path, flags):
+    """A worker killed between its rename and its report (at the parent's fsync) leaves a
+    complete new tree, and the marker and exit code say so: never cold over a new tree."""
+    proc, cache, _ = pull_after_the_swap(tmp_path, "torchwarm.node.install:fsync_dir:kill-self",
+                                         *flags)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((cache.parent / "torchwarm-ready.json").read_text())["status"] == "warm"
+    assert tree(cache) == {**OLD, **NEW}

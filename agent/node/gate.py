@@ -9,17 +9,21 @@ cache tree or the complete new one, never a partial one, a ready marker that say
 are an error with one line, and nothing is installed. Verification is never relaxed:
 fail-open only means the app may start without the cache.
 
-The worker (pulljob.py) is a forked child. At the deadline the supervisor kills it,
-wherever it is stuck (a blocking read in C, a driver call), unless it has been allowed
-to start a swap, which then gets a short grace to finish: the hard bound is
-deadline + SWAP_GRACE_S.
+The worker (node/job.py) is a forked child; node/messages.py is what they say. At the
+deadline the supervisor kills it, wherever it is stuck (a blocking read in C, a driver
+call), unless it has been allowed to start a swap, which then gets a short grace to
+reach its rename: the hard bound is deadline + SWAP_GRACE_S. The rename is the commit
+point: a workload whose swap happened is warm, whether the worker said so (Installed,
+sent right after the rename) or was stopped first (the gate then finds the staged tree
+in the cache dir), and whatever became of the cleanup after it.
+
+`_settle` is the decision, a pure function of what the supervisor recorded (`Recorded`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import select
 import signal
@@ -27,6 +31,7 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,9 +40,24 @@ from torchwarm import config as cfgmod
 from torchwarm import stores
 from torchwarm.config import Config
 from torchwarm.env import torchenv
-from torchwarm.errors import DeadlineExceeded, TorchwarmError, one_line
+from torchwarm.errors import DeadlineExceeded, InternalError, TorchwarmError, one_line
 from torchwarm.node import marker
-from torchwarm.node.job import Channel, Failure, PullJob
+from torchwarm.node import messages as msgs
+from torchwarm.node.job import PullJob
+from torchwarm.node.messages import (
+    Channel,
+    Done,
+    Failed,
+    Fatal,
+    Fingerprinted,
+    Go,
+    Installed,
+    MayCommit,
+    Message,
+    Phase,
+    Timing,
+    as_error,
+)
 from torchwarm.node.report import PullReport, WorkloadOutcome, overall
 
 SWAP_GRACE_S = 1.0  # how long a swap that started before the deadline may take
@@ -109,6 +129,95 @@ def pull(
     return sup.finish()
 
 
+@dataclass
+class Recorded:
+    """What the supervisor saw of its worker: the messages, and how the worker ended."""
+
+    names: list[str] = field(default_factory=list)  # the selected workloads, in order
+    outcomes: dict[str, WorkloadOutcome] = field(default_factory=dict)  # reported Installed
+    failures: dict[str, TorchwarmError] = field(default_factory=dict)  # reported Failed
+    fatal: TorchwarmError | None = None  # every workload not yet settled fails with it
+    phase: str = "starting"
+    swap: MayCommit | None = None  # the last swap the supervisor allowed
+    swap_landed: bool = False  # its staged tree is the cache dir, though not all reported
+    deadline_passed: bool = False  # stopped waiting at the deadline (or the swap's grace)
+    worker_exit: str = ""  # how the worker ended, where the supervisor did not kill it
+    fingerprint: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def record(self, msg: Message) -> None:
+        """Keep what one message of the worker says."""
+        if isinstance(msg, Phase):
+            self.phase = msg.phase
+        elif isinstance(msg, Fingerprinted):
+            self.fingerprint = msg.digest
+            self.timings["fingerprint_s"] = msg.seconds
+        elif isinstance(msg, Timing):
+            self.timings[msg.name] = msg.seconds
+        elif isinstance(msg, Installed):
+            self.outcomes[msg.outcome.workload] = msg.outcome
+        elif isinstance(msg, Failed):
+            self.failures[msg.workload] = msg.error
+        elif isinstance(msg, Fatal):
+            self.fatal = msg.error
+        else:  # Go, or a MayCommit / Done the watch loop did not take
+            raise msgs.MessageError(f"the pull worker sent {type(msg).__name__} out of turn")
+
+    def swap_reported(self) -> bool:
+        """Whether every workload of the last allowed swap said how it went."""
+        done = self.outcomes.keys() | self.failures.keys()
+        return self.swap is None or set(self.swap.workloads) <= done
+
+
+@dataclass(frozen=True)
+class Settled:
+    """The decision: one outcome per workload, or (fail-closed) the error to raise."""
+
+    outcomes: list[WorkloadOutcome]
+    reason: str  # why nothing was tried (no workload), else ""
+    timed_out: bool  # some workload was stopped by the deadline
+    error: TorchwarmError | None  # fail-closed: raise this (nothing was installed)
+
+
+def _settle(rec: Recorded, require: bool, deadline_s: float) -> Settled:
+    """Fail-open or fail-closed, for every workload, in one place: a workload whose swap
+    happened is warm; any other fails with its own error, else the pull's fatal one, else
+    the deadline, else how the worker died."""
+    installed = dict(rec.outcomes)
+    if rec.swap is not None and rec.swap_landed:
+        installed = {o.workload: o for o in rec.swap.outcomes} | installed
+    failures: dict[str, TorchwarmError] = {}
+    timed_out = False
+    for name in rec.names:
+        if name in installed:
+            continue
+        if name in rec.failures:
+            failures[name] = rec.failures[name]
+        elif rec.fatal is not None:
+            failures[name] = rec.fatal
+        elif rec.deadline_passed:
+            timed_out = True
+            swapping = rec.swap is not None and name in rec.swap.workloads
+            during = f" during the swap of {name!r}" if swapping else ""
+            failures[name] = DeadlineExceeded(
+                f"the pull did not finish within its {deadline_s:g} s deadline (it was "
+                f"{rec.phase}{during}); check the store's reachability or raise deadline_s"
+            )  # fmt: skip
+        else:
+            failures[name] = InternalError(
+                f"the pull worker {rec.worker_exit or 'stopped'} while {rec.phase}"
+            )
+    error = None
+    if require and (failures or (rec.fatal is not None and not rec.names)):
+        error = next(iter(failures.values()), rec.fatal)
+    outcomes = [
+        installed.get(n) or WorkloadOutcome(n, "cold", one_line(str(failures[n])))
+        for n in rec.names
+    ]
+    reason = one_line(str(rec.fatal)) if rec.fatal is not None and not rec.names else ""
+    return Settled(outcomes, reason, timed_out, error)
+
+
 class Supervisor:
     """Forks the worker (`start`), then watches it until it is done or the deadline
     passes (`finish`). Split in two so that `serve` can fork before its HTTP threads."""
@@ -128,15 +237,7 @@ class Supervisor:
         self.started = time.monotonic() if started is None else started
         self.pid = 0
         self.workloads: tuple[Any, ...] = ()
-        self.outcomes: dict[str, WorkloadOutcome] = {}
-        self.failures: dict[str, Failure] = {}
-        self.fatal: Failure | None = None
-        self.fingerprint = ""
-        self.timings: dict[str, float] = {}
-        self.phase = "starting"
-        self.swapping: list[str] = []
-        self.timed_out = False
-        self.worker_exit = ""
+        self.rec = Recorded()
 
     # -- start ------------------------------------------------------------------------
 
@@ -145,8 +246,9 @@ class Supervisor:
         try:
             self.workloads = self.cfg.selected(self.names)
         except TorchwarmError as e:
-            self.fatal = Failure.of(e)
+            self.rec.fatal = e
             return
+        self.rec.names = [w.name for w in self.workloads]
         try:
             stores.preload(self.cfg.store)
             self.to_parent, child_out = os.pipe()
@@ -160,7 +262,7 @@ class Supervisor:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pid = os.fork()
         except Exception as e:  # noqa: BLE001 - no worker (no memory, no processes): cold
-            self.fatal = Failure.of(e)
+            self.rec.fatal = as_error(e)
             return
         if pid == 0:  # the worker
             os.close(self.to_parent)
@@ -176,61 +278,51 @@ class Supervisor:
         if self.pid:
             try:
                 self._watch()
-            except Exception as e:  # noqa: BLE001 - a bug here must not stop the app either
-                self.fatal = Failure.of(e)
+            except Exception as e:  # noqa: BLE001 - a broken message, or a bug here: cold
+                self.rec.fatal = as_error(e)
             finally:
                 self._reap()
-        report = self._settle()
+                self._find_landed_swap()
+        settled = _settle(self.rec, self.require, self.deadline_s)
+        if settled.error is not None:
+            raise settled.error
+        rec = self.rec
+        report = _report(self.cfg.cache_dir, rec.fingerprint, self.cfg.store, settled.outcomes,
+                         rec.timings, self.started, settled.reason)  # fmt: skip
+        report.timed_out = settled.timed_out
+        report.env = torchenv.expand(self.cfg.env, self.cfg.cache_dir)
         _write_marker(self.cfg.marker_path, report)
         return report
 
     def _watch(self) -> None:
+        rec = self.rec
         deadline = self.started + self.deadline_s
-        buf = b""
+        lines = msgs.Lines()
         grace_until: float | None = None
         while True:
             limit = grace_until if grace_until is not None else deadline
             wait = limit - time.monotonic()
             if wait <= 0 or not select.select([self.to_parent], [], [], wait)[0]:
-                self.timed_out = True
+                rec.deadline_passed = True
                 return  # _reap kills the worker
             chunk = os.read(self.to_parent, 65536)
             if not chunk:
                 return  # the worker exited (done, or died: _reap tells which)
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                msg = json.loads(line)
-                if msg["t"] == "done":
+            for msg in lines.feed(chunk):
+                if isinstance(msg, Done):
                     return
-                if msg["t"] == "commit?":
+                if isinstance(msg, MayCommit):
                     if time.monotonic() >= deadline:
-                        self.timed_out = True
+                        rec.deadline_passed = True
                         return  # no swap starts after the deadline
-                    self.swapping = msg["workloads"]
+                    rec.swap = msg
                     grace_until = deadline + SWAP_GRACE_S
-                    os.write(self.to_child, b"go\n")
-                else:
-                    self._record(msg)
-                    if msg["t"] == "installed" and not set(self.swapping) - set(self.outcomes):
-                        self.swapping, grace_until = [], None
-
-    def _record(self, msg: dict[str, Any]) -> None:
-        kind = msg["t"]
-        if kind == "phase":
-            self.phase = msg["phase"]
-        elif kind == "fingerprint":
-            self.fingerprint = msg["digest"]
-            self.timings["fingerprint_s"] = msg["seconds"]
-        elif kind == "timing":
-            self.timings[msg["name"]] = msg["seconds"]
-        elif kind == "installed":
-            o = WorkloadOutcome.from_dict(msg["outcome"])
-            self.outcomes[o.workload] = o
-        elif kind == "failed":
-            self.failures[msg["workload"]] = Failure(**msg["failure"])
-        elif kind == "fatal":
-            self.fatal = Failure(**msg["failure"])
+                    with contextlib.suppress(BrokenPipeError):  # it died: EOF says so next
+                        msgs.write(self.to_child, Go())
+                    continue
+                rec.record(msg)
+                if grace_until is not None and rec.swap_reported():
+                    grace_until = None  # the grace covers the swap, not what comes after
 
     def _reap(self) -> None:
         """Collect the worker; kill it first if it is still running."""
@@ -240,56 +332,27 @@ class Supervisor:
         pid, status = os.waitpid(self.pid, os.WNOHANG)
         if pid == 0:
             deadline = time.monotonic() + 0.5  # it closed its pipe: let it exit on its own
-            while pid == 0 and not self.timed_out and time.monotonic() < deadline:
+            while pid == 0 and not self.rec.deadline_passed and time.monotonic() < deadline:
                 time.sleep(0.005)
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
         if pid == 0:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
             pid, status = os.waitpid(self.pid, 0)
-        if os.WIFSIGNALED(status) and not self.timed_out:
-            self.worker_exit = f"killed by signal {os.WTERMSIG(status)}"
+        if os.WIFSIGNALED(status) and not self.rec.deadline_passed:
+            self.rec.worker_exit = f"killed by signal {os.WTERMSIG(status)}"
         elif os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0:
-            self.worker_exit = f"exited with status {os.WEXITSTATUS(status)}"
+            self.rec.worker_exit = f"exited with status {os.WEXITSTATUS(status)}"
 
-    # -- the one decision ---------------------------------------------------------------
-
-    def _settle(self) -> PullReport:
-        """Fail-open or fail-closed, for every workload, in one place."""
-        names = [w.name for w in self.workloads]
-        failures: dict[str, Failure] = {}
-        for name in names:
-            if name in self.outcomes:
-                continue
-            if name in self.failures:
-                failures[name] = self.failures[name]
-            elif self.fatal is not None:
-                failures[name] = self.fatal
-            elif self.timed_out:
-                during = f" during the swap of {name!r}" if name in self.swapping else ""
-                failures[name] = Failure.of(DeadlineExceeded(
-                    f"the pull did not finish within its {self.deadline_s:g} s deadline (it "
-                    f"was {self.phase}{during}); check the store's reachability or raise "
-                    "deadline_s"
-                ))  # fmt: skip
-            else:
-                failures[name] = Failure(
-                    "InternalError", 1,
-                    f"the pull worker {self.worker_exit or 'stopped'} while {self.phase}",
-                )  # fmt: skip
-        if self.require and (failures or (self.fatal and not names)):
-            first = next(iter(failures.values()), self.fatal)
-            assert first is not None
-            raise first.error()
-        outcomes = [
-            self.outcomes.get(n) or WorkloadOutcome(n, "cold", failures[n].message) for n in names
-        ]
-        reason = self.fatal.message if self.fatal is not None and not names else ""
-        report = _report(self.cfg.cache_dir, self.fingerprint, self.cfg.store, outcomes,
-                         self.timings, self.started, reason)  # fmt: skip
-        report.timed_out = self.timed_out
-        report.env = torchenv.expand(self.cfg.env, self.cfg.cache_dir)
-        return report
+    def _find_landed_swap(self) -> None:
+        """With the worker gone: whether the swap it was allowed, and did not report,
+        happened (the cache dir is the staged tree, which the rename keeps)."""
+        rec = self.rec
+        if rec.swap is None or set(rec.swap.workloads) <= rec.outcomes.keys():
+            return
+        with contextlib.suppress(OSError):
+            st = os.stat(self.cfg.cache_dir)
+            rec.swap_landed = (st.st_dev, st.st_ino) == rec.swap.staged
 
 
 def _worker(cfg: Config, workloads: tuple[Any, ...], require: bool, chan: Channel) -> None:

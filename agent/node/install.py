@@ -7,7 +7,10 @@ then everything is fsynced and the staging folder is swapped in with one rename:
 renameat2(RENAME_EXCHANGE) on Linux, where there is never a moment without a cache
 dir; elsewhere two renames, where a crash between them leaves no cache dir (which the
 next install repairs from the kept previous tree). A reader thus sees the previous
-tree or the complete new one, never a half-installed one.
+tree or the complete new one, never a half-installed one. The rename is the commit
+point: the previous tree, moved into the workdir by it, is deleted only after the
+caller has been told (`after_swap`), and one that a stopped process left there is
+deleted by the next install.
 
 Because of that rename, the cache dir must not itself be a mount point: mount the
 volume one level up and point cache_dir at a folder inside it.
@@ -62,13 +65,17 @@ def locked(cache_dir: Path) -> Iterator[Path]:
 def install(
     cache_dir: Path,
     fill: Callable[[Path], None],
-    before_swap: Callable[[], None] = lambda: None,
+    before_swap: Callable[[Path], None] = lambda staging: None,
+    after_swap: Callable[[], None] = lambda: None,
 ) -> None:
     """Build the new tree with `fill(staging)` and swap it in atomically.
 
     Call inside `locked(cache_dir)`. If `fill` raises, the cache dir is untouched.
-    `before_swap()` runs last before the swap: if it raises (the deadline passed), the
-    swap does not happen.
+    `before_swap(staging)` runs last before the swap, on the complete tree: if it raises
+    (the deadline passed), the swap does not happen. The swap is the commit point:
+    `after_swap()` runs right after it (the new tree in place, its rename on disk), and
+    only then is the previous tree deleted; a process stopped before that leaves it to
+    the next `locked` (`_recover`).
     """
     work = workdir(cache_dir)
     staging = work / f"staging-{os.getpid()}"
@@ -86,28 +93,38 @@ def install(
         _rmtree(staging)
         raise
     try:
-        before_swap()
-        _swap(staging, cache_dir, work)
-    finally:
+        before_swap(staging)
+        previous = _swap(staging, cache_dir, work)
+    except BaseException:
         _rmtree(staging)
+        raise
+    try:
+        after_swap()
+    finally:
+        if previous is not None:
+            _rmtree(previous)
 
 
-def _swap(staging: Path, cache_dir: Path, work: Path) -> None:
+def _swap(staging: Path, cache_dir: Path, work: Path) -> Path | None:
+    """Rename `staging` to `cache_dir`; the folder that now holds the previous tree, if any."""
+    previous: Path | None = None
     try:
         if not cache_dir.exists():
             os.rename(staging, cache_dir)
         elif _exchange(staging, cache_dir):
-            _rmtree(staging)  # now holds the previous tree
+            previous = staging  # now holds the previous tree
         else:
             previous = work / f"previous-{os.getpid()}"
             os.rename(cache_dir, previous)
-            os.rename(staging, cache_dir)  # a crash before this: _recover puts previous back
-            fsync_dir(cache_dir.parent)
-            _rmtree(previous)
+            try:
+                os.rename(staging, cache_dir)  # a crash before this: _recover puts previous back
+            except OSError:
+                os.rename(previous, cache_dir)  # not swapped: the previous tree goes back now
+                raise
         fsync_dir(cache_dir.parent)
     except OSError as e:
-        _rmtree(staging)
         raise InstallError(f"cannot swap the new cache into {cache_dir}: {e.strerror}") from e
+    return previous
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -1,10 +1,15 @@
-"""The pull's steps, run in the worker process that node.py supervises.
+"""The pull's steps, run in the worker process that node/gate.py supervises.
 
 Per workload: resolve its manifest for this node's fingerprint, refuse a replay, check
 free space, download and verify its blobs, then install them with one swap. The worker
-decides nothing about fail-open or fail-closed: it reports facts to the supervisor over
-a pipe (`Channel`), one JSON message per line, and asks before every swap ("commit?"),
-so that the supervisor alone decides whether the deadline still allows it.
+decides nothing about fail-open or fail-closed: it reports facts to the gate over a pipe
+(node/messages.py), and asks before every swap (MayCommit), so that the gate alone
+decides whether the deadline still allows it.
+
+The order around a swap: remember the manifests' serials (replay memory), ask, rename,
+report Installed, and only then delete the previous tree. The rename is the commit
+point: a worker stopped after it has installed the workload, and the previous tree it
+did not get to delete is removed by the next pull (install._recover).
 
 Fail-open (the default): each workload is installed on its own, so one that fails
 leaves the others warm. Fail-closed (`require`): every workload is fetched first and
@@ -13,21 +18,30 @@ all are installed in one swap, so a failure installs nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torchwarm import errors, formats
+from torchwarm import formats
 from torchwarm.config import Config, Workload
 from torchwarm.env import fingerprint
-from torchwarm.errors import InstallError, NoCacheForFingerprint, TorchwarmError, one_line
+from torchwarm.errors import InstallError, NoCacheForFingerprint
 from torchwarm.node import fetch, install
 from torchwarm.node import precompile_rules as precompile
+from torchwarm.node.messages import (
+    Channel,
+    Done,
+    Failed,
+    Fatal,
+    Fingerprinted,
+    Installed,
+    Phase,
+    Timing,
+    as_error,
+)
 from torchwarm.node.replay import Memory
 from torchwarm.node.report import WorkloadOutcome
 from torchwarm.node.resolve import Miss, resolve
@@ -35,64 +49,6 @@ from torchwarm.spec.manifest import Manifest
 from torchwarm.stores import Store
 
 log = logging.getLogger(__name__)
-
-
-class PullFailed(TorchwarmError):
-    """A fail-closed pull stopped by something outside torchwarm's own errors (a bug)."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why a workload was not installed: the error's class name, exit code and one line."""
-
-    kind: str
-    exit_code: int
-    message: str
-
-    def error(self) -> TorchwarmError:
-        """The error to raise in the supervisor (fail-closed): the worker's own class."""
-        found = getattr(errors, self.kind, None)
-        if isinstance(found, type) and issubclass(found, TorchwarmError):
-            error = found.__new__(found)  # its message as sent, whatever its __init__ takes
-            Exception.__init__(error, self.message)
-            return error
-        return PullFailed(self.message, self.exit_code)
-
-    @classmethod
-    def of(cls, e: BaseException) -> Failure:
-        if isinstance(e, TorchwarmError):
-            return cls(type(e).__name__, e.exit_code, one_line(str(e)))
-        if isinstance(e, OSError):  # this node's disk or files: a full disk, an I/O error
-            where = f" ({e.filename})" if e.filename else ""
-            return cls(
-                "InstallError",
-                InstallError.exit_code,
-                one_line(f"I/O error on this node: {e.strerror or e}{where}"),
-            )
-        return cls("InternalError", 1, one_line(f"internal error: {type(e).__name__}: {e} (a bug)"))
-
-
-class Channel:
-    """The worker's end of the pipes to the supervisor."""
-
-    def __init__(self, out_fd: int, in_fd: int) -> None:
-        self.out = out_fd
-        self.inp = in_fd
-
-    def send(self, kind: str, **fields: Any) -> None:
-        data = (json.dumps({"t": kind, **fields}, default=str) + "\n").encode()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.out, view) :]
-
-    def may_commit(self, names: list[str]) -> bool:
-        """Ask the supervisor whether a swap may start; it answers, or kills this process."""
-        self.send("commit?", workloads=names)
-        return os.read(self.inp, 3) == b"go\n"
 
 
 Hit = tuple[Manifest, dict[str, Path]]
@@ -107,19 +63,18 @@ class PullJob:
         try:
             self._run()
         except Exception as e:  # noqa: BLE001 - every workload not yet settled fails with it
-            self.chan.send("fatal", failure=Failure.of(e).__dict__)
-        self.chan.send("done")
+            self.chan.send(Fatal(as_error(e)))
+        self.chan.send(Done())
 
     def _run(self) -> None:
-        self.chan.send("phase", phase="taking the install lock")
+        self.chan.send(Phase("taking the install lock"))
         with install.locked(self.cfg.cache_dir) as work:
             self.memory = Memory(work)
-            self.chan.send("phase", phase="reading this machine's fingerprint")
+            self.chan.send(Phase("reading this machine's fingerprint"))
             t0 = time.perf_counter()
             fields = fingerprint.collect()
             self.fields = fields
-            self.chan.send("fingerprint", digest=fingerprint.digest(fields),
-                           seconds=time.perf_counter() - t0)  # fmt: skip
+            self.chan.send(Fingerprinted(fingerprint.digest(fields), time.perf_counter() - t0))
             store = self.cfg.open_store(read_only=True)  # a node never writes to the store
             downloads = work / f"downloads-{os.getpid()}"
             try:
@@ -165,19 +120,18 @@ class PullJob:
     # -- the steps ----------------------------------------------------------------------
 
     def _failed(self, w: Workload, e: BaseException) -> None:
-        self.chan.send("failed", workload=w.name, failure=Failure.of(e).__dict__)
+        self.chan.send(Failed(w.name, as_error(e)))
 
     def _resolve_all(self, store: Store, stop_at_failure: bool) -> list[tuple[Workload, Manifest]]:
         """Each workload's verified manifest for this fingerprint, not older than what this
         node installed before; a workload that has none fails (and is left out)."""
         found = []
         for w in self.workloads:
-            self.chan.send("phase", phase=f"resolving {w.name!r} in {store.url}")
+            self.chan.send(Phase(f"resolving {w.name!r} in {store.url}"))
             try:
                 t0 = time.perf_counter()
                 m = resolve(store, w.name, self.fields, self.cfg.trusted_keys)
-                self.chan.send("timing", name=f"resolve_s.{w.name}",
-                               seconds=time.perf_counter() - t0)  # fmt: skip
+                self.chan.send(Timing(f"resolve_s.{w.name}", time.perf_counter() - t0))
                 if isinstance(m, Miss):
                     raise NoCacheForFingerprint(m.reason)
                 self.memory.check(m, store.url)
@@ -192,11 +146,10 @@ class PullJob:
     def _fetch(self, store: Store, w: Workload, m: Manifest, dest: Path) -> dict[str, Path]:
         """Download and verify one workload's blobs into `dest`."""
         dest.mkdir(parents=True, exist_ok=True)
-        self.chan.send("phase", phase=f"downloading {w.name!r} ({m.size} bytes) from "
-                       f"{store.url}")  # fmt: skip
+        self.chan.send(Phase(f"downloading {w.name!r} ({m.size} bytes) from {store.url}"))
         t0 = time.perf_counter()
         blobs = fetch.fetch(store, m, dest)
-        self.chan.send("timing", name=f"fetch_s.{w.name}", seconds=time.perf_counter() - t0)
+        self.chan.send(Timing(f"fetch_s.{w.name}", time.perf_counter() - t0))
         return blobs
 
     def _space(self, where: Path, manifests: list[Manifest]) -> None:
@@ -223,35 +176,48 @@ class PullJob:
             for m, _ in hits
             if m.format == precompile.FORMAT
         }
+        outcomes = [_outcome(m, decided.get(m.workload)) for m, _ in hits]
 
         def fill(staging: Path) -> None:
             for m, blobs in hits:
                 entries = m.workload in decided and decided[m.workload].install
                 formats.get(m.format).install(blobs, staging, precompiled=entries)
 
-        self.chan.send("phase", phase=f"installing {', '.join(names)}")
+        def commit(staging: Path) -> None:
+            # Memory first, tree second: a tree in the cache dir always has its serials
+            # remembered; a swap refused after this only refuses manifests older than
+            # one this node verified, as the swap would have.
+            self._remember([m for m, _ in hits])
+            st = os.stat(staging)
+            if not self.chan.may_commit(outcomes, (st.st_dev, st.st_ino)):
+                raise InstallError("the gate refused the swap")  # not reached: it kills us
+
+        def committed() -> None:
+            self.chan.send(Timing(f"install_s.{'+'.join(names)}", time.perf_counter() - t0))
+            for o in outcomes:
+                self.chan.send(Installed(o))
+            self.chan.send(Phase(f"deleting the cache tree that {', '.join(names)} replaced"))
+
+        self.chan.send(Phase(f"installing {', '.join(names)}"))
         t0 = time.perf_counter()
-        install.install(self.cfg.cache_dir, fill, before_swap=lambda: self._commit(names))
+        install.install(self.cfg.cache_dir, fill, before_swap=commit, after_swap=committed)
+
+    def _remember(self, manifests: list[Manifest]) -> None:
         try:
-            self.memory.record([m for m, _ in hits])
-        except OSError as e:  # installed all the same: only the replay memory is lost
+            self.memory.record(manifests)
+        except OSError as e:  # the install goes on: only the replay memory is lost
             log.warning("cannot remember the installed serials (%s); replay protection "
                         "restarts from the next pull that can", e)  # fmt: skip
-        self.chan.send("timing", name=f"install_s.{'+'.join(names)}",
-                       seconds=time.perf_counter() - t0)  # fmt: skip
-        for m, _ in hits:
-            d = decided.get(m.workload)
-            outcome = WorkloadOutcome(
-                m.workload, "warm", "", f"{m.workload}/{m.fingerprint_digest}", m.format,
-                [b.to_dict() for b in m.blobs], m.size, _warmup_summary(m),
-                precompiled=bool(d and d.install),
-                precompile_reason=d.reason if d is not None and not d.install else "",
-            )  # fmt: skip
-            self.chan.send("installed", outcome=outcome.__dict__)
 
-    def _commit(self, names: list[str]) -> None:
-        if not self.chan.may_commit(names):
-            raise InstallError("the supervisor refused the swap")  # not reached: it kills us
+
+def _outcome(m: Manifest, d: precompile.Decision | None) -> WorkloadOutcome:
+    """What the workload is once its tree is in (d: the precompile decision, if any)."""
+    return WorkloadOutcome(
+        m.workload, "warm", "", f"{m.workload}/{m.fingerprint_digest}", m.format,
+        [b.to_dict() for b in m.blobs], m.size, _warmup_summary(m),
+        precompiled=bool(d and d.install),
+        precompile_reason=d.reason if d is not None and not d.install else "",
+    )  # fmt: skip
 
 
 def unpacked_bytes(m: Manifest) -> int:
