@@ -1,4 +1,6 @@
-"""Shared fixtures. Object-store servers live in servers.py; the compile seed is here.
+"""Shared fixtures. Object-store servers (and `free_port`) live in servers.py; the compile
+seed is here, with the one way to run the CLI in a new process (`torchwarm` waits for it,
+`spawn` starts a long-running one) and the one poller of the agent's /readyz.
 
 The seed compiles once per test session (CPU compiles are slow) and keeps its captures
 on disk; every test that needs a store pushes those captures into a store of its own.
@@ -11,12 +13,19 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+
+pytest.register_assert_rewrite("servers")  # imported here before pytest loads it as a plugin
+from servers import AWS_ENV_TO_HIDE  # noqa: E402
 
 pytest_plugins = ("servers",)
 
@@ -31,22 +40,55 @@ WORKLOAD = {
 }
 
 
+CLI = (sys.executable, "-m", "torchwarm.cli")  # the command line, as `torchwarm` runs it
+
+
+def cli_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment plus `env`, less anything that could point boto3 at a
+    real account or endpoint (unless `env` sets it)."""
+    inherited = {k: v for k, v in os.environ.items() if k not in AWS_ENV_TO_HIDE}
+    return {**inherited, **(env or {})}
+
+
 def torchwarm(
-    *args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 300
+    *args: str, env: Mapping[str, str] | None = None, check: bool = True, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    """Run the CLI in a new process, as a node or a seed would."""
+    """Run the CLI in a new process, as a node or a seed would, and wait for it."""
     proc = subprocess.run(
-        [sys.executable, "-m", "torchwarm.cli", *args],
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        [*CLI, *args], env=cli_env(env), capture_output=True, text=True, timeout=timeout
     )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"torchwarm {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         )
     return proc
+
+
+def spawn(*args: str, env: Mapping[str, str] | None = None, **popen: Any) -> subprocess.Popen[str]:
+    """Start the CLI in a new process and return at once (serve, daemon, run, wait);
+    `popen` goes to Popen (stdout=subprocess.PIPE, ...)."""
+    return subprocess.Popen([*CLI, *args], env=cli_env(env), text=True, **popen)
+
+
+def readyz(port: int) -> tuple[int, str]:
+    """GET /readyz of the agent on 127.0.0.1:`port`: (status, body), (0, "") until it listens."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def wait_ready(port: int, proc: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
+    """Poll /readyz until it says 200, `proc` exits or `timeout` s pass; the last answer."""
+    deadline = time.monotonic() + timeout
+    answer = readyz(port)
+    while answer[0] != 200 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        answer = readyz(port)
+    return answer
 
 
 def write_config(path: Path, store: str, cache_dir: Path, fmt: str = "cachedir") -> Path:

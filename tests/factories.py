@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 import tarfile
 import textwrap
 from dataclasses import dataclass, field
@@ -19,6 +20,12 @@ from torchwarm.spec.manifest import BlobRef, Manifest
 from torchwarm.stores.local import LocalStore
 
 INJECT = Path(__file__).with_name("inject")  # its sitecustomize.py injects faults
+CMD_APP = Path(__file__).with_name("cmd_app.py")
+# A command workload that compiles nothing (tests/cmd_app.py): for claims about the seed's
+# daemon and publish, not about torch. Its config needs COMMAND_ENV as the top-level env.
+COMMAND = {"name": "cmd", "command": [sys.executable, str(CMD_APP)], "cwd": str(CMD_APP.parent),
+           "code": [str(CMD_APP)]}  # fmt: skip
+COMMAND_ENV = {"APP_CACHE_ROOT": "{cache_dir}/app"}  # its second cache root, under cache_dir
 
 
 def inject_env(fault: str | None = None) -> dict[str, str]:
@@ -187,9 +194,7 @@ class RecordingStore:
         return recorded
 
     def writes(self) -> list[tuple[str, str]]:
-        return [
-            c for c in self.calls if c[0] in ("put", "put_if_version")
-        ]
+        return [c for c in self.calls if c[0] in ("put", "put_if_version")]
 
 
 def tree(root: Path) -> dict[str, bytes]:

@@ -1,10 +1,12 @@
 """The seed daemon against S3 (SeaweedFS behind a proxy that records every request).
 
 One module fixture runs three `--once` passes over one store and keeps their events and
-the requests the store saw: pass 1 warms two workloads, pass 2 finds both current,
-pass 3 follows an edit to one workload's input sets and adds one whose model does not
-import. Other tests start long-running daemons and signal them, or run workloads from
-test model modules (written per test, on PYTHONPATH) that raise, hang or look around.
+the requests the store saw: pass 1 warms two workloads (a compiled model and a command),
+pass 2 finds both current, pass 3 follows an edit to the model's input sets and adds one
+whose model does not import. Other tests start long-running daemons and signal them, or
+run workloads from test model modules (written per test, on PYTHONPATH) that raise, hang
+or look around. Where a claim is about the daemon and not about torch (a stuck upload, a
+forged manifest), the workload is tests/cmd_app.py, a command that compiles nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import queue
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -29,10 +30,10 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import WORKLOAD
-from factories import INJECT, alive, inject_env
+from conftest import spawn, torchwarm
+from factories import COMMAND, COMMAND_ENV, INJECT, alive, inject_env
 from faultproxy import FaultProxy, _ProxyHandler
-from servers import AWS_ENV_TO_HIDE, BUCKET, FAKE_AWS_ENV, S3Server, free_port, s3_client
+from servers import BUCKET, FAKE_AWS_ENV, S3Server, free_port, s3_client
 
 TINY = {
     "name": "tiny",
@@ -47,7 +48,6 @@ BROKEN = {
 }
 S3_OPTIONS = {"path_style": True, "request_checksum_calculation": "when_required",
               "region": "us-east-1"}  # fmt: skip
-ENV = {**{k: v for k, v in os.environ.items() if k not in AWS_ENV_TO_HIDE}, **FAKE_AWS_ENV}
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -93,17 +93,19 @@ def make_setup(tmp: Path, endpoint: str, direct: str) -> Setup:
         "store": f"s3://{BUCKET}/{prefix}",
         "store_options": {"endpoint_url": endpoint, **S3_OPTIONS},
         "cache_dir": str(tmp / "cache" / "inductor"),
+        "env": COMMAND_ENV,
     }
     return Setup(tmp / "config.yaml", endpoint, direct, prefix, doc)
 
 
-def daemon_once(config: Path, rc: int = 0) -> list[dict[str, Any]]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "torchwarm.cli", "daemon", "-c", str(config), "--once"],
-        env=ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == rc, f"{proc.stdout}\n{proc.stderr}"
+def events_of(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def daemon_once(config: Path, rc: int = 0) -> list[dict[str, Any]]:
+    proc = torchwarm("daemon", "-c", str(config), "--once", env=FAKE_AWS_ENV, check=False)
+    assert proc.returncode == rc, f"{proc.stdout}\n{proc.stderr}"
+    return events_of(proc)
 
 
 def named(events: list[dict[str, Any]], event: str) -> dict[str, dict[str, Any]]:
@@ -119,10 +121,8 @@ class LiveDaemon:
     """A long-running `torchwarm daemon` whose JSON events are read as they are printed."""
 
     def __init__(self, config: Path, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "torchwarm.cli", "daemon", "-c", str(config), *args],
-            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        self.proc = spawn("daemon", "-c", str(config), *args, env=FAKE_AWS_ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
         self.events: list[dict[str, Any]] = []
         self._q: queue.Queue[dict[str, Any] | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -222,13 +222,13 @@ class Passes:
 def passes(
     tmp_path_factory: pytest.TempPathFactory, fault_proxy: FaultProxy, seaweedfs_server: S3Server
 ) -> Passes:
-    """Pass 1 on an empty store, pass 2 unchanged, pass 3 after editing `tiny` and adding
-    a workload that cannot import."""
+    """Pass 1 on an empty store (`cmd` and `tiny`), pass 2 unchanged, pass 3 after editing
+    `tiny` and adding a workload that cannot import."""
     fault_proxy.reset()
     setup = make_setup(
         tmp_path_factory.mktemp("daemon"), fault_proxy.endpoint, seaweedfs_server.endpoint
     )
-    setup.write([WORKLOAD, TINY])
+    setup.write([COMMAND, TINY])
     events, seen = [], []
 
     def run(rc: int = 0) -> None:
@@ -243,21 +243,22 @@ def passes(
     after = setup.objects()
     tiny = copy.deepcopy(TINY)
     tiny["inputs"].append([{"shape": [3, 8], "dtype": "float32"}])
-    setup.write([BROKEN, WORKLOAD, tiny])
+    setup.write([BROKEN, COMMAND, tiny])
     run(rc=7)  # --once reports the failed workload to the Job, after handling the others
     return Passes(setup, events, seen, before, first, after)
 
 
 @pytest.mark.compile
 def test_first_pass_warms_and_publishes_both_workloads(passes):
-    """Pass 1 on an empty store compiles both workloads and publishes a manifest for each."""
+    """Pass 1 on an empty store warms both workloads (compiles the model, runs the command)
+    and publishes a manifest for each."""
     ev = passes.events[0]
-    assert set(named(ev, "warmup_started")) == {"mlp", "tiny"}
+    assert set(named(ev, "warmup_started")) == {"cmd", "tiny"}
     published = named(ev, "published")
-    assert set(published) == {"mlp", "tiny"}
+    assert set(published) == {"cmd", "tiny"}
     assert all(p["outcome"] == "published" and p["bytes_pushed"] > 0 for p in published.values())
     manifests = passes.first_manifests
-    assert sorted(k.split("/")[2] for k in manifests) == ["mlp", "tiny"]
+    assert sorted(k.split("/")[2] for k in manifests) == ["cmd", "tiny"]
     for doc in manifests.values():
         for b in doc["blobs"]:
             assert f"blobs/sha256/{b['sha256'][:2]}/{b['sha256']}" in passes.before_second
@@ -269,7 +270,7 @@ def test_first_pass_warms_and_publishes_both_workloads(passes):
 def test_second_pass_compiles_nothing_and_uploads_nothing(passes):
     """Pass 2 skips both workloads: no warm-up, no PUT at the store, no object changed."""
     ev = passes.events[1]
-    assert set(named(ev, "skipped_present")) == {"mlp", "tiny"}
+    assert set(named(ev, "skipped_present")) == {"cmd", "tiny"}
     assert not named(ev, "warmup_started") and not named(ev, "published")
     assert passes.seen[1], "pass 2 never reached the store"
     assert puts(passes.seen[1]) == []
@@ -281,7 +282,7 @@ def test_editing_one_workloads_inputs_rewarms_only_that_one(passes):
     """Pass 3, after `tiny` gained an input set, re-warms `tiny` alone and replaces its manifest."""
     ev = passes.events[2]
     assert list(named(ev, "warmup_started")) == ["tiny"]
-    assert list(named(ev, "skipped_present")) == ["mlp"]
+    assert list(named(ev, "skipped_present")) == ["cmd"]
     (pub,) = named(ev, "published").values()
     assert pub["workload"] == "tiny" and pub["outcome"] == "replaced"
     shapes = [s[0]["shape"] for s in passes.setup.manifest(pub["manifest"])["warmup"]["input_sets"]]
@@ -309,7 +310,7 @@ def test_metrics_move_across_a_pass_and_a_failing_workload_backs_off(passes):
     """/metrics before and after each pass: passes and skips count up, `broken` fails once,
     then backs off on the next pass; SIGTERM exits 0."""
     port = free_port()
-    passes.setup.write([BROKEN, WORKLOAD, passes.setup.doc["workloads"][2]],
+    passes.setup.write([BROKEN, COMMAND, passes.setup.doc["workloads"][2]],
                        interval_s=2, jitter=0.0)  # fmt: skip
     d = LiveDaemon(passes.setup.config, "--listen", f"127.0.0.1:{port}")
     try:
@@ -324,10 +325,10 @@ def test_metrics_move_across_a_pass_and_a_failing_workload_backs_off(passes):
     finally:
         d.kill()
     assert before["torchwarm_daemon_passes_total"] == 0
-    assert before['torchwarm_daemon_skipped_total{workload="mlp"}'] == 0
+    assert before['torchwarm_daemon_skipped_total{workload="cmd"}'] == 0
     assert after["torchwarm_daemon_passes_total"] == 1
     assert second["torchwarm_daemon_passes_total"] == 2
-    for w in ("mlp", "tiny"):
+    for w in ("cmd", "tiny"):
         assert after[f'torchwarm_daemon_skipped_total{{workload="{w}"}}'] == 1
         assert second[f'torchwarm_daemon_skipped_total{{workload="{w}"}}'] == 2
         assert second[f'torchwarm_daemon_warmups_total{{workload="{w}"}}'] == 0
@@ -337,7 +338,6 @@ def test_metrics_move_across_a_pass_and_a_failing_workload_backs_off(passes):
     assert code == 0 and seconds < 10
 
 
-@pytest.mark.compile
 def test_sigterm_during_a_stuck_upload_exits_0_and_leaves_no_dangling_manifest(
     tmp_path, seaweedfs_server
 ):
@@ -346,7 +346,7 @@ def test_sigterm_during_a_stuck_upload_exits_0_and_leaves_no_dangling_manifest(
     proxy = StallProxy(int(seaweedfs_server.endpoint.rsplit(":", 1)[1]))
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     setup = make_setup(tmp_path, proxy.endpoint, seaweedfs_server.endpoint)
-    setup.write([TINY])
+    setup.write([COMMAND])
     d = LiveDaemon(setup.config)
     try:
         d.wait_for("warmup_finished", 180)
@@ -372,7 +372,7 @@ def test_skipped_manifest_older_than_refresh_s_is_touched_once(passes, tmp_path)
     """A current manifest 8 days old (past daemon.refresh_s, 7 days) is touched by the next
     pass, bytes unchanged; the pass after it touches nothing (local copy of the store)."""
     store = tmp_path / "store"
-    (key,) = (k for k in passes.first_manifests if k.split("/")[2] == "mlp")
+    (key,) = (k for k in passes.first_manifests if k.split("/")[2] == "cmd")
     doc = passes.setup.manifest(key)
     wanted = [key] + [f"blobs/sha256/{b['sha256'][:2]}/{b['sha256']}" for b in doc["blobs"]]
     client = s3_client(passes.setup.direct)
@@ -383,14 +383,14 @@ def test_skipped_manifest_older_than_refresh_s_is_touched_once(passes, tmp_path)
     manifest, before = store / key, (store / key).read_bytes()
     eight_days_ago = time.time() - 8 * 86400
     os.utime(manifest, (eight_days_ago, eight_days_ago))
-    config = local_config(tmp_path, [WORKLOAD])
+    config = local_config(tmp_path, [COMMAND], env=COMMAND_ENV)
     first = daemon_once(config)
     touched = manifest.stat().st_mtime_ns
     second = daemon_once(config)
-    assert list(named(first, "skipped_present")) == ["mlp"]
-    assert named(first, "manifest_refreshed")["mlp"]["age_s"] >= 8 * 86400
+    assert list(named(first, "skipped_present")) == ["cmd"]
+    assert named(first, "manifest_refreshed")["cmd"]["age_s"] >= 8 * 86400
     assert time.time() - touched / 1e9 < 600 and manifest.read_bytes() == before
-    assert list(named(second, "skipped_present")) == ["mlp"]
+    assert list(named(second, "skipped_present")) == ["cmd"]
     assert not named(second, "manifest_refreshed")
     assert manifest.stat().st_mtime_ns == touched
 
@@ -430,12 +430,13 @@ def hang(pids: Path, **extra: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def models_env(tmp_path: Path) -> dict[str, str]:
-    """ENV with PYTHONPATH holding TEST_MODELS."""
+    """The fake AWS credentials, and PYTHONPATH holding TEST_MODELS."""
     root = tmp_path / "models"
     for rel, text in TEST_MODELS.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
-    return {**ENV, "PYTHONPATH": os.pathsep.join([str(root), ENV.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    return {**FAKE_AWS_ENV, "PYTHONPATH": path}
 
 
 def local_config(tmp_path: Path, workloads: list[dict[str, Any]], **top: Any) -> Path:
@@ -444,13 +445,6 @@ def local_config(tmp_path: Path, workloads: list[dict[str, Any]], **top: Any) ->
            "cache_dir": str(tmp_path / "cache" / "inductor"), **top}  # fmt: skip
     config.write_text(yaml.safe_dump(doc))
     return config
-
-
-def cli(config: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "torchwarm.cli", args[0], "-c", str(config), *args[1:]],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
 
 
 def test_once_exits_7_when_workloads_fail_for_any_reason(tmp_path, models_env):
@@ -462,7 +456,8 @@ def test_once_exits_7_when_workloads_fail_for_any_reason(tmp_path, models_env):
     boom = {**inject_env("torchwarm.env.codeid:code_identity:raise"),
             "TORCHWARM_TEST_INJECT_ONLY": "tw_boom"}  # fmt: skip
     boom["PYTHONPATH"] = os.pathsep.join([str(INJECT), models_env["PYTHONPATH"]])
-    proc = cli(config, {**models_env, **boom}, "daemon", "--once")
+    proc = torchwarm("daemon", "-c", str(config), "--once", env={**models_env, **boom},
+                     check=False)  # fmt: skip
     events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 7, proc.stdout + proc.stderr
     failed = named(events, "warmup_failed")
@@ -481,7 +476,8 @@ def test_warmup_past_its_timeout_is_killed_with_its_children(tmp_path, models_en
     pids = tmp_path / "pids.json"
     config = local_config(tmp_path, [hang(pids, warmup_timeout_s=10)])
     t0 = time.monotonic()
-    proc = cli(config, models_env, "warmup", "--out", str(tmp_path / "out"))
+    proc = torchwarm("warmup", "-c", str(config), "--out", str(tmp_path / "out"), env=models_env,
+                     check=False)  # fmt: skip
     seconds = time.monotonic() - t0
     assert proc.returncode == 7, proc.stderr
     (line,) = proc.stderr.splitlines()
@@ -504,7 +500,7 @@ def test_warmup_child_holds_no_signing_key(tmp_path, models_env):
            "inputs": TINY["inputs"]}  # fmt: skip
     config = local_config(tmp_path, [spy])
     env = {**models_env, "TORCHWARM_SIGNING_KEY": secret, "TORCHWARM_FORMAT": "cachedir"}
-    proc = cli(config, env, "warmup", "--push")
+    proc = torchwarm("warmup", "-c", str(config), "--push", env=env, check=False)
     assert proc.returncode == 7 and "spied on the warm-up child" in proc.stderr, proc.stderr
     child = json.loads(seen.read_text())
     assert not [k for k in child["env"] if k.startswith("TORCHWARM_")]
@@ -518,7 +514,8 @@ def test_error_outside_the_workloads_fails_the_pass_not_the_daemon(tmp_path):
     """`--workload nosuch`: each pass fails (event pass_failed, 60 s backoff) and the daemon
     keeps running until SIGTERM (exit 0); with --once the error's own exit code, 2."""
     config = local_config(tmp_path, [TINY])
-    assert cli(config, ENV, "daemon", "--once", "--workload", "nosuch").returncode == 2
+    once = torchwarm("daemon", "-c", str(config), "--once", "--workload", "nosuch", check=False)
+    assert once.returncode == 2
     d = LiveDaemon(config, "--workload", "nosuch")
     try:
         failed = d.wait_for("pass_failed", 120)
@@ -570,7 +567,6 @@ def test_healthz_says_503_when_a_step_runs_past_its_timeout(tmp_path, seaweedfs_
     assert code == 0
 
 
-@pytest.mark.compile
 def test_daemon_repairs_a_manifest_forged_under_its_key_name(tmp_path):
     """A manifest whose signature names the seed's key but does not verify (a forgery left
     by someone with bucket access): `daemon --once` does not skip it but warms up and
@@ -582,9 +578,9 @@ def test_daemon_repairs_a_manifest_forged_under_its_key_name(tmp_path):
 
     secret, public = signing.generate("seed-1")
     trusted = signing.load_trusted([public], "test")
-    config = local_config(tmp_path, [TINY])
-    env = {**ENV, "TORCHWARM_SIGNING_KEY": secret}
-    assert cli(config, env, "daemon", "--once").returncode == 0
+    config = local_config(tmp_path, [COMMAND], env=COMMAND_ENV)
+    env = {"TORCHWARM_SIGNING_KEY": secret}
+    torchwarm("daemon", "-c", str(config), "--once", env=env)  # raises unless it exits 0
     store = LocalStore(tmp_path / "store")
     (info,) = [i for i in store.list(keytree.MANIFESTS)]
     good = mf.parse(store.read(info.key, mf.MAX_MANIFEST_BYTES).data, info.key)
@@ -593,12 +589,12 @@ def test_daemon_repairs_a_manifest_forged_under_its_key_name(tmp_path):
     store.put(info.key, forged.to_json())
     with pytest.raises(Exception, match="does not match its content"):
         signing.verify(forged, trusted, info.key)
-    second = cli(config, env, "daemon", "--once")
+    second = torchwarm("daemon", "-c", str(config), "--once", env=env, check=False)
     assert second.returncode == 0, second.stderr
     events = [json.loads(line)["event"] for line in second.stdout.splitlines()]
     assert "published" in events and "skipped_present" not in events
     repaired = mf.parse(store.read(info.key, mf.MAX_MANIFEST_BYTES).data, info.key)
     signing.verify(repaired, trusted, info.key)  # raises if it does not verify
     assert repaired.serial > good.serial
-    third = cli(config, env, "daemon", "--once")
+    third = torchwarm("daemon", "-c", str(config), "--once", env=env, check=False)
     assert "skipped_present" in [json.loads(line)["event"] for line in third.stdout.splitlines()]

@@ -41,9 +41,11 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from conftest import torchwarm
+from factories import COMMAND, COMMAND_ENV
 from faultproxy import FaultProxy
 from kubernetes_validate.utils import latest_version
-from servers import AWS_ENV_TO_HIDE, BUCKET, FAKE_AWS_ENV, S3Server, s3_client
+from servers import BUCKET, FAKE_AWS_ENV, S3Server, s3_client
 
 from torchwarm import cli
 from torchwarm import config as cfgmod
@@ -326,13 +328,13 @@ def test_seed_job_and_cronjob(overlay: str) -> None:
         assert app_env <= {f["configMapRef"]["name"] for f in seed["envFrom"]}, name
 
 
-@pytest.mark.compile
 def test_seed_job_run_twice_with_nothing_changed_uploads_nothing(
     tmp_path: Path, proxy: FaultProxy, seaweedfs_server: S3Server
 ) -> None:
-    """The seed Job's own command line and config (with a tiny workload), run twice against
-    SeaweedFS through a proxy that records requests: the first run publishes, the second
-    sends no PUT or POST and leaves the manifest's ETag and LastModified as they were."""
+    """The seed Job's own command line and config (with a command workload that compiles
+    nothing), run twice against SeaweedFS through a proxy that records requests: the first
+    run publishes, the second sends no PUT or POST and leaves the manifest's ETag and
+    LastModified as they were."""
     docs = render("eks")
     (spec,) = [s for n, s in pod_specs(docs) if n.startswith("Job/")]
     argv = spec["containers"][0]["command"][1:] + spec["containers"][0]["args"]
@@ -345,21 +347,15 @@ def test_seed_job_run_twice_with_nothing_changed_uploads_nothing(
         store=f"s3://{BUCKET}/{prefix}",
         store_options={"endpoint_url": proxy.endpoint, "path_style": True,
                        "request_checksum_calculation": "when_required", "region": "us-east-1"},
-        workloads=[{"name": "tiny", "model": "torchwarm.models:mlp",
-                    "model_kwargs": {"d_in": 8, "hidden": 8, "d_out": 8},
-                    "inputs": [[{"shape": [2, 8], "dtype": "float32"}]]}],
+        workloads=[COMMAND],
+        env=COMMAND_ENV,
     )  # fmt: skip
     config.write_text(yaml.safe_dump(doc))
-    env = {k: v for k, v in os.environ.items() if k not in AWS_ENV_TO_HIDE}
-    env.update(FAKE_AWS_ENV)
-    env.update(configmap(docs, "compile-env")["data"])
+    env = {**FAKE_AWS_ENV, **configmap(docs, "compile-env")["data"]}
 
     def seed_run() -> tuple[list[str], list[tuple[str, str]]]:
         start = len(proxy.seen)
-        proc = subprocess.run([sys.executable, "-m", "torchwarm.cli", *argv], env=env,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        lines = proc.stdout.splitlines()
+        lines = torchwarm(*argv, env=env).stdout.splitlines()  # raises unless it exits 0
         events = [json.loads(line)["event"] for line in lines if line.startswith("{")]
         return events, proxy.seen[start:]
 

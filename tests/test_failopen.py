@@ -1,11 +1,27 @@
-"""Never worse than cold: `pull`, `run` and `serve` in fail-open mode against everything
-that can go wrong around a node, each in a fresh process (the real CLI).
+"""Never worse than cold: `pull`, `run`, `serve` and `torchwarm.pull()` in fail-open mode
+against everything that can go wrong around a node, each in a fresh process.
 
 Whatever happens short of SIGKILL of the agent, fail-open ends with exit 0 (or the exec
 of the app), the previous cache tree or none (never a partial one), and a ready marker
 that says `cold` and why in one line. With `--require`: non-zero, one line, nothing
 installed, no marker. Stores hold a synthetic cache made for this machine's fingerprint
 (no compiling): a pull that works installs exactly its files.
+
+Which cells run, and why they suffice. The decision itself (each workload warm or cold,
+its reason, and under `require` the error and exit code, for every state the supervisor
+can record: a workload's own failure, a fatal error, the deadline before, during or
+after the swap, a worker that died, a line it could not read) is a table of pure calls
+in tests/test_settle.py. The cells here prove the ends around it for real:
+- `pull`: all 17 scenarios, so that each failure happens for real once, end to end (the
+  worker SIGKILLed, a real tmpfs full, a port that never answers, a range that stalls).
+- `pull --require`, `run`, `serve` and the Python API: one scenario of each class in
+  CLASSES (healthy, no cache, store unreachable, deadline, bad data, worker killed, a bug,
+  an I/O error, a full disk, a config error), a class's scenarios taken in turn, so that
+  every scenario also runs through one entry point besides `pull`. Within a class the scenarios
+  differ only in where the worker fails, which no entry point sees: all four go through
+  the same gate (`begin`, the supervisor, `_settle`) and differ only in what they do with
+  its report (print it, exec the app, answer /readyz, return it), which one cell per
+  class proves for each. The deadline class costs ~4 s a cell: 7 cells, not 12.
 """
 
 from __future__ import annotations
@@ -16,9 +32,8 @@ import os
 import subprocess
 import sys
 import tarfile
+import textwrap
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +43,7 @@ from typing import Any
 import pytest
 import yaml
 import zstandard
-from conftest import WORKLOAD
+from conftest import WORKLOAD, spawn, torchwarm, wait_ready
 from factories import inject_env, make_tree, tree
 from servers import BUCKET, FAKE_AWS_ENV, fake_aws_env, free_port, s3_options
 from synthetic import publish_synthetic
@@ -42,7 +57,6 @@ from torchwarm.spec import manifest as mf
 from torchwarm.stores import open_store
 from torchwarm.stores.local import LocalStore
 
-CLI = [sys.executable, "-m", "torchwarm.cli"]
 CACHE = {f"fxgraph/entry-{i}": os.urandom(2048) for i in range(8)} | {"kernels/k.so": b"so" * 99}
 PREVIOUS = {"earlier-entry": b"from a previous boot"}
 DEADLINE = 4.0
@@ -70,9 +84,8 @@ class Node:
     def marker(self) -> Path:
         return self.cache_dir.parent / "torchwarm-ready.json"
 
-    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **self.env})  # fmt: skip
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return torchwarm(*args, env=self.env, check=False, timeout=60)
 
 
 def seeded(tmp_path: Path, unpacked: bool = True, captured: list[Captured] | None = None) -> Node:
@@ -295,6 +308,28 @@ SCENARIOS: dict[str, Callable[..., tuple[Node, str | None]]] = {
     )
 }
 
+# Every scenario by the kind of failure it is (the docstring says why one each suffices).
+CLASSES: dict[str, tuple[str, ...]] = {
+    "none": ("healthy",),
+    "no cache": ("no-manifest",),
+    "store unreachable": ("store-refused",),
+    "deadline": ("store-stuck", "stuck-in-c", "range-stalled"),
+    "bad data": ("nul-member", "huge-manifest", "huge-blob", "absurd-size"),
+    "worker killed": ("worker-killed",),
+    "bug": ("any-exception",),
+    "I/O error": ("oserror-at-read",),
+    "disk full": ("disk-full-space-check", "disk-full-at-download", "disk-full-at-install"),
+    "config error": ("wrongly-typed-option",),
+}
+ENTRY_POINTS = ("pull --require", "run", "serve", "api")
+
+
+def one_per_class(entry_point: str) -> list[str]:
+    """One scenario of each class for `entry_point`, taken in turn, so that the entry points
+    between them cover a class's other scenarios too."""
+    turn = ENTRY_POINTS.index(entry_point)
+    return sorted(names[turn % len(names)] for names in CLASSES.values())
+
 
 def reasons(doc: dict) -> list[str]:
     return [doc["reason"]] if doc.get("reason") else [w["reason"] for w in doc["workloads"]]
@@ -314,14 +349,22 @@ def assert_warm(node: Node) -> None:
     assert tree(node.cache_dir) == {**PREVIOUS, **CACHE}
 
 
-@pytest.fixture(params=sorted(SCENARIOS))
+@pytest.fixture
 def scenario(request, tmp_path) -> tuple[Node, str | None]:
+    """The node of the scenario named by the test's parameter, over an earlier boot's tree."""
     node, why = SCENARIOS[request.param](tmp_path, request)
     node.env.update(inject_env())
     make_tree(node.cache_dir, PREVIOUS)  # an earlier boot's tree, to keep intact
     return node, why
 
 
+def test_every_scenario_has_one_class():
+    """The classes name each scenario once, so that one_per_class() misses none."""
+    named = [n for names in CLASSES.values() for n in names]
+    assert sorted(named) == sorted(SCENARIOS)
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS), indirect=True)
 def test_pull_fail_open(scenario):
     """`pull`: exit 0, one `starting cold` line, a cold marker saying why, tree untouched."""
     node, why = scenario
@@ -335,6 +378,7 @@ def test_pull_fail_open(scenario):
     assert_cold(node, why, PREVIOUS)
 
 
+@pytest.mark.parametrize("scenario", one_per_class("pull --require"), indirect=True)
 def test_pull_fail_closed(scenario):
     """`pull --require`: non-zero, one line on stderr, nothing installed, no marker."""
     node, why = scenario
@@ -350,6 +394,7 @@ def test_pull_fail_closed(scenario):
 APP = "import os; print('APP RAN with', os.environ.get('TORCHINDUCTOR_CACHE_DIR'))"
 
 
+@pytest.mark.parametrize("scenario", one_per_class("run"), indirect=True)
 def test_run_fail_open(scenario):
     """`run -- APP`: the app runs, with the cache dir set, within deadline + 2 s, whatever
     the pull met."""
@@ -365,38 +410,51 @@ def test_run_fail_open(scenario):
     assert_cold(node, why, PREVIOUS)
 
 
-def readyz(port: int) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError:
-        return 0, ""
-
-
+@pytest.mark.parametrize("scenario", one_per_class("serve"), indirect=True)
 def test_serve_fail_open(scenario):
     """`serve`: /readyz turns 200 (ready: cold) within deadline + 2 s, and SIGTERM exits 0."""
     node, why = scenario
     port = free_port()
-    proc = subprocess.Popen([*CLI, "serve", "-c", str(node.config), "--listen",
-                             f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, **node.env})  # fmt: skip
+    t0 = time.monotonic()
+    proc = spawn("serve", "-c", str(node.config), "--listen", f"127.0.0.1:{port}",
+                 env=node.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
-        t0 = time.monotonic()
-        status, body = readyz(port)
-        while status != 200 and time.monotonic() < t0 + DEADLINE + 10:
-            time.sleep(0.05)
-            status, body = readyz(port)
+        status, body = wait_ready(port, proc, DEADLINE + 10)
         assert status == 200, body
         assert time.monotonic() - t0 < DEADLINE + 2  # ready (warm or cold) by the bound
         assert body.strip() == ("ready: warm" if why is None else "ready: cold")
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.communicate(timeout=30)
     assert proc.returncode == 0
     if why is None:
         return assert_warm(node)
+    assert_cold(node, why, PREVIOUS)
+
+
+API = """\
+    import json, sys
+    import torchwarm
+    print(json.dumps(torchwarm.pull(sys.argv[1]).to_dict()))
+"""
+
+
+@pytest.mark.parametrize("scenario", one_per_class("api"), indirect=True)
+def test_api_fail_open(scenario):
+    """`torchwarm.pull(config)` in the app's process: it returns (never raises) within
+    deadline + 2 s, a cold report where the pull failed, and the marker says why."""
+    node, why = scenario
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(API), str(node.config)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **node.env})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - t0 < DEADLINE + 2  # the interpreter's start included
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    if why is None:
+        assert report["status"] == "warm"
+        return assert_warm(node)
+    assert report["status"] == "cold"
     assert_cold(node, why, PREVIOUS)
 
 

@@ -8,15 +8,13 @@ measures it).
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import uuid
 from collections import Counter
 from pathlib import Path
 
 import yaml
-from conftest import WORKLOAD
+from conftest import WORKLOAD, spawn
 from factories import tree as installed_files
 from faultproxy import FaultProxy
 from servers import BUCKET, FAKE_AWS_ENV, S3Server, s3_options
@@ -59,26 +57,10 @@ def test_a_fleet_pulling_at_once_ends_warm_with_bounded_requests(
     config = node_config(tmp_path / "node.yaml", prefix, proxy.endpoint)
     proxy.reset()  # the publisher went straight to SeaweedFS; count the nodes only
 
-    env = {**os.environ, **FAKE_AWS_ENV}
     dirs = [tmp_path / f"node-{i}" / "inductor" for i in range(NODES)]
+    pull = ("pull", "-c", str(config), "--require", "--cache-dir")
     procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torchwarm.cli",
-                "pull",
-                "-c",
-                str(config),
-                "--require",
-                "--cache-dir",
-                str(d),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
+        spawn(*pull, str(d), env=FAKE_AWS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for d in dirs
     ]
     outs = [p.communicate(timeout=240) for p in procs]

@@ -11,9 +11,7 @@ import contextlib
 import json
 import re
 import subprocess
-import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,12 +19,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import WORKLOAD, Node, torchwarm
-from test_gate import free_port
+from conftest import WORKLOAD, Node, spawn, torchwarm, wait_ready
+from servers import free_port
 
 pytestmark = pytest.mark.compile
 
-CLI = [sys.executable, "-m", "torchwarm.cli"]
 _SAMPLE = re.compile(r"^(torchwarm_\w+)(?:\{kind=\"(\w+)\"\})? (\S+)$")
 
 
@@ -60,28 +57,16 @@ class Agent:
         return self.misses()
 
 
-def ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.HTTPError, OSError):
-        return False
-
-
 @contextlib.contextmanager
 def serving(node: Node) -> Iterator[Agent]:
     """`torchwarm serve` on the node's config, ready; its log lines in `out` once stopped."""
     port = free_port()
-    proc = subprocess.Popen([*CLI, "serve", "-c", str(node.config), "--listen",
-                             f"127.0.0.1:{port}"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    proc = spawn("serve", "-c", str(node.config), "--listen", f"127.0.0.1:{port}",
+                 stdout=subprocess.PIPE)  # fmt: skip
     agent = Agent(port, proc)
     try:
-        deadline = time.monotonic() + 180
-        while not ready(port):
-            assert proc.poll() is None and time.monotonic() < deadline, (
-                "the sidecar never got ready"
-            )
-            time.sleep(0.1)
+        status, body = wait_ready(port, proc, 180)
+        assert status == 200, f"the sidecar never got ready: {status} {body!r}"
         yield agent
     finally:
         proc.terminate()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import WORKLOAD
+from conftest import WORKLOAD, torchwarm
 from factories import tree as installed_files
 from synthetic import publish_synthetic, random_files
 
@@ -67,8 +67,7 @@ def test_the_marker_times_each_step_of_the_pull(local_node):
     """The ready marker's timings name the fingerprint and, per workload, the resolve,
     fetch and install, which together fit in the pull's total."""
     config, _ = local_node
-    subprocess.run([sys.executable, "-m", "torchwarm.cli", "pull", "-c", str(config),
-                    "--require"], check=True, capture_output=True, timeout=120)  # fmt: skip
+    torchwarm("pull", "-c", str(config), "--require", timeout=120)
     doc = json.loads((config.parent / "node" / "torchwarm-ready.json").read_text())
     t, name = doc["timings"], WORKLOAD["name"]
     steps = ["fingerprint_s", f"resolve_s.{name}", f"fetch_s.{name}", f"install_s.{name}"]

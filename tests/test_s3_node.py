@@ -7,10 +7,8 @@ process through its environment, never through the config or this process's envi
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -20,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import WORKLOAD, Seed, torchwarm, write_config
+from conftest import WORKLOAD, Seed, spawn, torchwarm, write_config
 from servers import AWS_ENV_TO_HIDE, BUCKET, FAKE_AWS_ENV, s3_client
 
 pytestmark = pytest.mark.compile
@@ -109,11 +107,9 @@ def test_fresh_node_pulls_from_seaweedfs_and_hits(seed, seaweedfs_server, s3_nod
 def test_eight_concurrent_publishers_leave_one_manifest(seed, seaweedfs_server, s3_node):
     """Eight pushes of one workload and fingerprint at once: all exit 0, one manifest, one wins."""
     node = s3_node(seaweedfs_server.endpoint)
-    cmd = [sys.executable, "-m", "torchwarm.cli", "push", "-c", str(node.config),
-           "--from", str(seed.out("cachedir"))]  # fmt: skip
-    env = {**os.environ, **FAKE_AWS_ENV}
+    args = ("push", "-c", str(node.config), "--from", str(seed.out("cachedir")))
     procs = [
-        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        spawn(*args, env=FAKE_AWS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for _ in range(8)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
