@@ -66,7 +66,7 @@ def test_killed_pull_leaves_the_previous_tree_then_recovers(node_factory, point)
     assert not node.marker.exists()
     node.pull("--require")
     after = tree(node.cache_dir)
-    assert after["earlier-entry"] == b"from a previous boot"
+    assert "earlier-entry" not in after  # an install yields exactly the manifest's tree
     assert any(k.startswith("fxgraph/") for k in after)
     workdir = node.cache_dir.parent / f".{node.cache_dir.name}.torchwarm"
     assert not list(workdir.glob("staging-*")) and not list(workdir.glob("previous-*"))

@@ -23,9 +23,10 @@ from torchwarm.stores.local import LocalStore
 OLD = {"fxgraph/aa/old": b"old entry", "shared": b"old shared"}
 
 
-def run_install(cache_dir, fill):
+def run_install(cache_dir, fill, name="w", **kwargs):
+    """Install one workload's share, filled by `fill`, under the lock."""
     with install.locked(cache_dir):
-        install.install(cache_dir, fill)
+        install.install(cache_dir, [install.Part(name, fill)], **kwargs)
 
 
 def writer(files):
@@ -44,7 +45,13 @@ def writer(files):
 def leftovers(cache_dir):
     """Whatever staging/previous/download folders remain in the workdir."""
     work = install.workdir(cache_dir)
-    return sorted(p.name for p in work.iterdir() if p.name != "lock") if work.exists() else []
+    names = [p.name for p in work.iterdir()] if work.exists() else []
+    return sorted(n for n in names if n.split("-")[0] in ("staging", "previous", "downloads"))
+
+
+def records(cache_dir):
+    """The tree records in the workdir (one per tree: the one in place)."""
+    return sorted(p.name for p in install.workdir(cache_dir).glob("*tree-*"))
 
 
 def test_install_creates_missing_cache_dir(tmp_path):
@@ -55,13 +62,65 @@ def test_install_creates_missing_cache_dir(tmp_path):
     assert leftovers(cache) == []
 
 
-def test_install_keeps_old_entries_and_adds_new(tmp_path):
-    """Installing over an existing tree keeps what was there, adds and replaces files."""
+def test_install_keeps_the_other_workloads_files_and_replaces_its_own(tmp_path):
+    """Reinstalling one workload replaces its files and keeps another workload's."""
+    cache = tmp_path / "inductor"
+    run_install(cache, writer({"fxgraph/aa/a": b"a1", "shared": b"a's"}), name="a")
+    run_install(cache, writer({"fxgraph/bb/b": b"b1"}), name="b")
+    run_install(cache, writer({"fxgraph/aa/a2": b"a2"}), name="a")
+    assert tree(cache) == {"fxgraph/aa/a2": b"a2", "fxgraph/bb/b": b"b1"}
+    assert leftovers(cache) == [] and len(records(cache)) == 1
+
+
+def test_install_over_an_unrecorded_tree_yields_only_the_new_files(tmp_path):
+    """Files no install recorded (a tree made by hand, or by an older torchwarm) are not
+    carried into the new tree."""
     cache = make_tree(tmp_path / "inductor", OLD)
-    run_install(cache, writer({"fxgraph/bb/new": b"new entry", "shared": b"new shared"}))
-    got = {k: v[0] for k, v in read_tree(cache).items()}
-    assert got == {"fxgraph/aa/old": b"old entry", "fxgraph/bb/new": b"new entry",
-                   "shared": b"new shared"}  # fmt: skip
+    run_install(cache, writer({"fxgraph/bb/new": b"new entry"}))
+    assert tree(cache) == {"fxgraph/bb/new": b"new entry"}
+
+
+def test_reinstall_links_nothing_of_its_own_previous_copy(tmp_path, monkeypatch):
+    """Reinstalling the only workload costs what an install into an empty dir does: no
+    file of its previous copy is linked into the new tree, only to be replaced there."""
+    cache = tmp_path / "inductor"
+    files = {f"fxgraph/{i:02x}/entry": b"e" for i in range(50)}
+    run_install(cache, writer(files))
+    links = []
+    real = os.link
+    monkeypatch.setattr(os, "link", lambda *a, **k: links.append(a) or real(*a, **k))
+    run_install(cache, writer(files))
+    assert links == [] and tree(cache) == files
+
+
+def test_kept_file_replaced_since_its_install_is_dropped(tmp_path):
+    """A kept workload's file that is no longer the one installed (another inode at its
+    path) is not carried over."""
+    cache = tmp_path / "inductor"
+    run_install(cache, writer({"b1": b"b1", "b2": b"b2"}), name="b")
+    (cache / "b2.tmp").write_bytes(b"rewritten by someone")
+    os.replace(cache / "b2.tmp", cache / "b2")
+    run_install(cache, writer({"a": b"a"}), name="a")
+    assert tree(cache) == {"a": b"a", "b1": b"b1"}
+
+
+def test_kept_file_clashing_with_a_new_one_gives_way(tmp_path):
+    """A kept workload's file where the new workload has a folder is left out; the new
+    workload's tree is complete."""
+    cache = tmp_path / "inductor"
+    run_install(cache, writer({"fxgraph": b"a file", "b": b"b"}), name="b")
+    run_install(cache, writer({"fxgraph/aa/a": b"a"}), name="a")
+    assert tree(cache) == {"fxgraph/aa/a": b"a", "b": b"b"}
+
+
+def test_clashing_parts_of_one_swap_are_an_install_error(tmp_path):
+    """Two workloads of one swap that install a path as a file and as a folder are an
+    InstallError naming both, and the cache dir is untouched."""
+    cache = make_tree(tmp_path / "inductor", OLD)
+    parts = [install.Part("a", writer({"x": b"file"})), install.Part("b", writer({"x/y": b"y"}))]
+    with install.locked(cache), pytest.raises(InstallError, match="'a' and 'b' both install 'x'"):
+        install.install(cache, parts)
+    assert tree(cache) == OLD
     assert leftovers(cache) == []
 
 
@@ -83,7 +142,6 @@ def test_failing_fill_leaves_cache_dir_untouched(tmp_path):
 
     def fill(staging):
         archive.extract(blob, staging)
-        (staging / "fxgraph/aa/old").unlink()
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
@@ -110,7 +168,7 @@ def test_two_rename_fallback_installs(tmp_path, monkeypatch):
     monkeypatch.setattr(install, "_exchange", lambda a, b: False)
     cache = make_tree(tmp_path / "inductor", OLD)
     run_install(cache, writer({"new": b"n"}))
-    assert set(read_tree(cache)) == {*OLD, "new"}
+    assert set(read_tree(cache)) == {"new"}
     assert leftovers(cache) == []
 
 
@@ -212,7 +270,7 @@ def test_deadline_during_the_old_trees_cleanup_is_warm(tmp_path, flags):
     assert proc.returncode == 0, proc.stderr
     doc = json.loads((cache.parent / "torchwarm-ready.json").read_text())
     assert doc["status"] == "warm" and not doc["timed_out"], doc
-    assert tree(cache) == {**OLD, **NEW}
+    assert tree(cache) == NEW
 
 
 def test_replay_memory_survives_a_worker_stopped_in_cleanup(tmp_path):
@@ -230,4 +288,4 @@ def test_worker_killed_right_after_the_rename_is_warm(tmp_path, flags):
                                          *flags)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert json.loads((cache.parent / "torchwarm-ready.json").read_text())["status"] == "warm"
-    assert tree(cache) == {**OLD, **NEW}
+    assert tree(cache) == NEW

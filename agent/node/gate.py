@@ -41,7 +41,7 @@ from torchwarm import stores
 from torchwarm.config import Config
 from torchwarm.env import torchenv
 from torchwarm.errors import DeadlineExceeded, InternalError, TorchwarmError, one_line
-from torchwarm.node import marker
+from torchwarm.node import install, marker
 from torchwarm.node import messages as msgs
 from torchwarm.node.job import PullJob
 from torchwarm.node.messages import (
@@ -283,6 +283,8 @@ class Supervisor:
             finally:
                 self._reap()
                 self._find_landed_swap()
+                if self.rec.deadline_passed or self.rec.worker_exit:
+                    _tidy_in_background(self.cfg.cache_dir)
         settled = _settle(self.rec, self.require, self.deadline_s)
         if settled.error is not None:
             raise settled.error
@@ -353,6 +355,36 @@ class Supervisor:
         with contextlib.suppress(OSError):
             st = os.stat(self.cfg.cache_dir)
             rec.swap_landed = (st.st_dev, st.st_ino) == rec.swap.staged
+
+
+def _tidy_in_background(cache_dir: Path) -> None:
+    """Delete what a stopped worker left in the workdir (a staging tree can be a GB that a
+    bomb unpacked until the deadline) in a detached process, so that the app does not
+    wait for it: the next pull would, but until then the volume holds it. The process
+    does what the next pull's lock does first (install.tidy), and nothing if a pull holds
+    the lock (which has done it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # see Supervisor.start
+            pid = os.fork()
+    except OSError:
+        return  # no process to spare: the next pull deletes it
+    if pid:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)  # the middle process, which exits at once
+        return
+    try:  # the middle process: a grandchild outlives it, owned by no one's wait()
+        os.setsid()
+        if os.fork() == 0:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)  # hold no pipe of the caller's open
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+            install.tidy(cache_dir)
+    except BaseException:  # noqa: BLE001, S110 - best effort; nothing may escape a fork
+        pass
+    finally:
+        os._exit(0)
 
 
 def _worker(cfg: Config, workloads: tuple[Any, ...], require: bool, chan: Channel) -> None:

@@ -6,6 +6,10 @@ decides nothing about fail-open or fail-closed: it reports facts to the gate ove
 (node/messages.py), and asks before every swap (MayCommit), so that the gate alone
 decides whether the deadline still allows it.
 
+The new tree is exactly the manifests' trees: the workloads installed now, and what the
+other workloads of the tree in place installed (install.py records it), less a share
+installed unsigned or by a key this node no longer trusts, once it has trusted keys.
+
 The order around a swap: remember the manifests' serials (replay memory), ask, rename,
 report Installed, and only then delete the previous tree. The rename is the commit
 point: a worker stopped after it has installed the workload, and the previous tree it
@@ -22,6 +26,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +74,7 @@ class PullJob:
     def _run(self) -> None:
         self.chan.send(Phase("taking the install lock"))
         with install.locked(self.cfg.cache_dir) as work:
-            self.memory = Memory(work)
+            self.memory = Memory(work, self.cfg.trusted_keys)
             self.chan.send(Phase("reading this machine's fingerprint"))
             t0 = time.perf_counter()
             fields = fingerprint.collect()
@@ -178,10 +183,14 @@ class PullJob:
         }
         outcomes = [_outcome(m, decided.get(m.workload)) for m, _ in hits]
 
-        def fill(staging: Path) -> None:
-            for m, blobs in hits:
+        def part(m: Manifest, blobs: dict[str, Path]) -> install.Part:
+            def fill(folder: Path) -> None:
                 entries = m.workload in decided and decided[m.workload].install
-                formats.get(m.format).install(blobs, staging, precompiled=entries)
+                formats.get(m.format).install(blobs, folder, precompiled=entries)
+
+            about = {"manifest": f"{m.workload}/{m.fingerprint_digest}", "serial": m.serial,
+                     "signer": m.signer if self.cfg.trusted_keys else None}  # fmt: skip
+            return install.Part(m.workload, fill, about)
 
         def commit(staging: Path) -> None:
             # Memory first, tree second: a tree in the cache dir always has its serials
@@ -200,7 +209,15 @@ class PullJob:
 
         self.chan.send(Phase(f"installing {', '.join(names)}"))
         t0 = time.perf_counter()
-        install.install(self.cfg.cache_dir, fill, before_swap=commit, after_swap=committed)
+        install.install(self.cfg.cache_dir, [part(m, blobs) for m, blobs in hits], keep=self._keep,
+                        before_swap=commit, after_swap=committed)  # fmt: skip
+
+    def _keep(self, name: str, about: Mapping[str, Any]) -> bool:
+        """Whether another workload's share of the tree in place goes into the new tree:
+        with trusted keys, only one that a key trusted now signed (`signer` is recorded
+        only where it was verified)."""
+        trusted = self.cfg.trusted_keys
+        return not trusted or about.get("signer") in trusted.keys
 
     def _remember(self, manifests: list[Manifest]) -> None:
         try:

@@ -1,13 +1,22 @@
-"""Crash-safe file primitives: write to a temp name beside the target, fsync, rename, fsync dir."""
+"""Crash-safe file primitives: write to a temp name beside the target, fsync, rename, fsync dir;
+and walks and deletes of trees that neither recurse nor follow links.
+
+On Python 3.11, os.walk and shutil.rmtree recurse once per folder level: a tree deeper
+than the interpreter's recursion limit (about 1,000) raises RecursionError, even with
+rmtree's ignore_errors. The two below keep their own stack.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
 
 def fsync_dir(path: Path) -> None:
@@ -47,13 +56,100 @@ def atomic_write_bytes(target: Path, data: bytes) -> None:
         f.write(data)
 
 
+def walk(root: Path) -> Iterator[tuple[str, list[str]]]:
+    """(folder path, names of its non-folder entries) for `root` and every folder under it,
+    parents first, without recursion; a link is an entry, never followed. An unreadable
+    folder raises OSError (os.walk would skip it)."""
+    todo = [os.fspath(root)]
+    while todo:
+        path = todo.pop()
+        others = []
+        with os.scandir(path) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    todo.append(e.path)
+                else:
+                    others.append(e.name)
+        yield path, others
+
+
 def fsync_tree(root: Path) -> None:
     """fsync every file and directory under `root` (before it is renamed into place)."""
-    for dirpath, _dirnames, filenames in os.walk(root):
+    for dirpath, filenames in walk(root):
         for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
         fsync_dir(Path(dirpath))
+
+
+def remove_tree(path: Path) -> None:
+    """Delete `path` and what it holds, best effort: a plain file, a link (never what it
+    points to) or a missing path is fine, and what cannot be deleted stays, silently.
+
+    Iterative, and through folder descriptors (two open at a time): no recursion limit,
+    and no path length limit however deep the tree. Going back up, each parent is checked
+    to be the folder it came down from, so a folder moved meanwhile stops the walk
+    rather than lead it elsewhere.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError:
+        return
+    # Per level below `path`: (its folder's identity, its name, its subfolders left to do).
+    stack: list[tuple[tuple[int, int], str, list[str]]] = []
+    subdirs = _clear_files(fd)
+    while True:
+        if subdirs:
+            name = subdirs.pop()
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                continue
+            here = os.fstat(fd)
+            stack.append(((here.st_dev, here.st_ino), name, subdirs))
+            os.close(fd)
+            fd, subdirs = child, _clear_files(child)
+            continue
+        if not stack:
+            break
+        identity, name, subdirs = stack.pop()
+        try:
+            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+        except OSError:
+            break
+        os.close(fd)
+        fd = parent
+        up = os.fstat(fd)
+        if (up.st_dev, up.st_ino) != identity:
+            break  # moved meanwhile: stop here
+        with contextlib.suppress(OSError):
+            os.rmdir(name, dir_fd=fd)
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+def _clear_files(fd: int) -> list[str]:
+    """Unlink every non-folder entry of the open folder `fd`; the names of its subfolders."""
+    subdirs, others = [], []
+    try:
+        with os.scandir(fd) as it:
+            for e in it:
+                (subdirs if e.is_dir(follow_symlinks=False) else others).append(e.name)
+    except OSError:
+        return []
+    for name in others:
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=fd)
+    return subdirs
