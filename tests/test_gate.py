@@ -5,41 +5,21 @@ the cache directory (and, for the sidecar, a loopback port)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import WORKLOAD, torchwarm
+from conftest import WORKLOAD, readyz, spawn, torchwarm
 from factories import inject_env
-from servers import FAKE_AWS_ENV
+from servers import FAKE_AWS_ENV, free_port
 
 pytestmark = pytest.mark.compile
 
 N_SETS = len(WORKLOAD["inputs"])
-CLI = [sys.executable, "-m", "torchwarm.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return 0  # not listening yet
 
 
 def assert_warm(report: dict, cache_dir: Path) -> None:
@@ -76,8 +56,8 @@ def test_sidecar_holds_the_main_process_until_installed(node_factory):
     url = f"http://127.0.0.1:{port}/readyz"
     main = subprocess.Popen([sys.executable, "-c", MAIN, url, str(node.config)],
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
-    agent = subprocess.Popen([*CLI, "serve", "-c", str(node.config), "--listen",
-                              f"127.0.0.1:{port}"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    agent = spawn("serve", "-c", str(node.config), "--listen", f"127.0.0.1:{port}",
+                  stdout=subprocess.PIPE)  # fmt: skip
     try:
         out, _ = main.communicate(timeout=240)
         doc = json.loads(out.strip().splitlines()[-1])
@@ -92,8 +72,8 @@ def test_sidecar_holds_the_main_process_until_installed(node_factory):
 def test_marker_gate_with_a_one_shot_pull(node_factory):
     """`torchwarm wait` started before the pull returns only after it, and the probe hits."""
     node = node_factory()
-    waiter = subprocess.Popen([*CLI, "wait", "--marker", str(node.marker), "--timeout", "240"],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    waiter = spawn("wait", "--marker", str(node.marker), "--timeout", "240",
+                   stdout=subprocess.PIPE)  # fmt: skip
     time.sleep(1.0)
     assert waiter.poll() is None  # still waiting: no marker yet
     node.pull()
@@ -107,16 +87,14 @@ def test_readyz_is_503_until_installed_then_200(node_factory):
     seen whatever the machine's load; a pull of this size is otherwise over in ~0.1 s."""
     node = node_factory()
     port = free_port()
-    url = f"http://127.0.0.1:{port}/readyz"
     slow = inject_env("torchwarm.node.fetch:fetch:slow")
-    agent = subprocess.Popen([*CLI, "serve", "-c", str(node.config), "--listen",
-                              f"127.0.0.1:{port}"], stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, **slow})  # fmt: skip
+    agent = spawn("serve", "-c", str(node.config), "--listen", f"127.0.0.1:{port}", env=slow,
+                  stdout=subprocess.PIPE)  # fmt: skip
     seen = []
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            code = status(url)
+            code, _ = readyz(port)
             if code == 200:
                 assert (node.cache_dir / "fxgraph").is_dir() and node.marker.exists()
                 break
@@ -124,7 +102,7 @@ def test_readyz_is_503_until_installed_then_200(node_factory):
                 seen.append(node.cache_dir.exists())
             time.sleep(0.05)
         assert seen and not seen[0]  # 503 observed while the cache dir did not exist
-        assert [status(url) for _ in range(5)] == [200] * 5  # and it stays ready
+        assert [readyz(port)[0] for _ in range(5)] == [200] * 5  # and it stays ready
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
         assert "torchwarm_ready 1" in metrics
         assert 'torchwarm_workload_warm{workload="mlp"} 1' in metrics
@@ -137,11 +115,9 @@ def test_exec_form_hands_over_the_process(node_factory):
     """`torchwarm run -- CMD` pulls, then CMD runs as the same PID with the cache env set."""
     node = node_factory()
     show = "import json, os; print(json.dumps({'pid': os.getpid(), 'env': dict(os.environ)}))"
-    proc = subprocess.Popen(
-        [*CLI, "run", "-c", str(node.config), "--", sys.executable, "-c", show],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "TRITON_CACHE_DIR": "/elsewhere"},
-    )  # fmt: skip
+    proc = spawn("run", "-c", str(node.config), "--", sys.executable, "-c", show,
+                 env={"TRITON_CACHE_DIR": "/elsewhere"}, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE)  # fmt: skip
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
     doc = json.loads(out.strip().splitlines()[-1])
