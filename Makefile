@@ -19,11 +19,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python bench/first_call.py --formats config --repeat 1
 
-## test: lint, then the whole suite (real S3/GCS servers on 127.0.0.1, real compiles)
+## test: lint, then the whole suite (real S3/GCS servers on 127.0.0.1, real compiles) on
+## TEST_WORKERS xdist workers, each test file on one worker (tests/conftest.py sends the
+## files that compile most first); TEST_WORKERS=0 runs it in this process
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/ruff check agent tests bench examples
 	$(BIN)/ruff format --check agent tests bench examples
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 \
+		-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(BIN)/ruff check agent tests bench examples

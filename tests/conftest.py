@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,16 @@ pytest.register_assert_rewrite("servers")  # imported here before pytest loads i
 from servers import AWS_ENV_TO_HIDE  # noqa: E402
 
 pytest_plugins = ("servers",)
+
+# An xdist worker (`make test` runs two) starts with its cwd put first on PYTHONPATH; the
+# processes the tests start (seeds, nodes, apps) get the environment a plain run gives.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _first, _, _rest = os.environ.get("PYTHONPATH", "").partition(os.pathsep)
+    if _first == os.getcwd():
+        if _rest:
+            os.environ["PYTHONPATH"] = _rest
+        else:
+            del os.environ["PYTHONPATH"]
 
 WORKLOAD = {
     "name": "mlp",
@@ -157,3 +168,16 @@ def node_factory(seed: Seed, tmp_path: Path) -> Callable[..., Node]:
         )
 
     return make
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under `make test`'s two xdist workers (`-n 2 --dist loadfile --no-loadscope-reorder`,
+    each file on one worker, so that module fixtures run once), the files with most
+    compiling tests go first, then those with most tests, so that neither worker is left
+    alone with a long file at the end. A run without workers keeps its order."""
+    if not hasattr(config, "workerinput"):  # set in xdist's workers only
+        return
+    compiling = Counter(item.path for item in items if item.get_closest_marker("compile"))
+    tests = Counter(item.path for item in items)
+    # Stable: a file's own order is kept.
+    items.sort(key=lambda item: (-compiling[item.path], -tests[item.path]))
