@@ -17,11 +17,11 @@ in tests/test_settle.py. The cells here prove the ends around it for real:
 - `pull --require`, `run`, `serve` and the Python API: one scenario of each class in
   CLASSES (healthy, no cache, store unreachable, deadline, bad data, worker killed, a bug,
   an I/O error, a full disk, a config error), a class's scenarios taken in turn, so that
-  every scenario also runs through one entry point besides `pull`. Within a class the scenarios
-  differ only in where the worker fails, which no entry point sees: all four go through
-  the same gate (`begin`, the supervisor, `_settle`) and differ only in what they do with
-  its report (print it, exec the app, answer /readyz, return it), which one cell per
-  class proves for each. The deadline class costs ~4 s a cell: 7 cells, not 12.
+  every scenario also runs through one entry point besides `pull`. Within a class the
+  scenarios differ only in where the worker fails, which no entry point sees: all four
+  go through the same gate (`begin`, the supervisor, `_settle`) and differ only in what
+  they do with its report (print it, exec the app, answer /readyz, return it), which one
+  cell per class proves for each. A deadline cell costs ~4 s: 7 of them, not 12.
 """
 
 from __future__ import annotations
