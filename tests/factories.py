@@ -1,17 +1,25 @@
-"""Small factories for the spine tests: manifests, configs, cache trees, archives, stores."""
+"""Small factories for the spine tests: manifests, configs, cache trees, archives, stores,
+hostile configs and the limits a node's process is run under."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+import resource
+import signal
 import sys
 import tarfile
 import textwrap
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import zstandard
 
 from torchwarm.formats import Captured
@@ -100,6 +108,76 @@ def minimal_config(folder: Path, extra: str = "", store: str = "store") -> Path:
               - [{{shape: [4, 64]}}]
         """)
     return write_config(folder, text + textwrap.dedent(extra))
+
+
+def alias_bomb_inputs(k: int = 2400) -> str:
+    """A workload's `inputs` as YAML flow text, ~20 KB at k = 2400: k aliases of one input
+    set of k aliases of one tensor, k * k tensors once the aliases are expanded."""
+    tensors = ", ".join(["&t {shape: [1]}"] + ["*t"] * (k - 1))
+    sets = ", ".join([f"&s [{tensors}]"] + ["*s"] * (k - 1))
+    return f"[{sets}]"
+
+
+def limit_address_space() -> None:
+    """A preexec_fn: the new process gets 2 GiB of address space (room for a node's pull,
+    none for a config expanded to millions of nodes)."""
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+def pids_hierarchy() -> Path | None:
+    """A pids cgroup folder this process may create children in (v1 or v2), or None."""
+    for root in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")):
+        controllers = root / "cgroup.subtree_control"
+        v1 = (root / "pids.max").exists() or root.name == "pids"
+        v2 = controllers.exists() and "pids" in controllers.read_text().split()
+        if (v1 or v2) and os.access(root, os.W_OK):
+            return root
+    return None
+
+
+class PidsCgroups:
+    """New pids cgroups for one test, made under pids_hierarchy() (the test is skipped
+    without root or one); close() kills what is left in them and removes them."""
+
+    def __init__(self) -> None:
+        root = pids_hierarchy()
+        if os.geteuid() != 0 or root is None:
+            pytest.skip("needs root and a writable pids cgroup hierarchy under /sys/fs/cgroup")
+        self.root = root
+        self.made: list[Path] = []
+
+    def procs(self, n: int) -> Path:
+        """The cgroup.procs file of a new group of at most `n` tasks: a pid written there
+        joins it."""
+        group = self.root / f"torchwarm-test-{uuid.uuid4().hex[:8]}"
+        try:
+            group.mkdir()
+            self.made.append(group)
+            (group / "pids.max").write_text(str(n))
+        except OSError as e:
+            pytest.skip(f"cannot make a pids cgroup in {self.root}: {e}")
+        return group / "cgroup.procs"
+
+    def close(self) -> None:
+        for group in self.made:
+            for pid in (group / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            for _ in range(50):
+                with contextlib.suppress(OSError):
+                    group.rmdir()
+                    break
+                time.sleep(0.1)
+
+
+def joining(procs: Path) -> Callable[[], None]:
+    """A preexec_fn: the new process joins the cgroup of `procs` (PidsCgroups.procs) before
+    it runs anything, so that every process and thread it starts counts."""
+
+    def join() -> None:
+        procs.write_text(str(os.getpid()))
+
+    return join
 
 
 def make_tree(root: Path, files: dict[str, bytes], mtime: float | None = None) -> Path:

@@ -6,7 +6,6 @@ a fresh process (the real CLI); the store holds a synthetic cache (no compiling)
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import WORKLOAD, torchwarm
-from factories import minimal_config, write_config
+from factories import alias_bomb_inputs, limit_address_space, minimal_config, write_config
 from synthetic import publish_synthetic
 
 from torchwarm import config
@@ -91,24 +90,18 @@ def test_deeply_nested_config_starts_cold(tmp_path, command):
 # -- row 3: YAML aliases that expand to millions of nodes ------------------------------
 
 
-def _limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-
-
 def test_alias_expansion_config_is_refused_before_it_grows(tmp_path):
     """A 20 KB config whose aliases expand to millions of tensors is refused while it is
     read: within a 2 GiB address space the pull ends cold with a marker saying why."""
-    k = 2400  # inputs: k aliases of one input set of k aliases of one tensor
-    tensors = ", ".join(["&t {shape: [1]}"] + ["*t"] * (k - 1))
-    sets = ", ".join([f"&s [{tensors}]"] + ["*s"] * (k - 1))
     text = "store: store\ncache_dir: node/inductor\ndeadline_s: 1\n"
-    text += f"workloads: [{{name: mlp, model: 'torchwarm.models:mlp', inputs: [{sets}]}}]\n"
+    inputs = alias_bomb_inputs()  # 2400 aliases of a set of 2400 aliases of one tensor
+    text += f"workloads: [{{name: mlp, model: 'torchwarm.models:mlp', inputs: {inputs}}}]\n"
     path = write_config(tmp_path, text)
     where = tmp_path / "ready.json"
     # The shared runner's command line, plus an address-space limit and a time bound.
     proc = subprocess.run(
         [sys.executable, "-m", "torchwarm.cli", "pull", "-c", str(path), "--marker", str(where)],
-        capture_output=True, text=True, timeout=60, preexec_fn=_limit_memory,
+        capture_output=True, text=True, timeout=60, preexec_fn=limit_address_space,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(where.read_text())

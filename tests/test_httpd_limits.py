@@ -7,20 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import WORKLOAD
+from factories import PidsCgroups
 from servers import free_port
 
 from torchwarm.stores.local import LocalStore
@@ -90,46 +89,12 @@ def node_config(tmp_path: Path) -> Path:
     return path
 
 
-def pids_hierarchy() -> Path | None:
-    """A pids cgroup folder this process may create children in (v1 or v2), or None."""
-    for root in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")):
-        controllers = root / "cgroup.subtree_control"
-        v1 = (root / "pids.max").exists() or root.name == "pids"
-        v2 = controllers.exists() and "pids" in controllers.read_text().split()
-        if (v1 or v2) and os.access(root, os.W_OK):
-            return root
-    return None
-
-
 @pytest.fixture
 def pids_cgroup() -> Iterator[Callable[[int], list[str]]]:
     """limit(n): a command prefix that runs a program in a new pids cgroup of `n` tasks."""
-    root = pids_hierarchy()
-    if os.geteuid() != 0 or root is None:
-        pytest.skip("needs root and a writable pids cgroup hierarchy under /sys/fs/cgroup")
-    made: list[Path] = []
-
-    def limit(n: int) -> list[str]:
-        group = root / f"torchwarm-test-{uuid.uuid4().hex[:8]}"
-        try:
-            group.mkdir()
-            (group / "pids.max").write_text(str(n))
-        except OSError as e:
-            pytest.skip(f"cannot make a pids cgroup in {root}: {e}")
-        made.append(group)
-        procs = group / "cgroup.procs"
-        return ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh"]
-
-    yield limit
-    for group in made:
-        for pid in (group / "cgroup.procs").read_text().split():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
-        for _ in range(50):
-            with contextlib.suppress(OSError):
-                group.rmdir()
-                break
-            time.sleep(0.1)
+    groups = PidsCgroups()
+    yield lambda n: ["sh", "-c", f'echo $$ > {groups.procs(n)} && exec "$@"', "sh"]
+    groups.close()
 
 
 def address_space_limit() -> list[str]:
