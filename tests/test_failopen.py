@@ -22,6 +22,18 @@ in tests/test_settle.py. The cells here prove the ends around it for real:
   go through the same gate (`begin`, the supervisor, `_settle`) and differ only in what
   they do with its report (print it, exec the app, answer /readyz, return it), which one
   cell per class proves for each. A deadline cell costs ~4 s: 7 of them, not 12.
+- `pull`, `run` and `serve`: each row of issue #20 that is a node's input (ROWS), since
+  each broke all three entry points once (row 6 only `serve`), and not alike (exit 1 and
+  no app, /readyz never 200, an internal error as the reason, a warm install): row 2, a
+  config of 500 nested lists; row 3, a config of aliases that expand to millions of
+  tensors, read within 2 GiB of address space; row 4, an archive of folders 1,000 deep
+  (no staging folder may stay); row 6, a pids cgroup of one task, where neither the worker
+  process nor a thread can start; row 7, a cache_dir that is a regular file (left as it
+  is); row 8, `deadline_s: 1e10`, and with `--require` exit 2 naming the bound, for all
+  three. Row 6's other half, a peer holding many idle connections, is serve's alone (pull
+  and run listen nowhere): every `serve` cell asks /readyz again while 400 are held. The
+  API is left out: it is `run`'s gate in the app's own process, where a pids or an
+  address-space limit would bind the app itself.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -43,14 +56,25 @@ from typing import Any
 import pytest
 import yaml
 import zstandard
-from conftest import WORKLOAD, spawn, torchwarm, wait_ready
-from factories import inject_env, make_tree, tree
+from conftest import WORKLOAD, readyz, spawn, wait_ready
+from factories import (
+    Member,
+    PidsCgroups,
+    alias_bomb_inputs,
+    hand_archive,
+    inject_env,
+    joining,
+    limit_address_space,
+    make_tree,
+    tree,
+)
 from servers import BUCKET, FAKE_AWS_ENV, fake_aws_env, free_port, s3_options
 from synthetic import publish_synthetic
 from tcpfaults import Fault, TcpFaultProxy
 
 from torchwarm.env import fingerprint
 from torchwarm.formats import Captured
+from torchwarm.node.install import workdir
 from torchwarm.seed.publish import build_manifest, publish
 from torchwarm.spec import archive, keys
 from torchwarm.spec import manifest as mf
@@ -64,16 +88,21 @@ DEADLINE = 4.0
 
 @dataclass
 class Node:
-    """A config for one node: a local store (or another one), a cache volume, a marker."""
+    """A config for one node: a local store (or another one), a cache volume, a marker;
+    `text`, when set, is the YAML written instead of `doc`; the node's processes start
+    under `preexec`'s limit, if any."""
 
     root: Path
     doc: dict[str, Any]
     env: dict[str, str] = field(default_factory=dict)
+    text: str | None = None
+    preexec: Callable[[], None] | None = None
+    before: dict[str, bytes] | bytes = field(default_factory=dict)  # what cache_dir held
 
     @property
     def config(self) -> Path:
         path = self.root / "node.yaml"
-        path.write_text(yaml.safe_dump(self.doc))
+        path.write_text(self.text or yaml.safe_dump(self.doc))
         return path
 
     @property
@@ -84,8 +113,18 @@ class Node:
     def marker(self) -> Path:
         return self.cache_dir.parent / "torchwarm-ready.json"
 
+    def spawn(self, *args: str) -> subprocess.Popen[str]:
+        return spawn(*args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                     preexec_fn=self.preexec)  # fmt: skip
+
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return torchwarm(*args, env=self.env, check=False, timeout=60)
+        with self.spawn(*args) as proc:
+            try:
+                out, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def seeded(tmp_path: Path, unpacked: bool = True, captured: list[Captured] | None = None) -> Node:
@@ -324,6 +363,70 @@ CLASSES: dict[str, tuple[str, ...]] = {
 ENTRY_POINTS = ("pull --require", "run", "serve", "api")
 
 
+# -- issue #20's rows 2-4 and 6-8: hostile input, run through `pull`, `run` and `serve` ---
+
+RAW = "RAW-YAML"  # a placeholder in the dumped config, for YAML that safe_dump cannot write
+
+
+def unreadable(node: Node, key: str, raw: str) -> Node:
+    """`node` whose workload's `key` is the YAML `raw`, verbatim. Such a config tells the
+    node nothing, so the cache dir comes from $TORCHWARM_CACHE_DIR, as a pod's env gives it."""
+    node.doc["workloads"] = [{**WORKLOAD, key: RAW}]
+    node.text = yaml.safe_dump(node.doc).replace(RAW, raw)
+    node.env["TORCHWARM_CACHE_DIR"] = str(node.cache_dir)
+    return node
+
+
+def deep_config(tmp_path, request):
+    """Row 2: 500 nested YAML lists in a 1 KB config."""
+    return unreadable(seeded(tmp_path), "model_kwargs", "[" * 500 + "]" * 500), "nested deeper"
+
+
+def alias_config(tmp_path, request):
+    """Row 3: ~20 KB of aliases that expand to millions of tensors, `deadline_s: 1`, read
+    within a 2 GiB address space."""
+    node = seeded(tmp_path)
+    node.doc["deadline_s"] = 1
+    node.preexec = limit_address_space
+    return unreadable(node, "inputs", alias_bomb_inputs()), "expands to more than"
+
+
+def deep_archive(tmp_path, request):
+    """Row 4: an archive of folders 1,000 deep published for this node's fingerprint (the
+    node trusts no keys, so it takes the unsigned manifest)."""
+    deep = [Member("/".join(["d"] * i), type=tarfile.DIRTYPE, mode=0o755) for i in range(1, 1001)]
+    blob = Captured("cachedir", hand_archive(tmp_path / "deep.tar.zst", deep), archive.MEDIA_TYPE)
+    return seeded(tmp_path, captured=[blob]), "levels deep"
+
+
+def no_threads(tmp_path, request):
+    """Row 6: the node runs in a pids cgroup of one task, so no worker process and no thread
+    can start (`serve`'s cells also hold idle connections, the row's other half)."""
+    node = seeded(tmp_path)
+    node.preexec = joining(request.getfixturevalue("pids_cgroups").procs(1))
+    return node, "Resource temporarily unavailable"
+
+
+def cache_dir_a_file(tmp_path, request):
+    """Row 7: cache_dir is a regular file (which the node leaves as it is)."""
+    node = seeded(tmp_path)
+    node.cache_dir.write_bytes(b"an operator's file")
+    return node, "is not a folder"
+
+
+def huge_deadline(tmp_path, request):
+    """Row 8: `deadline_s: 1e10`, past its bound of a day."""
+    node = seeded(tmp_path)
+    node.doc["deadline_s"] = 1e10
+    return node, "deadline_s is 10000000000.0; expected a positive number of seconds, at most 86400"
+
+
+ROWS: dict[str, Callable[..., tuple[Node, str | None]]] = {
+    f.__name__.replace("_", "-"): f
+    for f in (deep_config, alias_config, deep_archive, no_threads, cache_dir_a_file, huge_deadline)
+}
+
+
 def one_per_class(entry_point: str) -> list[str]:
     """One scenario of each class for `entry_point`, taken in turn, so that the entry points
     between them cover a class's other scenarios too."""
@@ -335,13 +438,20 @@ def reasons(doc: dict) -> list[str]:
     return [doc["reason"]] if doc.get("reason") else [w["reason"] for w in doc["workloads"]]
 
 
-def assert_cold(node: Node, why: str, before: dict[str, bytes]) -> None:
-    """The marker says cold and why, in one line each; the tree is as it was."""
+def volume(cache_dir: Path) -> dict[str, bytes] | bytes:
+    """What is at `cache_dir`: its tree, or the bytes of the file that is there."""
+    return cache_dir.read_bytes() if cache_dir.is_file() else tree(cache_dir)
+
+
+def assert_cold(node: Node, why: str) -> None:
+    """The marker says cold and why, in one line each; the cache dir is as it was, and no
+    staging folder is left beside it."""
     doc = json.loads(node.marker.read_text())
     assert doc["status"] == "cold"
     assert all(r and "\n" not in r for r in reasons(doc))
     assert any(why in r for r in reasons(doc)), reasons(doc)
-    assert tree(node.cache_dir) == before
+    assert volume(node.cache_dir) == node.before
+    assert not list(workdir(node.cache_dir).glob("staging-*"))
 
 
 def assert_warm(node: Node) -> None:
@@ -350,11 +460,22 @@ def assert_warm(node: Node) -> None:
 
 
 @pytest.fixture
+def pids_cgroups() -> Iterator[PidsCgroups]:
+    """New pids cgroups for the test, removed after it."""
+    groups = PidsCgroups()
+    yield groups
+    groups.close()
+
+
+@pytest.fixture
 def scenario(request, tmp_path) -> tuple[Node, str | None]:
-    """The node of the scenario named by the test's parameter, over an earlier boot's tree."""
-    node, why = SCENARIOS[request.param](tmp_path, request)
+    """The node of the scenario (or row) named by the test's parameter, over an earlier
+    boot's tree unless the scenario put something else at the cache dir."""
+    node, why = {**SCENARIOS, **ROWS}[request.param](tmp_path, request)
     node.env.update(inject_env())
-    make_tree(node.cache_dir, PREVIOUS)  # an earlier boot's tree, to keep intact
+    if not node.cache_dir.exists():
+        make_tree(node.cache_dir, PREVIOUS)  # an earlier boot's tree, to keep intact
+    node.before = volume(node.cache_dir)
     return node, why
 
 
@@ -364,7 +485,7 @@ def test_every_scenario_has_one_class():
     assert sorted(named) == sorted(SCENARIOS)
 
 
-@pytest.mark.parametrize("scenario", sorted(SCENARIOS), indirect=True)
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS) + sorted(ROWS), indirect=True)
 def test_pull_fail_open(scenario):
     """`pull`: exit 0, one `starting cold` line, a cold marker saying why, tree untouched."""
     node, why = scenario
@@ -375,7 +496,7 @@ def test_pull_fail_open(scenario):
     if why is None:
         return assert_warm(node)
     assert "starting cold" in proc.stdout and why in proc.stdout
-    assert_cold(node, why, PREVIOUS)
+    assert_cold(node, why)
 
 
 @pytest.mark.parametrize("scenario", one_per_class("pull --require"), indirect=True)
@@ -394,7 +515,7 @@ def test_pull_fail_closed(scenario):
 APP = "import os; print('APP RAN with', os.environ.get('TORCHINDUCTOR_CACHE_DIR'))"
 
 
-@pytest.mark.parametrize("scenario", one_per_class("run"), indirect=True)
+@pytest.mark.parametrize("scenario", one_per_class("run") + sorted(ROWS), indirect=True)
 def test_run_fail_open(scenario):
     """`run -- APP`: the app runs, with the cache dir set, within deadline + 2 s, whatever
     the pull met."""
@@ -407,29 +528,51 @@ def test_run_fail_open(scenario):
     if why is None:
         return assert_warm(node)
     assert "starting cold" in proc.stderr
-    assert_cold(node, why, PREVIOUS)
+    assert_cold(node, why)
 
 
-@pytest.mark.parametrize("scenario", one_per_class("serve"), indirect=True)
+@pytest.mark.parametrize("scenario", one_per_class("serve") + sorted(ROWS), indirect=True)
 def test_serve_fail_open(scenario):
-    """`serve`: /readyz turns 200 (ready: cold) within deadline + 2 s, and SIGTERM exits 0."""
+    """`serve`: /readyz turns 200 (ready: cold) within deadline + 2 s and still answers while
+    a peer holds 400 idle connections, and SIGTERM exits 0."""
     node, why = scenario
     port = free_port()
     t0 = time.monotonic()
-    proc = spawn("serve", "-c", str(node.config), "--listen", f"127.0.0.1:{port}",
-                 env=node.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc = node.spawn("serve", "-c", str(node.config), "--listen", f"127.0.0.1:{port}")
     try:
         status, body = wait_ready(port, proc, DEADLINE + 10)
         assert status == 200, body
         assert time.monotonic() - t0 < DEADLINE + 2  # ready (warm or cold) by the bound
         assert body.strip() == ("ready: warm" if why is None else "ready: cold")
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(400)]
+        try:
+            assert readyz(port) == (status, body)
+        finally:
+            for s in held:
+                s.close()
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
     assert proc.returncode == 0
     if why is None:
         return assert_warm(node)
-    assert_cold(node, why, PREVIOUS)
+    assert_cold(node, why)
+
+
+@pytest.mark.parametrize("command", ["pull", "run", "serve"])
+@pytest.mark.parametrize("scenario", ["huge-deadline"], indirect=True)
+def test_require_names_the_bound(scenario, command):
+    """Row 8 with `--require`: `pull`, `run` and `serve` exit 2 with one line naming the key
+    and its bound; no app, nothing installed, no marker."""
+    node, why = scenario
+    rest = {"pull": [], "run": ["--", sys.executable, "-c", APP],
+            "serve": ["--listen", f"127.0.0.1:{free_port()}"]}[command]  # fmt: skip
+    proc = node.run(command, "-c", str(node.config), "--require", *rest)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and why in lines[0], lines
+    assert "APP RAN" not in proc.stdout
+    assert not node.marker.exists() and tree(node.cache_dir) == PREVIOUS
 
 
 API = """\
@@ -455,7 +598,7 @@ def test_api_fail_open(scenario):
         assert report["status"] == "warm"
         return assert_warm(node)
     assert report["status"] == "cold"
-    assert_cold(node, why, PREVIOUS)
+    assert_cold(node, why)
 
 
 def test_one_workload_that_fails_leaves_the_others_warm(tmp_path):
