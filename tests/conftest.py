@@ -30,6 +30,12 @@ from servers import AWS_ENV_TO_HIDE  # noqa: E402
 
 pytest_plugins = ("servers",)
 
+# pytest deletes the temp folders of older runs with shutil.rmtree, which recurses once per
+# folder level before Python 3.13: a 1,000-deep tree that a failing hostile-input test left
+# behind would crash every later session at exit (RecursionError, exit 1) although every
+# test passed. The hostile tests remove their deep trees themselves; this is the backstop.
+sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
+
 # An xdist worker (`make test` runs two) starts with its cwd put first on PYTHONPATH; the
 # processes the tests start (seeds, nodes, apps) get the environment a plain run gives.
 if os.environ.get("PYTEST_XDIST_WORKER"):
