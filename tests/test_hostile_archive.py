@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 import zstandard
-from conftest import WORKLOAD
+from conftest import CLI, WORKLOAD, torchwarm
 from factories import Member, hand_archive, tree
 from synthetic import publish_synthetic
 
@@ -21,7 +21,6 @@ from torchwarm.node.install import workdir
 from torchwarm.spec import archive
 from torchwarm.stores.local import LocalStore
 
-CLI = [sys.executable, "-m", "torchwarm.cli"]
 CACHE = {"fxgraph/entry": b"graph" * 50, "kernels/k.so": b"so" * 99}
 
 
@@ -45,9 +44,7 @@ class Node:
 
     def pull(self) -> dict:
         """`torchwarm pull`; the ready marker it wrote."""
-        proc = subprocess.run([*CLI, "pull", "-c", str(self.config)], capture_output=True,
-                              text=True, timeout=120)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
+        torchwarm("pull", "-c", str(self.config), timeout=120)
         return json.loads((self.cache_dir.parent / "torchwarm-ready.json").read_text())
 
     def leftovers(self) -> list[str]:

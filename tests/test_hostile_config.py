@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import WORKLOAD, torchwarm
+from conftest import CLI, WORKLOAD, cli_env, torchwarm
 from factories import alias_bomb_inputs, limit_address_space, minimal_config, write_config
 from synthetic import publish_synthetic
 
@@ -100,7 +100,7 @@ def test_alias_expansion_config_is_refused_before_it_grows(tmp_path):
     where = tmp_path / "ready.json"
     # The shared runner's command line, plus an address-space limit and a time bound.
     proc = subprocess.run(
-        [sys.executable, "-m", "torchwarm.cli", "pull", "-c", str(path), "--marker", str(where)],
+        [*CLI, "pull", "-c", str(path), "--marker", str(where)], env=cli_env(),
         capture_output=True, text=True, timeout=60, preexec_fn=limit_address_space,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -6,7 +6,6 @@ address-space limit that leaves room for a few dozen thread stacks."""
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import subprocess
 import sys
@@ -18,14 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import WORKLOAD
+from conftest import CLI, WORKLOAD, cli_env
 from factories import PidsCgroups
 from servers import free_port
 
 from torchwarm.stores.local import LocalStore
 from torchwarm.util import httpd
-
-CLI = [sys.executable, "-m", "torchwarm.cli"]
 
 
 def get(port: int, path: str, timeout: float = 5) -> tuple[int, str]:
@@ -112,7 +109,7 @@ class Serve:
     def __init__(self, config: Path, prefix: list[str]) -> None:
         self.port = free_port()
         cmd = [*prefix, *CLI, "serve", "-c", str(config), "--listen", f"127.0.0.1:{self.port}"]
-        env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
+        env = cli_env({"MALLOC_ARENA_MAX": "2"})
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=env)  # fmt: skip
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import WORKLOAD
+from conftest import WORKLOAD, torchwarm
 from factories import Member, hand_archive, inject_env, make_tree, read_tree, tree
 from synthetic import publish_synthetic
 
@@ -252,9 +250,8 @@ def pull_after_the_swap(tmp_path: Path, fault: str, *flags: str, skip: int = 0):
     cfg = tmp_path / "node.yaml"
     cfg.write_text(yaml.safe_dump({"store": store.url, "cache_dir": str(cache),
                                    "deadline_s": DEADLINE, "workloads": [WORKLOAD]}))  # fmt: skip
-    env = {**os.environ, **inject_env(fault), "TORCHWARM_TEST_INJECT_SKIP": str(skip)}
-    proc = subprocess.run([sys.executable, "-m", "torchwarm.cli", "pull", "-c", str(cfg), *flags],
-                          capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    env = {**inject_env(fault), "TORCHWARM_TEST_INJECT_SKIP": str(skip)}
+    proc = torchwarm("pull", "-c", str(cfg), *flags, env=env, check=False, timeout=60)
     return proc, cache, published.manifest
 
 

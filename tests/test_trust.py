@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import torchwarm
 
 from torchwarm import config as cfgmod
 from torchwarm.env import fingerprint
@@ -175,9 +174,7 @@ def test_cli_refusal_is_one_line_and_exit_4(setup, seed_key):
     doc["warmup"] = {"counters": {"forged": 1}}
     setup.manifest_path().write_text(json.dumps(doc))
     setup.config([seed_key.public_text()])
-    proc = subprocess.run([sys.executable, "-m", "torchwarm.cli", "pull", "-c",
-                           str(setup.tmp / "node.yaml"), "--require"],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = torchwarm("pull", "-c", str(setup.tmp / "node.yaml"), "--require", check=False)
     assert proc.returncode == 4
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "refusing it" in lines[0]
