@@ -67,3 +67,21 @@ def test_agent_paths_exist():
     """Each `agent/….py` path in the docs is a file of the package."""
     missing = [(d, p) for d, p in _names(AGENT_PATH) if not (ROOT / p).is_file()]
     assert missing == []
+
+
+def test_readme_map_lists_every_module():
+    """The README's Layout table names each module of each folder, and no other."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Layout\n") : text.index("\n## ", text.index("## Layout\n") + 1)]
+    listed: dict[str, set[str]] = {}
+    for row in section.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`") or cells[0] == "top":
+            folder = "" if cells[0] == "top" else cells[0].strip("`/")
+            listed[folder] = set(re.findall(r"`([\w]+\.py)`", cells[1]))
+    agent = ROOT / "agent"
+    actual = {
+        folder: {p.name for p in (agent / folder).glob("*.py") if p.name != "__init__.py"}
+        for folder in ["", *(d.name for d in agent.iterdir() if (d / "__init__.py").exists())]
+    }
+    assert listed == actual
