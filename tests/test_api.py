@@ -108,6 +108,7 @@ def test_fail_open_never_raises_and_require_raises_the_clis_error(tmp_path):
     assert not (tmp_path / "volume" / "inductor").exists()
 
 
+@pytest.mark.timed
 @pytest.mark.parametrize("require", [False, True])
 def test_the_deadline_holds_in_a_process_with_threads(tmp_path, require):
     """A pull stuck in C (injected) in an app process that runs other threads ends at its

@@ -81,6 +81,8 @@ from torchwarm.spec import manifest as mf
 from torchwarm.stores import open_store
 from torchwarm.stores.local import LocalStore
 
+pytestmark = pytest.mark.timed  # deadline bounds; see pyproject.toml
+
 CACHE = {f"fxgraph/entry-{i}": os.urandom(2048) for i in range(8)} | {"kernels/k.so": b"so" * 99}
 PREVIOUS = {"earlier-entry": b"from a previous boot"}
 DEADLINE = 4.0

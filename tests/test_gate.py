@@ -17,7 +17,7 @@ from conftest import WORKLOAD, readyz, spawn, torchwarm
 from factories import inject_env
 from servers import FAKE_AWS_ENV, free_port
 
-pytestmark = pytest.mark.compile
+pytestmark = [pytest.mark.compile, pytest.mark.timed]
 
 N_SETS = len(WORKLOAD["inputs"])
 

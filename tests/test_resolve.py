@@ -71,6 +71,7 @@ def test_a_miss_compares_only_the_newest_other_environments(store):
     assert f"{OTHERS - resolve.EXPLAIN_MAX_MANIFESTS} other environments not compared" in reason
 
 
+@pytest.mark.timed
 def test_a_slow_store_stops_the_explanation_after_its_time_bound(store):
     """A store that takes 0.3 s per manifest read: the explanation stops after
     EXPLAIN_MAX_S instead of reading all of them inside the pull's deadline."""

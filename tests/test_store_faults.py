@@ -28,6 +28,8 @@ from torchwarm.stores.local import LocalStore
 from torchwarm.stores.retry import RetryingStore
 from torchwarm.stores.s3 import S3Store
 
+pytestmark = pytest.mark.timed  # deadline bounds; see pyproject.toml
+
 MiB = 1 << 20
 BLOB = os.urandom(24 * MiB)
 
