@@ -31,11 +31,11 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from torchwarm import __version__
 from torchwarm import config as cfgmod
-from torchwarm.errors import TorchwarmError, WarmupError
+from torchwarm.errors import TorchwarmError, WarmupError, printable
 
 if TYPE_CHECKING:
     from torchwarm.seed.warmup import WarmupResult
@@ -51,14 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="torchwarm: %(levelname)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PrintableFormatter("torchwarm: %(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        handlers=[handler])  # fmt: skip
     try:
         return int(args.func(args) or 0)
     except TorchwarmError as e:
-        print(f"torchwarm: error: {e}", file=sys.stderr)
+        _say(f"torchwarm: error: {e}", sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("torchwarm: interrupted", file=sys.stderr)
@@ -66,12 +66,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the one place a bug becomes one line
         if args.verbose:
             raise
-        print(
+        _say(
             f"torchwarm: internal error: {type(e).__name__}: {e} "
             "(run with -v for the traceback and report it)",
-            file=sys.stderr,
+            sys.stderr,
         )
         return EXIT_INTERNAL
+
+
+def _say(line: str, file: TextIO | None = None) -> None:
+    """Print one line for people, escaped (errors.printable): what torchwarm says quotes the
+    store, its server, manifests, the config and the environment, which may hold terminal
+    escapes. JSON output needs none of this: json.dumps escapes every control character."""
+    print(printable(line), file=file)
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines escaped as _say's are (a retry's line quotes the store server's answer)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return printable(super().formatMessage(record))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -253,8 +267,8 @@ def _warmup(args: argparse.Namespace) -> int:
         for w in cfg.selected(args.workload):
             t0 = time.perf_counter()
             result = wu.warmup(cfg, w, root / w.name)
-            print(f"warmed {w.name}: {kinds.of(w).warmed(result.summary)}, "
-                  f"{time.perf_counter() - t0:.1f} s in all")  # fmt: skip
+            _say(f"warmed {w.name}: {kinds.of(w).warmed(result.summary)}, "
+                 f"{time.perf_counter() - t0:.1f} s in all")  # fmt: skip
             if args.push:
                 _publish(cfg, result)
     except WarmupError:
@@ -287,7 +301,7 @@ def _publish(cfg: cfgmod.Config, result: WarmupResult) -> None:
 
     rep = publish_warmup(cfg.open_store(), result, cfg.signing_key)
     m = rep.manifest
-    print(
+    _say(
         f"pushed {m.workload} ({m.format}, {_size(m.size)}) as {rep.manifest_key}: "
         f"{rep.outcome}, {rep.blobs_uploaded} blob(s) uploaded ({_size(rep.bytes_uploaded)}), "
         f"{rep.blobs_present} already present"
@@ -342,7 +356,7 @@ def _wait(args: argparse.Namespace) -> int:
     from torchwarm.node import marker
 
     doc = marker.wait(args.marker, args.timeout)
-    print(f"ready: {doc.get('status', '?')}")
+    _say(f"ready: {doc.get('status', '?')}")
     return 0
 
 
@@ -365,23 +379,23 @@ def _gc(args: argparse.Namespace) -> int:
     rep = gc(cfg.open_store(), args.keep, older_than_s, args.grace, args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     for key in rep.deleted_manifests:
-        print(f"{verb} manifest {key}")
+        _say(f"{verb} manifest {key}")
     for key in rep.deleted_blobs:
-        print(f"{verb} blob {key}")
-    print(
+        _say(f"{verb} blob {key}")
+    _say(
         f"kept {len(rep.kept_manifests)} manifest(s) ({rep.young_manifests} of them beyond "
         f"--keep but younger than {args.older_than}); {verb} {len(rep.deleted_manifests)} "
         f"manifest(s) and {len(rep.deleted_blobs)} blob(s) ({_size(rep.freed_bytes)}); "
         f"{rep.young_blobs} unreferenced blob(s) inside the grace period kept"
     )
     for key in rep.restored_blobs:
-        print(f"restored blob {key}: a manifest published during this gc names it")
+        _say(f"restored blob {key}: a manifest published during this gc names it")
     for key in rep.unheld_blobs:
-        print(f"kept blob {key}: no room in {rep.temp_dir} to hold a copy while deleting it "
-              f"(gc leaves {_size(TEMP_RESERVE_BYTES)} free there); "
-              "set TMPDIR to a larger disk")  # fmt: skip
+        _say(f"kept blob {key}: no room in {rep.temp_dir} to hold a copy while deleting it "
+             f"(gc leaves {_size(TEMP_RESERVE_BYTES)} free there); "
+             "set TMPDIR to a larger disk")  # fmt: skip
     if rep.sweep_skipped:
-        print(f"blob sweep skipped: {rep.sweep_skipped}")
+        _say(f"blob sweep skipped: {rep.sweep_skipped}")
     return 0
 
 
@@ -395,10 +409,10 @@ def _ls(args: argparse.Namespace) -> int:
             print(json.dumps(e.to_dict(), sort_keys=True))
         return 0
     if not entries:
-        print(f"no manifests in {cfg.store}")
+        _say(f"no manifests in {cfg.store}")
         return 0
-    print(f"{'WORKLOAD':20} {'FINGERPRINT':12} {'FORMAT':10} {'SIZE':>9} {'AGE':>6} "
-          f"{'GRAPHS':>6}  INPUT SETS OR COMMAND")  # fmt: skip
+    _say(f"{'WORKLOAD':20} {'FINGERPRINT':12} {'FORMAT':10} {'SIZE':>9} {'AGE':>6} "
+         f"{'GRAPHS':>6}  INPUT SETS OR COMMAND")  # fmt: skip
     for e in entries:
         c = e.counters
         # A command that printed no counters: unknown, not zero.
@@ -406,7 +420,7 @@ def _ls(args: argparse.Namespace) -> int:
             "-" if c is None else c.get("fxgraph_cache_miss", 0) + c.get("fxgraph_cache_hit", 0)
         )
         what = f"command: {shlex.join(e.command)}" if e.command is not None else e.input_sets
-        print(
+        _say(
             f"{e.workload:20} {e.fingerprint[:12]:12} {e.format:10} {_size(e.size):>9} "
             f"{_age(e.age_s):>6} {graphs:>6}  {what}"
         )
@@ -427,7 +441,10 @@ def _probe_workloads(cfg: cfgmod.Config, args: argparse.Namespace) -> None:
 
     for w in cfg.selected(args.workload):
         probe = kinds.of(w).probe(cfg, w)  # a command: its warm-up run, on this cache dir
-        print(json.dumps(probe.doc, sort_keys=True) if args.json else probe.line)
+        if args.json:
+            print(json.dumps(probe.doc, sort_keys=True))
+        else:
+            _say(probe.line)
 
 
 def _s(p: Path | None) -> str | None:

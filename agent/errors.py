@@ -56,8 +56,10 @@ def one_line(text: str) -> str:
 
 def printable(text: str) -> str:
     """`text` with every character a terminal or log viewer could act on (controls,
-    escapes, bidi overrides, line breaks) written as its backslash escape: for text a
-    store supplied, which may hold anything."""
+    escapes, bidi overrides, line breaks) written as its backslash escape: for lines that
+    quote what torchwarm did not write (the store, its server, manifests, the config, the
+    environment), which may hold anything. Applied where lines are printed or logged
+    (docs/security.md, "What torchwarm prints"); escaping twice changes nothing."""
     return "".join(
         c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
     )

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from torchwarm.env import compat
 from torchwarm.env.compat import AOTAUTOGRAD_DIR, DYNAMO_DIR, FXGRAPH_DIR, TRITON_DIR
-from torchwarm.errors import one_line
+from torchwarm.errors import one_line, printable
 from torchwarm.node.report import PullReport
 
 POLL_S = 5.0  # seconds between scans, at least
@@ -150,7 +150,7 @@ class Watcher:
         cache_dir: Path,
         kinds: Iterable[str] = tuple(k.name for k in KINDS),
         note: str = "",
-        say: Callable[[str], None] = lambda line: print(line, flush=True),
+        say: Callable[[str], None] = lambda line: print(printable(line), flush=True),
         interval_s: float = POLL_S,
     ) -> None:
         self.cache_dir = cache_dir

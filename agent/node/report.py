@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from torchwarm.errors import printable
+
 
 @dataclass
 class WorkloadOutcome:
@@ -55,7 +57,8 @@ def overall(outcomes: list[WorkloadOutcome]) -> str:
 
 
 def describe(report: PullReport) -> list[str]:
-    """The pull's outcome for people: a line per workload, then one summary line."""
+    """The pull's outcome for people: a line per workload, then one summary line, each
+    escaped (errors.printable): reasons quote the store, its server and the config."""
     lines = []
     if report.reason:
         lines.append(f"starting cold: {report.reason}")
@@ -77,4 +80,4 @@ def describe(report: PullReport) -> list[str]:
         else f"no marker written{': ' + report.marker_error if report.marker_error else ''}"
     )
     lines.append(f"ready ({report.status}) in {report.timings.get('total_s', 0):.2f} s; {where}")
-    return lines
+    return [printable(line) for line in lines]

@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from torchwarm.errors import TorchwarmError, one_line
+from torchwarm.errors import TorchwarmError, one_line, printable
 from torchwarm.node import gate as node
 from torchwarm.node import misses
 from torchwarm.node.report import PullReport, describe
@@ -39,7 +39,7 @@ class Sidecar:
     def readyz(self) -> httpd.Response:
         if self.report is None:
             why = f"failed: {self.error}" if self.error else "pulling"
-            return 503, httpd.TEXT, f"not ready: {why}\n".encode()
+            return 503, httpd.TEXT, f"not ready: {printable(why)}\n".encode()
         return 200, httpd.TEXT, f"ready: {self.report.status}\n".encode()
 
     def healthz(self) -> httpd.Response:
@@ -126,7 +126,8 @@ def serve(
     try:
         state.watcher = misses.watch(report)
     except Exception as e:  # noqa: BLE001 - a watcher that cannot start must not stop serving
-        print(f"miss watcher not started: {one_line(f'{type(e).__name__}: {e}')}", flush=True)
+        print(printable(f"miss watcher not started: {one_line(f'{type(e).__name__}: {e}')}"),
+              flush=True)  # fmt: skip
     state.report = report
     if threaded:
         stop.wait()

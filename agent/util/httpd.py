@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
-from torchwarm.errors import ConfigError
+from torchwarm.errors import ConfigError, printable
 
 Response = tuple[int, str, bytes]
 Route = Callable[[], Response]
@@ -176,7 +176,7 @@ class Server:
         try:
             status, ctype, body = route() if route else (404, TEXT, b"not found\n")
         except Exception as e:  # noqa: BLE001 - one line on stderr, and the loop goes on
-            print(f"torchwarm: http: answering {target}: {type(e).__name__}: {e}",
+            print(printable(f"torchwarm: http: answering {target}: {type(e).__name__}: {e}"),
                   file=sys.stderr)  # fmt: skip
             status, ctype, body = 500, TEXT, b"internal error\n"
         return _response(status, ctype, body if method == "GET" else b"", len(body))
