@@ -8,6 +8,14 @@ restarts the sidecar and tries again. After the pull it keeps serving /healthz a
 /metrics until SIGTERM, and watches the cache dir for entries the app compiles that the
 warm-up did not cover (misses.py): counted on /metrics, one log line per kind.
 
+SIGTERM during the pull (a pod deleted while it starts up) kills the pull's worker at
+once, wherever it is stuck, instead of waiting for the pull's deadline. The gate then
+finds the cache dir as after any stopped worker: the previous tree or the complete new
+one, never a partial one; what the worker left in the workdir (its downloads, a staging
+tree) is deleted by a detached process, or by the next pull, which also takes the
+install lock the dead worker can no longer hold. No ready marker is left, and `serve`
+exits 0.
+
 The endpoint is one thread (util/httpd.py). Where not even that can be started (a full
 pids cgroup), `serve` fails open as `pull` does: the main thread finishes the pull, then
 serves, so probes queued on the socket meanwhile get /readyz 200 once it is done.
@@ -15,6 +23,8 @@ serves, so probes queued on the socket meanwhile get /readyz 200 once it is done
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 import threading
@@ -24,7 +34,7 @@ from typing import Any
 
 from torchwarm.errors import TorchwarmError, one_line, printable
 from torchwarm.node import gate as node
-from torchwarm.node import misses
+from torchwarm.node import marker, misses
 from torchwarm.node.report import PullReport, describe
 from torchwarm.util import httpd
 
@@ -100,28 +110,46 @@ def serve(
 ) -> int:
     """Pull in a worker, serve probes, then keep serving until SIGTERM. The exit code."""
     state = Sidecar()
+    stop = threading.Event()
+    worker = _Worker()
+    server: httpd.Server | None = None
+    threaded = True
+
+    def on_sigterm(*_: object) -> None:
+        stop.set()
+        worker.kill()  # a pull still running: stop it now, not at its deadline
+        if not threaded and server is not None:
+            server.shutdown()  # the loop runs on this thread: it ends after this handler
+
+    # Before the fork and the endpoint: a SIGTERM at any time from here on ends in exit 0.
+    signal.signal(signal.SIGTERM, on_sigterm)
     # The worker is forked before the HTTP thread starts (fork copies only this thread).
     begun = node.begin(config_path, overrides, names, require, started=started)
+    if isinstance(begun, node.Supervisor):
+        worker.track(begun.pid)
+        if stop.is_set():
+            worker.kill()  # SIGTERM came while the worker was being forked
     server = httpd.bind(
         listen, {"/readyz": state.readyz, "/healthz": state.healthz, "/metrics": state.metrics}
     )
     threaded = _start(server)
-    stop = threading.Event()
-
-    def on_sigterm(*_: object) -> None:
-        stop.set()
-        if not threaded:
-            server.shutdown()  # the loop runs on this thread: it ends after this handler
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    report: PullReport | None = None
     try:
         report = begun if isinstance(begun, PullReport) else begun.finish()
-        for line in describe(report):
-            print(line, flush=True)
     except TorchwarmError as e:
-        state.error = e
+        if not worker.killed:  # killed: the error only says so (fail-closed)
+            state.error = e
+            server.shutdown()
+            raise
+    finally:
+        worker.forget()
+    if worker.killed and isinstance(begun, node.Supervisor):
+        _stopped(begun)
         server.shutdown()
-        raise
+        return 0
+    assert report is not None  # not killed: the pull returned its report, or raised
+    for line in describe(report):
+        print(line, flush=True)
     # The baseline scan comes before /readyz says 200, so the app cannot write before it.
     try:
         state.watcher = misses.watch(report)
@@ -137,6 +165,50 @@ def serve(
         state.watcher.stop()
     server.shutdown()
     return 0
+
+
+def _stopped(sup: node.Supervisor) -> None:
+    """After SIGTERM killed the pull's worker: no marker, and one line on what is left."""
+    marker.clear(sup.cfg.marker_path)  # the gate wrote one ("cold"): nothing is ready
+    print(printable(f"stopped by SIGTERM during the pull (it was {sup.rec.phase}); no ready "
+                    "marker left; the cache dir holds its previous tree or the complete new "
+                    "one, and what the stopped worker left beside it is deleted in the "
+                    "background or by the next pull"), flush=True)  # fmt: skip
+
+
+class _Worker:
+    """The pull's worker, for SIGTERM to kill. Through a pidfd where the kernel has them:
+    once the gate has reaped the worker, its pid may name another process, but the pidfd
+    still names the dead worker (a kill then fails harmlessly)."""
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.fd: int | None = None
+        self.killed = False  # the kill reached a running worker
+
+    def track(self, pid: int) -> None:
+        self.pid = pid  # 0: no worker was forked
+        if pid:
+            with contextlib.suppress(AttributeError, OSError):  # no pidfds here: the pid
+                self.fd = os.pidfd_open(pid)
+
+    def kill(self) -> None:
+        if not self.pid:
+            return
+        with contextlib.suppress(OSError):  # gone already
+            if self.fd is not None:
+                signal.pidfd_send_signal(self.fd, signal.SIGKILL)
+            else:
+                os.kill(self.pid, signal.SIGKILL)
+            self.killed = True
+
+    def forget(self) -> None:
+        """The pull is over (the gate reaped the worker): nothing left to kill."""
+        self.pid = 0
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
 
 
 def _start(server: httpd.Server) -> bool:
