@@ -17,6 +17,8 @@ from servers import FAKE_AWS_ENV, free_port
 
 from torchwarm.node.install import workdir
 
+pytestmark = pytest.mark.timed  # a bound on how soon serve stops; see pyproject.toml
+
 DEADLINE_S = 30  # the pull's deadline: what serve must not wait for
 PROMPT_S = 8.0  # what "at once" allows here, the worker's reaping and a loaded machine included
 
