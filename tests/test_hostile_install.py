@@ -292,3 +292,13 @@ def test_rollback_across_trusted_keys_is_refused(vol, seed_key):
     doc = vol.pull(trusted=trusted)
     assert doc["status"] == "cold" and "replayed" in reasons(doc)["mlp"], reasons(doc)
     assert tree(vol.cache_dir) == GOOD
+
+
+def test_deeply_nested_replay_memory_is_damaged_not_fatal(vol):
+    """An installed.json nested 100,000 deep reads as damaged memory: the pull installs."""
+    work = install.workdir(vol.cache_dir)
+    work.mkdir(parents=True)
+    (work / "installed.json").write_text("[" * 100_000)
+    vol.publish(GOOD)
+    doc = vol.pull()
+    assert doc["status"] == "warm", reasons(doc)

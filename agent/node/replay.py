@@ -49,7 +49,7 @@ class Memory:
         self.entries: dict[str, dict[str, Any]] = {}
         try:
             doc = json.loads(self.path.read_bytes())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep
             doc = {}  # none yet, or damaged: protection restarts from here
         if isinstance(doc, dict):
             self.entries = {k: v for k, v in doc.items() if isinstance(v, dict)}
