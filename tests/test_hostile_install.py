@@ -302,3 +302,16 @@ def test_deeply_nested_replay_memory_is_damaged_not_fatal(vol):
     vol.publish(GOOD)
     doc = vol.pull()
     assert doc["status"] == "warm", reasons(doc)
+
+
+def test_deeply_nested_tree_record_is_no_record(vol):
+    """A tree record nested 100,000 deep reads as no record: the next pull installs."""
+    vol.publish(GOOD)
+    assert vol.pull()["status"] == "warm"
+    st = os.stat(vol.cache_dir)
+    record = install.workdir(vol.cache_dir) / f"tree-{st.st_dev}-{st.st_ino}.json"
+    assert record.exists()
+    record.write_text("[" * 100_000)
+    doc = vol.pull()
+    assert doc["status"] == "warm", reasons(doc)
+    assert tree(vol.cache_dir) == GOOD

@@ -127,7 +127,7 @@ def contents(cache_dir: Path) -> dict[str, Held]:
     try:
         st = os.stat(cache_dir)
         doc = json.loads(_record_path(workdir(cache_dir), st).read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: a record nested too deep
         return {}
     if not isinstance(doc, dict) or doc.get("version") != _RECORD_VERSION:
         return {}
