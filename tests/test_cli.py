@@ -156,6 +156,16 @@ def test_wait_ignores_a_marker_from_another_boot(tmp_path, capsys, monkeypatch, 
     assert seconds >= 0.5
 
 
+def test_wait_passes_over_a_marker_nested_too_deep(tmp_path, capsys):
+    """A junk marker nested 100,000 deep is foreign junk to `wait`: this boot's marker lets
+    it through."""
+    marker = tmp_path / "ready.json"
+    marker.write_text("[" * 100_000)
+    doc = {"status": "warm", "boot_id": markermod.boot_id()}
+    rc, out, _ = wait_while_written(capsys, marker, doc, delay=0.3)
+    assert rc == 0 and out.strip() == "ready: warm"
+
+
 def test_ls_empty_store(tmp_path, capsys):
     """`ls` on an empty store says there are no manifests."""
     rc, out, _ = run(capsys, "ls", "-c", str(minimal_config(tmp_path)))

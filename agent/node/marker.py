@@ -50,8 +50,8 @@ def read(path: Path) -> dict[str, Any] | None:
     """The marker's content if it exists, parses and was written in this boot."""
     try:
         doc = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None  # not there yet (it is written atomically: ValueError is foreign junk)
+    except (OSError, ValueError, RecursionError):
+        return None  # not there yet (it is written atomically: the others are foreign junk)
     if not isinstance(doc, dict) or doc.get("boot_id") != boot_id():
         return None
     return doc
