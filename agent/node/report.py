@@ -23,10 +23,6 @@ class WorkloadOutcome:
     # TORCH_CACHING_PRECOMPILE=1 (`torchwarm run` does)
     precompile_reason: str = ""  # why a precompile capture's entries were left out
 
-    @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> WorkloadOutcome:
-        return cls(**{k: doc[k] for k in cls.__dataclass_fields__ if k in doc})
-
 
 @dataclass
 class PullReport:
