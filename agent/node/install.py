@@ -44,7 +44,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from torchwarm.errors import InstallError
-from torchwarm.util.fs import atomic_write_bytes, fsync_dir, fsync_tree, remove_tree, walk
+from torchwarm.util.fs import (
+    atomic_write_bytes,
+    fsync_dir,
+    fsync_tree,
+    read_json,
+    remove_tree,
+    walk,
+)
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -126,9 +133,9 @@ def contents(cache_dir: Path) -> dict[str, Held]:
     when its install left no record (an older torchwarm, a tree made by hand)."""
     try:
         st = os.stat(cache_dir)
-        doc = json.loads(_record_path(workdir(cache_dir), st).read_bytes())
-    except (OSError, ValueError, RecursionError):  # RecursionError: a record nested too deep
+    except OSError:
         return {}
+    doc = read_json(_record_path(workdir(cache_dir), st))
     if not isinstance(doc, dict) or doc.get("version") != _RECORD_VERSION:
         return {}
     parts = doc.get("parts")

@@ -18,7 +18,7 @@ from typing import Any
 
 from torchwarm.config import BOOT_ID_VAR, boot_id_variable
 from torchwarm.errors import WaitTimeout
-from torchwarm.util.fs import atomic_write_bytes
+from torchwarm.util.fs import atomic_write_bytes, read_json
 
 _KERNEL_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
@@ -48,10 +48,8 @@ def clear(path: Path) -> None:
 
 def read(path: Path) -> dict[str, Any] | None:
     """The marker's content if it exists, parses and was written in this boot."""
-    try:
-        doc = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return None  # not there yet (it is written atomically: the others are foreign junk)
+    # None: not there yet (it is written atomically: a damaged one is foreign junk)
+    doc = read_json(path)
     if not isinstance(doc, dict) or doc.get("boot_id") != boot_id():
         return None
     return doc

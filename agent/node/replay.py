@@ -27,7 +27,7 @@ from typing import Any
 from torchwarm.errors import IntegrityError
 from torchwarm.spec.manifest import Manifest
 from torchwarm.spec.signing import TrustedKeys
-from torchwarm.util.fs import atomic_write_bytes
+from torchwarm.util.fs import atomic_write_bytes, read_json
 
 INSTALLED = "installed.json"
 MAX_AHEAD_US = 24 * 3600 * 10**6  # a day: clock skew allowed between a seed and a node
@@ -47,10 +47,7 @@ class Memory:
         self.path = work / INSTALLED
         self.trusted = trusted or TrustedKeys({})
         self.entries: dict[str, dict[str, Any]] = {}
-        try:
-            doc = json.loads(self.path.read_bytes())
-        except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep
-            doc = {}  # none yet, or damaged: protection restarts from here
+        doc = read_json(self.path)  # None: none yet, or damaged: protection restarts here
         if isinstance(doc, dict):
             self.entries = {k: v for k, v in doc.items() if isinstance(v, dict)}
 

@@ -9,14 +9,25 @@ rmtree's ignore_errors. The two below keep their own stack.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
+def read_json(path: Path) -> Any:
+    """The JSON document in `path`, or None when it is missing, unreadable or not JSON,
+    nested too deep included (json.loads raises RecursionError for that, not ValueError):
+    for the files a node keeps on its volume, which a damaged one must never make fatal."""
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
 
 
 def fsync_dir(path: Path) -> None:
