@@ -8,11 +8,12 @@ Validation errors name the file and the key path, and say what was expected.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -38,8 +39,16 @@ _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Keys that only a model workload (a factory torchwarm calls) or only a command
 # workload (a process of the user's) has.
-MODEL_KEYS = ("model", "model_kwargs", "inputs", "device", "mode", "compile", "seed")
-COMMAND_KEYS = ("command", "cwd", "env", "code")
+MODEL_KEYS = ("model", "model_kwargs", "inputs", "method", "device", "mode", "compile", "seed")
+COMMAND_KEYS = ("command", "cwd", "env", "code", "server")
+COMPILE_TARGETS = ("module", "forward")  # what the app hands torch.compile (CompileOptions)
+READY_CHECKS = ("http", "tcp", "log")  # how a server workload says it is ready (Server)
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGKILL")
+DEFAULT_READY_TIMEOUT_S = 600.0  # a server that loads a model may take minutes to listen
+DEFAULT_STOP_GRACE_S = 30.0
+MAX_REQUESTS = 1000  # warm-up requests of one server workload, repeats counted
+_METHOD = re.compile(r"^(__call__|[A-Za-z][A-Za-z0-9_]{0,63})$")
 # What a config file may make the loader do (#20). A real config is a few KB and a few
 # hundred YAML nodes; these bounds are far above that and far below a stall.
 MAX_CONFIG_BYTES = 256 << 10
@@ -53,6 +62,9 @@ MAX_SECONDS = {
     "interval_s": 30 * 86400.0,
     "backoff_max_s": 30 * 86400.0,
     "refresh_s": 365 * 86400.0,
+    "ready_timeout_s": 7 * 86400.0,
+    "request_timeout_s": 7 * 86400.0,
+    "grace_s": 86400.0,
 }
 # The numeric store options: (lowest, highest); floats must be above their lowest.
 STORE_RANGES: dict[str, tuple[float, float]] = {
@@ -72,6 +84,11 @@ class TensorSpec:
     dtype: str = "float32"
     dynamic: tuple[int, ...] = ()  # dims passed to torch._dynamo.mark_dynamic
     high: int = 2  # exclusive upper bound of random integers (int dtypes only)
+    fill: float | None = None  # every element this value (an attention mask of ones)
+
+
+# A keyword input that is not a tensor: passed as written (max_new_tokens: 4, use_cache: false).
+Constant = None | bool | int | float | str
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,10 @@ class CompileOptions:
     mode: str | None = None
     fullgraph: bool = False
     dynamic: bool | None = None
+    # How the app compiles, which decides the cache keys: "module" is torch.compile(model),
+    # "forward" is model.forward = torch.compile(model.forward) (what a call of
+    # model.generate() goes through). Not an argument of torch.compile.
+    target: str = "module"
 
     def as_kwargs(self) -> dict[str, Any]:
         return {
@@ -91,6 +112,32 @@ class CompileOptions:
 
 
 @dataclass(frozen=True)
+class WarmRequest:
+    """One HTTP request a server workload's warm-up sends to 127.0.0.1:port."""
+
+    method: str = "GET"
+    path: str = "/"  # with its query, from the first "/"
+    json: Any = None  # the body, sent as application/json; None: no body
+    repeat: int = 1
+    status: int = 200  # the status it must answer with
+
+
+@dataclass(frozen=True)
+class Server:
+    """What makes a command workload a server's: torchwarm waits until it is ready,
+    sends its warm-up requests, stops it, then captures (seed/server.py)."""
+
+    port: int  # it listens on 127.0.0.1:port; requests and checks go there only
+    ready: str  # one of READY_CHECKS
+    ready_target: str  # http: the path to GET until 2xx; log: a regex; tcp: ""
+    ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
+    requests: tuple[WarmRequest, ...] = ()
+    request_timeout_s: float = DEFAULT_READY_TIMEOUT_S  # each request's
+    stop_signal: str = "SIGTERM"
+    stop_grace_s: float = DEFAULT_STOP_GRACE_S  # then the whole process group is killed
+
+
+@dataclass(frozen=True)
 class Command:
     """A workload that is a process of the user's own (a warm-up script, a server start
     plus a warm request): torchwarm runs it, it compiles whatever it compiles."""
@@ -99,6 +146,7 @@ class Command:
     cwd: Path  # absolute; from the YAML, relative to the config file's folder
     env: Mapping[str, str] = field(default_factory=dict)  # for the warm-up only, unexpanded
     code: tuple[Path, ...] = ()  # files and folders whose content is hashed into the key
+    server: Server | None = None  # set: a server, warmed by requests (seed/server.py)
 
 
 @dataclass(frozen=True)
@@ -115,6 +163,18 @@ class Workload:
     warmup_timeout_s: float = DEFAULT_WARMUP_TIMEOUT_S
     command: Command | None = None  # set instead of model (then model is None, inputs ())
     # Which of the two it is, and all that follows from it: torchwarm.seed.kinds.of(w).
+    # Keyword inputs, one mapping per input set (() when none has any): tensors by spec,
+    # other values as written.
+    kwargs: tuple[Mapping[str, TensorSpec | Constant], ...] = ()
+    method: str = "__call__"  # what is called on the model, e.g. generate
+    # Warm up with the cache at the config's cache_dir, the node's own path, instead of a
+    # fresh folder: a cache that records its absolute root hits on the node only then.
+    # Default: on for command workloads, off for model workloads (parse).
+    at_node_path: bool = False
+
+    def call_kwargs(self, i: int) -> Mapping[str, TensorSpec | Constant]:
+        """The keyword inputs of input set `i`."""
+        return self.kwargs[i] if self.kwargs else {}
 
 
 @dataclass(frozen=True)
@@ -619,7 +679,7 @@ def parse_workload(doc: Any, source: str) -> Workload:
 def _workload(v: _Validator, at: str, w: Any, default_timeout_s: float, base: Path) -> Workload:
     if not isinstance(w, dict):
         v.fail(at, f"must be a mapping, got {_kind(w)}")
-    v.no_unknown(w, {"name", "warmup_timeout_s", *MODEL_KEYS, *COMMAND_KEYS}, at)
+    v.no_unknown(w, {"name", "warmup_timeout_s", "at_node_path", *MODEL_KEYS, *COMMAND_KEYS}, at)
     if "name" not in w:
         v.fail(f"{at}.name", "is required")
     name = w["name"]
@@ -640,9 +700,11 @@ def _workload(v: _Validator, at: str, w: Any, default_timeout_s: float, base: Pa
                 else "applies to command workloads only (those that set command)",
             )
     timeout_s = v.positive(f"{at}.warmup_timeout_s", w.get("warmup_timeout_s", default_timeout_s))
+    at_node_path = v.boolean(f"{at}.at_node_path", w.get("at_node_path", is_command))
     if is_command:
         command = _command(v, at, w, base)
-        return Workload(name, None, (), warmup_timeout_s=timeout_s, command=command)
+        return Workload(name, None, (), warmup_timeout_s=timeout_s, command=command,
+                        at_node_path=at_node_path)  # fmt: skip
     if "inputs" not in w:
         v.fail(f"{at}.inputs", "is required")
     model = w["model"]
@@ -654,7 +716,12 @@ def _workload(v: _Validator, at: str, w: Any, default_timeout_s: float, base: Pa
     inputs = w["inputs"]
     if not isinstance(inputs, list) or not inputs:
         v.fail(f"{at}.inputs", "must be a non-empty list of input sets (one per batch size)")
-    sets = tuple(_input_set(v, f"{at}.inputs[{i}]", s) for i, s in enumerate(inputs))
+    parsed = [_input_set(v, f"{at}.inputs[{i}]", s) for i, s in enumerate(inputs)]
+    sets = tuple(args for args, _ in parsed)
+    by_name = tuple(kw for _, kw in parsed) if any(kw for _, kw in parsed) else ()
+    method = w.get("method", "__call__")
+    if not isinstance(method, str) or not _METHOD.fullmatch(method):
+        v.fail(f"{at}.method", "must be the name of a method of the model, e.g. generate")
     device = w.get("device", "cpu")
     if not isinstance(device, str) or not re.fullmatch(r"(cpu|cuda(:\d+)?|xpu(:\d+)?)", device):
         v.fail(f"{at}.device", "must be 'cpu', 'cuda' or 'cuda:N'")
@@ -662,6 +729,16 @@ def _workload(v: _Validator, at: str, w: Any, default_timeout_s: float, base: Pa
     seed = w.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         v.fail(f"{at}.seed", "must be an integer")
+    compile_options = _compile(v, f"{at}.compile", w.get("compile", {}))
+    if method != "__call__" and compile_options.target != "forward":
+        v.fail(
+            f"{at}.compile.target",
+            f"must be forward when method is {method!r}: {method}() calls the model's "
+            "forward, which torch.compile(model) leaves uncompiled (the app sets "
+            "model.forward = torch.compile(model.forward))",
+        )
+    if method != "__call__" and mode == "train":
+        v.fail(f"{at}.method", f"is {method!r}; a training workload calls the model itself")
     return Workload(
         name=name,
         model=model,
@@ -669,10 +746,29 @@ def _workload(v: _Validator, at: str, w: Any, default_timeout_s: float, base: Pa
         model_kwargs=dict(kwargs),
         device=device,
         mode=mode,
-        compile=_compile(v, f"{at}.compile", w.get("compile", {})),
+        compile=compile_options,
         seed=seed,
         warmup_timeout_s=timeout_s,
+        kwargs=by_name,
+        method=method,
+        at_node_path=at_node_path,
     )
+
+
+def workload_doc(w: Workload) -> dict[str, Any]:
+    """A model workload as a `workloads` entry that parse_workload reads back the same
+    (the warm-up child gets its workload this way)."""
+    assert w.command is None, "a command workload never goes to the warm-up child"
+    doc = {k: v for k, v in asdict(w).items() if k not in ("command", "kwargs")}
+    doc["inputs"] = [
+        {"args": [asdict(t) for t in args], "kwargs": _kwargs_doc(w.call_kwargs(i))}
+        for i, args in enumerate(w.inputs)
+    ]
+    return doc
+
+
+def _kwargs_doc(kw: Mapping[str, TensorSpec | Constant]) -> dict[str, Any]:
+    return {k: asdict(x) if isinstance(x, TensorSpec) else x for k, x in kw.items()}
 
 
 def _command(v: _Validator, at: str, w: dict[str, Any], base: Path) -> Command:
@@ -696,7 +792,93 @@ def _command(v: _Validator, at: str, w: dict[str, Any], base: Path) -> Command:
     # Only the top-level env reaches the app (torchwarm run): a cache root named here
     # would be shipped, and the app would never look into it.
     env = _env(v, f"{at}.env", w.get("env"), reaches_app=False)
-    return Command(tuple(argv), cwd, env, paths)
+    server = _server(v, f"{at}.server", w["server"]) if "server" in w else None
+    return Command(tuple(argv), cwd, env, paths, server)
+
+
+def _server(v: _Validator, at: str, s: Any) -> Server:
+    if not isinstance(s, dict):
+        v.fail(
+            at, f"must be a mapping like {{port: 8000, ready: {{http: /healthz}}}}, got {_kind(s)}"
+        )
+    v.no_unknown(
+        s, {"port", "ready", "ready_timeout_s", "requests", "request_timeout_s", "stop"}, at
+    )
+    port = s.get("port")
+    if not _posint(port) or port > 65535:
+        v.fail(f"{at}.port", "must be the TCP port it listens on at 127.0.0.1 (1-65535)")
+    ready = s.get("ready")
+    if not isinstance(ready, dict) or len(ready) != 1 or next(iter(ready)) not in READY_CHECKS:
+        v.fail(
+            f"{at}.ready",
+            "must be one check: {http: /healthz} (GET until 2xx), {tcp: true} (the port "
+            "accepts) or {log: 'regex'} (a line of its output matches)",
+        )
+    check, target = next(iter(ready.items()))
+    if check == "http" and not (isinstance(target, str) and _is_path(target)):
+        v.fail(f"{at}.ready.http", "must be a path starting with '/', e.g. /healthz")
+    if check == "tcp" and target is not True:
+        v.fail(f"{at}.ready.tcp", "must be true (the port is server.port)")
+    if check == "log":
+        if not isinstance(target, str) or not target:
+            v.fail(f"{at}.ready.log", "must be a regular expression")
+        try:
+            re.compile(target)
+        except re.error as e:
+            v.fail(f"{at}.ready.log", f"is not a regular expression: {e}")
+    requests = s.get("requests", [])
+    if not isinstance(requests, list):
+        v.fail(f"{at}.requests", f"must be a list of requests, got {_kind(requests)}")
+    reqs = tuple(_request(v, f"{at}.requests[{i}]", r) for i, r in enumerate(requests))
+    if sum(r.repeat for r in reqs) > MAX_REQUESTS:
+        v.fail(f"{at}.requests", f"sends more than {MAX_REQUESTS} requests, repeats counted")
+    stop = s.get("stop", {})
+    if not isinstance(stop, dict):
+        v.fail(
+            f"{at}.stop",
+            f"must be a mapping like {{signal: SIGTERM, grace_s: 30}}, got {_kind(stop)}",
+        )
+    v.no_unknown(stop, {"signal", "grace_s"}, f"{at}.stop")
+    return Server(
+        port=port,
+        ready=check,
+        ready_target="" if check == "tcp" else target,
+        ready_timeout_s=v.positive(f"{at}.ready_timeout_s",
+                                   s.get("ready_timeout_s", DEFAULT_READY_TIMEOUT_S)),
+        requests=reqs,
+        request_timeout_s=v.positive(f"{at}.request_timeout_s",
+                                     s.get("request_timeout_s", DEFAULT_READY_TIMEOUT_S)),
+        stop_signal=v.choice(f"{at}.stop.signal", stop.get("signal", "SIGTERM"), STOP_SIGNALS),
+        stop_grace_s=v.positive(f"{at}.stop.grace_s", stop.get("grace_s", DEFAULT_STOP_GRACE_S)),
+    )  # fmt: skip
+
+
+def _is_path(text: str) -> bool:
+    """An HTTP request target on the server itself: '/...', printable, no spaces."""
+    return text.startswith("/") and text.isprintable() and " " not in text and len(text) <= 2048
+
+
+def _request(v: _Validator, at: str, r: Any) -> WarmRequest:
+    if not isinstance(r, dict):
+        v.fail(at, f"must be a mapping like {{method: POST, path: /predict, json: {{...}}}}, "
+                   f"got {_kind(r)}")  # fmt: skip
+    v.no_unknown(r, {"method", "path", "json", "repeat", "status"}, at)
+    method = v.choice(f"{at}.method", r.get("method", "GET"), HTTP_METHODS)
+    path = r.get("path", "/")
+    if not isinstance(path, str) or not _is_path(path):
+        v.fail(f"{at}.path", "must be a path starting with '/', e.g. /v1/completions")
+    body = r.get("json")
+    try:
+        json.dumps(body, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        v.fail(f"{at}.json", f"cannot be sent as JSON: {e}")
+    repeat = r.get("repeat", 1)
+    if not _posint(repeat):
+        v.fail(f"{at}.repeat", "must be a positive integer")
+    status = r.get("status", 200)
+    if not _posint(status) or not 100 <= status <= 599:
+        v.fail(f"{at}.status", "must be an HTTP status code (100-599)")
+    return WarmRequest(method, path, body, repeat, status)
 
 
 def _env(v: _Validator, at: str, value: Any, reaches_app: bool) -> dict[str, str]:
@@ -747,7 +929,7 @@ def _compile(v: _Validator, at: str, c: Any) -> CompileOptions:
         c = {}
     if not isinstance(c, dict):
         v.fail(at, f"must be a mapping, got {_kind(c)}")
-    v.no_unknown(c, {"backend", "mode", "fullgraph", "dynamic"}, at)
+    v.no_unknown(c, {"backend", "mode", "fullgraph", "dynamic", "target"}, at)
     backend = c.get("backend", "inductor")
     if not isinstance(backend, str) or not backend:
         v.fail(f"{at}.backend", "must be a backend name such as inductor")
@@ -755,23 +937,57 @@ def _compile(v: _Validator, at: str, c: Any) -> CompileOptions:
     dynamic = c.get("dynamic")
     if dynamic is not None and not isinstance(dynamic, bool):
         v.fail(f"{at}.dynamic", "must be true, false or null")
+    target = v.choice(f"{at}.target", c.get("target", "module"), COMPILE_TARGETS)
     return CompileOptions(
-        backend, mode, v.boolean(f"{at}.fullgraph", c.get("fullgraph", False)), dynamic
+        backend, mode, v.boolean(f"{at}.fullgraph", c.get("fullgraph", False)), dynamic, target
     )
 
 
-def _input_set(v: _Validator, at: str, s: Any) -> tuple[TensorSpec, ...]:
+def _input_set(
+    v: _Validator, at: str, s: Any
+) -> tuple[tuple[TensorSpec, ...], dict[str, TensorSpec | Constant]]:
+    """One input set: positional tensors (a list, or one tensor's mapping), or a mapping
+    {args: [tensors], kwargs: {name: tensor or constant}}."""
+    if isinstance(s, dict) and ("args" in s or "kwargs" in s):
+        v.no_unknown(s, {"args", "kwargs"}, at)
+        args, kw = s.get("args", []), s.get("kwargs", {})
+        if not isinstance(args, list):
+            v.fail(f"{at}.args", f"must be a list of tensors, got {_kind(args)}")
+        if not isinstance(kw, dict):
+            v.fail(f"{at}.kwargs", f"must be a mapping of argument names, got {_kind(kw)}")
+        if not args and not kw:
+            v.fail(at, "has neither args nor kwargs; give the call at least one input")
+        by_name = {}
+        for name, value in kw.items():
+            key = f"{at}.kwargs.{_show(name)}"
+            if not isinstance(name, str) or not name.isidentifier():
+                v.fail(key, "is not an argument name")
+            by_name[name] = _keyword(v, key, value)
+        return tuple(_tensor(v, f"{at}.args[{i}]", t) for i, t in enumerate(args)), by_name
     if isinstance(s, dict):
         s = [s]  # a single tensor may be written without the list
     if not isinstance(s, list) or not s:
-        v.fail(at, "must be a non-empty list of tensors ({shape: [...], dtype: ...})")
-    return tuple(_tensor(v, f"{at}[{i}]", t) for i, t in enumerate(s))
+        v.fail(at, "must be a non-empty list of tensors ({shape: [...], dtype: ...}), or "
+                   "{args: [...], kwargs: {...}}")  # fmt: skip
+    return tuple(_tensor(v, f"{at}[{i}]", t) for i, t in enumerate(s)), {}
+
+
+def _keyword(v: _Validator, at: str, value: Any) -> TensorSpec | Constant:
+    """A keyword input: a tensor (a mapping with a shape) or a plain value."""
+    if isinstance(value, dict):
+        return _tensor(v, at, value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    v.fail(at, f"must be a tensor ({{shape: [...], dtype: ...}}) or a plain value "
+               f"(number, string, true/false, null), got {_kind(value)}")  # fmt: skip
 
 
 def _tensor(v: _Validator, at: str, t: Any) -> TensorSpec:
     if not isinstance(t, dict):
         v.fail(at, f"must be a mapping like {{shape: [4, 64], dtype: float32}}, got {_kind(t)}")
-    v.no_unknown(t, {"shape", "dtype", "dynamic", "high"}, at)
+    v.no_unknown(t, {"shape", "dtype", "dynamic", "high", "fill"}, at)
     shape = t.get("shape")
     if not isinstance(shape, list) or not all(_posint(d) for d in shape):
         v.fail(f"{at}.shape", "must be a list of positive integers")
@@ -784,7 +1000,10 @@ def _tensor(v: _Validator, at: str, t: Any) -> TensorSpec:
     high = t.get("high", 2)
     if not _posint(high):
         v.fail(f"{at}.high", "must be a positive integer")
-    return TensorSpec(tuple(shape), dtype, tuple(dynamic), high)
+    fill = t.get("fill")
+    if fill is not None and (isinstance(fill, str) or _number(fill) is None):
+        v.fail(f"{at}.fill", "must be a number (every element takes it), or null for random")
+    return TensorSpec(tuple(shape), dtype, tuple(dynamic), high, fill)
 
 
 def _show(key: Any) -> str:
