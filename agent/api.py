@@ -60,7 +60,8 @@ def app_env(report: PullReport, base: Mapping[str, str] | None = None) -> dict[s
     torch caches in the cache dir, Triton's with them, the config's `env` (other compile
     caches under the cache dir, as the seed's warm-ups had them), and
     TORCH_CACHING_PRECOMPILE=1 where precompiled entries were installed. `torchwarm run`
-    execs the app with it."""
+    starts the app with it, less that variable after a failed start with the entries in
+    this boot (`activate` too: torchwarm.node.precompile_trial)."""
     from torchwarm.env import torchenv
     from torchwarm.node import precompile_rules as precompile
 
@@ -76,9 +77,22 @@ def activate(report: PullReport) -> dict[str, str]:
     return the variables it set.
 
     Call it before importing torch: torch reads TORCH_CACHING_PRECOMPILE when it is
-    imported (the cache dir it reads at each use).
+    imported (the cache dir it reads at each use). With precompiled entries, this start
+    is recorded beside the ready marker, and how the process ends (an uncaught exception
+    fails it; so does a death without exiting, seen by the next start): if a start with
+    them failed in this boot, precompile stays off, with a warning that says why
+    (torchwarm.node.precompile_trial).
     """
+    from torchwarm.node import precompile_rules as precompile
+    from torchwarm.node import precompile_trial
+
     wanted = app_env(report)
+    trial, off = precompile_trial.begin(report)
+    if off:
+        wanted.pop(precompile.ENV_VAR, None)
+        warnings.warn(off, stacklevel=2)
+    elif trial is not None:
+        precompile_trial.watch(trial)
     changed = {k: v for k, v in wanted.items() if os.environ.get(k) != v}
     for k in set(os.environ) - set(wanted):
         os.environ.pop(k)

@@ -138,7 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the pull report as JSON")
     _pull_options(pl)
 
-    rn = cmd("run", _run, "pull, then exec COMMAND (same PID) with TORCHINDUCTOR_CACHE_DIR set")
+    rn = cmd("run", _run, "pull, then exec COMMAND (same PID; a child while precompiled "
+             "entries are on) with TORCHINDUCTOR_CACHE_DIR set")  # fmt: skip
     rn.add_argument("--workload", help="only this workload (default: all)")
     _pull_options(rn)
     rn.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]",
@@ -326,7 +327,8 @@ def _pull(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from torchwarm import api
     from torchwarm.node import gate as node
-    from torchwarm.node import report
+    from torchwarm.node import precompile_rules as precompile
+    from torchwarm.node import precompile_trial, report
 
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
@@ -338,7 +340,18 @@ def _run(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     sys.stdout.flush()
     env = api.app_env(rep)  # the cache dir, the config's env expanded for it, precompile
+    trial, off = precompile_trial.begin(rep)
+    if off:  # a start with the entries failed in this boot (or cannot be recorded)
+        env.pop(precompile.ENV_VAR, None)
+        _say(f"torchwarm: {off}", sys.stderr)
+    sys.stderr.flush()
     try:
+        if trial is not None:  # a child, to learn how the app's start with them ends
+            ended = precompile_trial.supervise(trial, argv, env)
+            if ended.failed:
+                _say(f"torchwarm: the app {ended.how} with precompiled entries; its next start "
+                     "in this boot goes without them (FX-graph warm)", sys.stderr)  # fmt: skip
+            return ended.code
         os.execvpe(argv[0], argv, env)
     except OSError as e:
         raise cfgmod.ConfigError(f"cannot exec {argv[0]!r}: {e.strerror}") from None
