@@ -206,6 +206,7 @@ class Seeded:
 
     config = property(lambda self: self.root / "torchwarm.yaml")
     out = property(lambda self: self.root / "out" / "app")  # the warm-up's folder
+    cache_dir = property(lambda self: self.root / "node" / "inductor")  # where it compiled
     spy = property(lambda self: self.root / "spy.json")  # what the command saw
 
 
@@ -226,12 +227,12 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Seeded:
 
 
 def test_command_runs_with_the_cache_env_and_no_torchwarm_variable(seeded):
-    """The command sees the warm-up's empty cache dir, the second root inside it, its own
-    env, the config folder as cwd; no TORCHWARM_* variable nor the key's text, no
-    TRITON_CACHE_DIR, no TORCH_CACHING_PRECOMPILE."""
+    """The command sees the config's cache_dir (the node's path, lent to the warm-up), the
+    second root inside it, its own env, the config folder as cwd; no TORCHWARM_* variable
+    nor the key's text, no TRITON_CACHE_DIR, no TORCH_CACHING_PRECOMPILE."""
     seen = json.loads(seeded.spy.read_text())
     env = seen["env"]
-    cache = seeded.out / "cache"
+    cache = seeded.cache_dir
     assert env["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
     assert env["APP_CACHE_ROOT"] == str(cache / "app")
     assert env["WARM_ONLY"] == SECRET_VALUE
@@ -249,7 +250,7 @@ def test_second_cache_root_travels_and_installs_under_cache_dir(seeded, tmp_path
     out = torchwarm("pull", "-c", str(seeded.config), "--cache-dir", str(node), "--require")
     assert "warm: app" in out.stdout
     entry = json.loads((node / "app" / "entry.json").read_text())
-    assert entry == {"written_in": str(seeded.out / "cache" / "app")}  # the seed's own write
+    assert entry == {"written_in": str(seeded.cache_dir / "app")}  # the seed's own write
 
 
 def test_run_gives_the_app_the_second_root_in_the_node_cache_dir(seeded, tmp_path):
@@ -263,7 +264,7 @@ def test_run_gives_the_app_the_second_root_in_the_node_cache_dir(seeded, tmp_pat
     assert report["env"] == {"APP_CACHE_ROOT": str(node / "app"),
                              "TORCHINDUCTOR_CACHE_DIR": str(node),
                              "TRITON_CACHE_DIR": None, "WARM_ONLY": None}  # fmt: skip
-    assert report["found"] == {"written_in": str(seeded.out / "cache" / "app")}
+    assert report["found"] == {"written_in": str(seeded.cache_dir / "app")}
 
 
 def test_manifest_summary_of_a_command_is_honest(seeded):

@@ -251,7 +251,7 @@ class Daemon:
         step = f"workload {w.name!r}"
         self._begin(f"{step}: checking the store", w.warmup_timeout_s)
         fp = fingerprint.digest(self.fields)
-        key = warmup.warmup_key(w, self.cfg.format, fp, self.cfg.env)
+        key = warmup.warmup_key(w, self.cfg.format, fp, self.cfg.env, cache_dir=self.cfg.cache_dir)
         manifest_key = keys.manifest_key(w.name, fp)
         existing = _read_manifest(store, manifest_key)
         # Skip only a current, complete manifest: a missing blob (lost to an operator or a

@@ -2,9 +2,12 @@
 
 A subprocess per workload keeps captures from mixing (torch's mega-cache saves are
 cumulative per process) and gives every warm-up an empty cache dir, so the capture
-holds exactly what the workload needs. What the child is comes from the workload's kind
-(kinds.py): for a model workload it runs `python -m torchwarm.seed.warmup` and gets its
-workload as JSON (never the config); a command workload's child is its own command.
+holds exactly what the workload needs: a fresh folder, or, for a workload with
+`at_node_path` (commands by default), the config's cache_dir itself, the node's path,
+with what the seed had there set aside and put back (nodepath.py). What the child is
+comes from the workload's kind (kinds.py): for a model workload it runs
+`python -m torchwarm.seed.warmup` and gets its workload as JSON (never the config); a
+command workload's child is its own command.
 Neither gets any TORCHWARM_* variable (it runs the user's code and must hold no signing
 key); each runs in a process group of its own, killed whole when the warm-up passes its
 timeout (processes.py).
@@ -19,13 +22,14 @@ Output folder layout (what `torchwarm push --from DIR` reads):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import shutil
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,7 @@ from torchwarm.env import compat, fingerprint, torchenv
 from torchwarm.errors import Cancelled, ConfigError, TorchwarmError, WarmupError
 from torchwarm.formats import Captured
 from torchwarm.seed import child as workload
-from torchwarm.seed import kinds
+from torchwarm.seed import kinds, nodepath
 from torchwarm.seed.processes import child_env
 from torchwarm.spec import manifest
 
@@ -79,12 +83,18 @@ class WarmupResult:
 
 
 def warmup_key(
-    w: Workload, fmt: str, fingerprint_digest: str, env: Mapping[str, str] | None = None
+    w: Workload,
+    fmt: str,
+    fingerprint_digest: str,
+    env: Mapping[str, str] | None = None,
+    *,
+    cache_dir: Path | None = None,
 ) -> str:
     """What decides whether a stored warm-up is still current: the workload's config, its
     code (the model's whole top-level package, as `codeid.code_identity` hashes it, or a
     command's `code` files: kinds.Kind.key), the config's `env` (every warm-up gets it),
-    the capture format and the environment.
+    the capture format and the environment; for a workload with at_node_path, the
+    config's `cache_dir` too, since a cache that holds its own path holds that one.
 
     The seed daemon skips a workload whose manifest carries this key. A model's package
     is hashed whole because its factory's module imports its siblings: an edited
@@ -100,6 +110,8 @@ def warmup_key(
     }
     if env:
         doc["env"] = dict(env)
+    if w.at_node_path and cache_dir is not None:
+        doc["cache_dir"] = str(cache_dir)
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -110,7 +122,8 @@ def warmup(
     stop: threading.Event | None = None,
     on_capture: Callable[[], None] | None = None,
 ) -> WarmupResult:
-    """Warm `w` up in a child process with an empty cache dir and capture it into `out_dir`.
+    """Warm `w` up in a child process with an empty cache dir (_cache_dir) and capture it
+    into `out_dir`.
 
     The child is the workload kind's (kinds.run): `python -m torchwarm.seed.warmup` for a
     model, the command itself, in its cwd with its env on top of the config's, for a
@@ -124,25 +137,41 @@ def warmup(
     fmt = formats.get(cfg.format)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    cache = out_dir / "cache"
-    cache.mkdir(parents=True)
-    _refuse_fingerprint_changes(w, child_env(cache), {**cfg.env, **kind.env(w)}, cache)
-    try:
-        ran = kinds.run(cfg, w, fmt.name, cache, out_dir, stop=stop)
-    except (WarmupError, Cancelled):
-        shutil.rmtree(cache, ignore_errors=True)  # the log stays: the error names it
-        raise
-    if on_capture is not None:
-        on_capture()
-    captured = fmt.capture(cache, out_dir)
-    unpacked = fmt.unpacked_bytes(cache)
-    fields, summary = kind.result(w, ran)
+    out_dir.mkdir(parents=True)
+    with _cache_dir(cfg, w, out_dir / "cache", stop) as cache:
+        _refuse_fingerprint_changes(w, child_env(cache), {**cfg.env, **kind.env(w)}, cache)
+        try:
+            ran = kinds.run(cfg, w, fmt.name, cache, out_dir, stop=stop)
+        except (WarmupError, Cancelled):
+            shutil.rmtree(cache, ignore_errors=True)  # the log stays: the error names it
+            raise
+        if on_capture is not None:
+            on_capture()
+        captured = fmt.capture(cache, out_dir)
+        unpacked = fmt.unpacked_bytes(cache)
+        fields, summary = kind.result(w, ran)
     summary = {**fmt.manifest_fields(w, out_dir), **summary}
     summary["unpacked_bytes"] = unpacked  # what a node needs free to install it
-    summary["warmup_key"] = warmup_key(w, fmt.name, fingerprint.digest(fields), cfg.env)
+    summary["warmup_key"] = warmup_key(w, fmt.name, fingerprint.digest(fields), cfg.env,
+                                     cache_dir=cfg.cache_dir)  # fmt: skip
     result = WarmupResult(w.name, fmt.name, fields, summary, captured)
     result.save(out_dir)
     return result
+
+
+@contextlib.contextmanager
+def _cache_dir(
+    cfg: Config, w: Workload, fresh: Path, stop: threading.Event | None
+) -> Iterator[Path]:
+    """Where `w` compiles: `fresh`, an empty folder; or, with at_node_path, cfg.cache_dir
+    itself, lent by nodepath (the tree it leaves ends at `fresh` too), so that a cache
+    holding its own absolute path hits on the node."""
+    if w.at_node_path:
+        with nodepath.lend(cfg.cache_dir, fresh, stop, f"workload {w.name!r}") as cache:
+            yield cache
+    else:
+        fresh.mkdir()
+        yield fresh
 
 
 def _refuse_fingerprint_changes(
