@@ -146,11 +146,31 @@ def _workload(**changes) -> Workload:
         {"mode": "train"},
         {"device": "cuda"},
         {"compile": CompileOptions(fullgraph=True)},
+        {"method": "generate", "compile": CompileOptions(target="forward")},
+        {"compile": CompileOptions(target="forward")},
+        {"kwargs": ({"max_new_tokens": 4},)},
+        {"kwargs": ({"mask": TensorSpec((4, 16), "int64")},)},
     ],
 )
 def test_workload_identity_changes_with_what_shapes_the_code(change):
-    """Model, its arguments, mode, device and compile options are in the workload identity."""
+    """Model, its arguments, mode, device, compile options and target, the method called
+    and the keyword inputs (constants by value, tensors by name) are in the identity."""
     assert codeid.workload_identity(_workload(**change)) != codeid.workload_identity(_workload())
+
+
+def test_workload_identity_without_the_new_keys_is_unchanged():
+    """A workload with no method, target or keyword inputs keeps the identity it had before
+    they existed (computed on 495aef0): its precompiled entries still install."""
+    assert codeid.workload_identity(_workload()) == (
+        "3e2b6267ef5c4f652a27dcfc4882411c2d3871aa26b6d87403b924162477e1c4"
+    )
+
+
+def test_workload_identity_ignores_keyword_tensor_shapes():
+    """A keyword tensor counts by name, not shape: guards check shapes."""
+    small = _workload(kwargs=({"mask": TensorSpec((1, 16), "int64"), "n": 4},))
+    large = _workload(kwargs=({"mask": TensorSpec((8, 16), "int64"), "n": 4},))
+    assert codeid.workload_identity(small) == codeid.workload_identity(large)
 
 
 def test_workload_identity_ignores_name_inputs_and_seed():

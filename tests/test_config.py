@@ -286,6 +286,113 @@ def test_warmup_key_follows_the_model_package(tmp_path, monkeypatch):
         warmup_key(replace(w, model="keypkg_nowhere.m:build"), "cachedir", "0" * 32)
 
 
+# A model module whose bytes never change, so that a warm-up key over it is a constant.
+KEY_MODEL = (
+    '"""A model module whose bytes are fixed, for a key test."""\n\n\n'
+    "def build(d: int = 8):\n    import torch\n\n    return torch.nn.Linear(d, d)\n"
+)
+KEY_WORKLOADS = {
+    "plain": """
+        name: lin
+        model: twkey_model:build
+        model_kwargs: {d: 8}
+        inputs:
+          - [{shape: [4, 8], dtype: float32, dynamic: [0]}]
+          - [{shape: [1, 8]}]
+        """,
+    "train": """
+        name: lin-train
+        model: twkey_model:build
+        mode: train
+        seed: 3
+        warmup_timeout_s: 99
+        compile: {mode: max-autotune-no-cudagraphs, fullgraph: true, dynamic: false}
+        inputs:
+          - {shape: [2, 8], dtype: float32}
+          - [{shape: [2, 8], dtype: int64, high: 5}]
+        """,
+}
+
+
+def _key_workload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, which: str) -> config.Workload:
+    import textwrap
+
+    (tmp_path / "twkey_model.py").write_text(KEY_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return config.parse_workload(yaml.safe_load(textwrap.dedent(KEY_WORKLOADS[which])), "t")
+
+
+@pytest.mark.parametrize(
+    "which, fmt, fingerprint, env, key",
+    [
+        ("plain", "cachedir", "0" * 64, None,
+         "52b8fd5eb18da32f82554d01cf93ba7e3d00bbec7868d563e82a1ad095fe9466"),
+        ("plain", "megacache", "1" * 64, {"OMP_PROC_BIND": "1"},
+         "8b34d56176a405643d4952e338567db9f070016a878b50cae2d23c019d96e5e5"),
+        ("train", "cachedir", "0" * 64, None,
+         "5ff82e78f7a640a85b7bfe996c57d0060b3baf4bff9ab4494170917fb1396f3a"),
+        ("train", "megacache", "1" * 64, {"OMP_PROC_BIND": "1"},
+         "0f418e53fc1c0a63f990b19c67fc48caf425d8cb945edff46f4a81d6199f659f"),
+    ],
+    ids=["plain", "plain-megacache-env", "train", "train-megacache-env"],
+)  # fmt: skip
+def test_warmup_key_of_a_workload_without_the_new_keys_is_unchanged(
+    tmp_path, monkeypatch, which, fmt, fingerprint, env, key
+):
+    """A model workload that sets none of kwargs, method, compile.target, fill and
+    at_node_path keeps the warm-up key it had before they existed (computed on 495aef0),
+    so a seed upgrade warms nothing again."""
+    from torchwarm.seed.warmup import warmup_key
+
+    w = _key_workload(tmp_path, monkeypatch, which)
+    assert warmup_key(w, fmt, fingerprint, env) == key
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"method": "generate", "compile": config.CompileOptions(target="forward")},
+        {"compile": config.CompileOptions(target="forward")},
+        {"kwargs": ({"max_new_tokens": 4},)},
+        {"kwargs": ({"mask": config.TensorSpec((4, 8), "int64")},)},
+        {"at_node_path": True},
+    ],
+)
+def test_warmup_key_follows_each_new_model_key(tmp_path, monkeypatch, change):
+    """Setting a method, a compile target, keyword inputs or at_node_path changes the key."""
+    from dataclasses import replace
+
+    from torchwarm.seed.warmup import warmup_key
+
+    w = _key_workload(tmp_path, monkeypatch, "plain")
+    assert warmup_key(replace(w, **change), "cachedir", "0" * 64) != warmup_key(
+        w, "cachedir", "0" * 64
+    )
+
+
+def test_warmup_key_follows_a_tensor_fill(tmp_path, monkeypatch):
+    """A filled tensor (every element one value) is another warm-up than a random one."""
+    from dataclasses import replace
+
+    from torchwarm.seed.warmup import warmup_key
+
+    w = _key_workload(tmp_path, monkeypatch, "plain")
+    filled = replace(w, inputs=((replace(w.inputs[0][0], fill=1.0),), w.inputs[1]))
+    assert warmup_key(filled, "cachedir", "0" * 64) != warmup_key(w, "cachedir", "0" * 64)
+
+
+def test_hf_llama_example_parses():
+    """The shipped configs/hf-llama.yaml loads: keyword inputs with a filled mask, and
+    generate through a compiled forward with its constants."""
+    cfg = config.load(REPO / "configs" / "hf-llama.yaml", environ={})
+    forward, generate = cfg.workloads
+    assert forward.inputs == ((),) and forward.compile.target == "module"
+    assert forward.call_kwargs(0)["attention_mask"].fill == 1
+    assert generate.method == "generate" and generate.compile.target == "forward"
+    assert generate.call_kwargs(0)["max_new_tokens"] == 4
+    assert generate.call_kwargs(0)["do_sample"] is False
+
+
 @pytest.mark.parametrize("text, seconds", [("30d", 2592000), ("12h", 43200), ("90m", 5400),
                                            ("3600s", 3600), ("1.5h", 5400), ("0", 0)])  # fmt: skip
 def test_durations(text, seconds):

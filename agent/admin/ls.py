@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import json
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -22,7 +23,7 @@ class Entry:
     size: int
     created_at: str
     age_s: float
-    input_sets: str  # e.g. "4x64(dyn 0) 1x64"; "" for a command workload
+    input_sets: str  # "4x64(dyn 0) 1x64", "1x16+mask=1x16+max_new_tokens=4"; "" for a command
     counters: dict[str, int] | None  # None: a command workload that reported none
     signed_by: str | None
     command: list[str] | None = None  # a command workload's argv
@@ -75,9 +76,13 @@ def _input_sets(warmup: dict[str, Any]) -> str:
         try:
             parts = []
             for t in s:
+                named = f"{t['name']}=" if "name" in t else ""  # a keyword input
+                if "shape" not in t and "value" in t:  # a keyword constant
+                    parts.append(f"{named}{json.dumps(t['value'])}")
+                    continue
                 shape = "x".join(str(d) for d in t["shape"])
                 dyn = f"(dyn {','.join(map(str, t['dynamic']))})" if t.get("dynamic") else ""
-                parts.append(shape + dyn)
+                parts.append(named + shape + dyn)
             sets.append("+".join(parts))
         except (TypeError, KeyError):
             sets.append("?")

@@ -119,13 +119,30 @@ def workload_identity(w: Workload) -> str:
     Torch drops identity guards in precompile mode, so a model built with other
     arguments (say, another activation picked in `__init__`) would run the seed's graph.
     Input shapes and the seed are left out: guards check shapes, and weights are inputs.
+    The method called, the compile target and the keyword inputs (constants by value,
+    tensors by name) count only when set, so that a workload without them keeps the
+    digest it had before they existed.
     """
-    doc = {
+    from torchwarm.config import TensorSpec
+
+    doc: dict[str, Any] = {
         "model": w.model,
         "model_kwargs": dict(w.model_kwargs),
         "mode": w.mode,
         "device": w.device,
         "compile": w.compile.as_kwargs(),
     }
+    if w.method != "__call__":
+        doc["method"] = w.method
+    if w.compile.target != "module":
+        doc["target"] = w.compile.target
+    if w.kwargs:
+        doc["kwargs"] = [
+            {
+                "tensors": sorted(k for k, v in kw.items() if isinstance(v, TensorSpec)),
+                "constants": {k: v for k, v in kw.items() if not isinstance(v, TensorSpec)},
+            }
+            for kw in w.kwargs
+        ]
     data = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(data.encode()).hexdigest()

@@ -7,15 +7,17 @@ says: callers set it before calling run().
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torchwarm.config import TensorSpec, Workload
+from torchwarm.config import Constant, TensorSpec, Workload
 from torchwarm.env import compat
 from torchwarm.env.compat import COUNTERS
 from torchwarm.errors import ConfigError, WarmupError
@@ -26,7 +28,8 @@ class InputSetReport:
     shapes: list[list[int]]
     dynamic: list[list[int]]
     first_call_s: float
-    max_abs_diff: float  # compiled vs eager on the same inputs
+    max_abs_diff: float  # compiled vs eager on the same inputs, over every output tensor
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword inputs (kwargs_doc)
 
 
 @dataclass
@@ -72,21 +75,40 @@ def load_factory(spec: str) -> Any:
     return obj
 
 
-def make_inputs(specs: tuple[TensorSpec, ...], device: str, seed: int) -> list[Any]:
+def make_call(
+    specs: tuple[TensorSpec, ...],
+    by_name: Mapping[str, TensorSpec | Constant],
+    device: str,
+    seed: int,
+) -> tuple[list[Any], dict[str, Any]]:
+    """One call's inputs: positional tensors, then keyword tensors, from one generator
+    (the positional ones are what they were before keyword inputs existed); keyword
+    constants as written. Each tensor's `dynamic` dims are marked."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    tensors = []
-    for s in specs:
-        dtype = getattr(torch, s.dtype)
-        if dtype.is_floating_point:
-            t = torch.randn(s.shape, generator=gen).to(dtype)
-        elif dtype == torch.bool:
-            t = torch.randint(0, 2, s.shape, generator=gen).bool()
-        else:
-            t = torch.randint(0, s.high, s.shape, generator=gen, dtype=dtype)
-        tensors.append(t.to(device))
-    return tensors
+    args = [_tensor(s, gen, device) for s in specs]
+    kwargs = {k: _tensor(v, gen, device) if isinstance(v, TensorSpec) else v
+              for k, v in by_name.items()}  # fmt: skip
+    return args, kwargs
+
+
+def _tensor(s: TensorSpec, gen: Any, device: str) -> Any:
+    import torch
+
+    dtype = getattr(torch, s.dtype)
+    if s.fill is not None:
+        t = torch.full(s.shape, s.fill, dtype=dtype)
+    elif dtype.is_floating_point:
+        t = torch.randn(s.shape, generator=gen).to(dtype)
+    elif dtype == torch.bool:
+        t = torch.randint(0, 2, s.shape, generator=gen).bool()
+    else:
+        t = torch.randint(0, s.high, s.shape, generator=gen, dtype=dtype)
+    t = t.to(device)
+    for d in s.dynamic:
+        compat.mark_dynamic(t, d)
+    return t
 
 
 def build(workload: Workload) -> Any:
@@ -119,15 +141,126 @@ def _takes_inputs(fn: Any) -> bool:
     )
 
 
-def _call(fn: Any, inputs: list[Any], train: bool) -> Any:
+def compile_call(workload: Workload, model: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The workload's call (its `method`) compiled the way the app compiles
+    (`compile.target`), and the same call in eager, for the reference."""
     import torch
 
-    if train:
-        out = fn(*inputs)
-        out.float().sum().backward()
-        return out.detach()
-    with torch.no_grad():
-        return fn(*inputs)
+    options = workload.compile.as_kwargs()
+    eager = getattr(model, workload.method, None)
+    if not callable(eager):
+        raise ConfigError(
+            f"workload {workload.name!r}: model {workload.model!r} has no method "
+            f"{workload.method!r}; fix method"
+        )
+    if workload.compile.target == "module":  # config: method is __call__ then
+        return torch.compile(model, **options), eager
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(
+            f"workload {workload.name!r}: compile.target is forward, but model "
+            f"{workload.model!r} is a {type(model).__name__}, not a module; use target module"
+        )
+    compiled_forward = torch.compile(model.forward, **options)
+    own = vars(model).get("forward", _NONE)  # a forward the factory set on the instance
+
+    def compiled(*args: Any, **kwargs: Any) -> Any:
+        # The app's model.forward = torch.compile(model.forward), for this call only: the
+        # reference then runs the module's own forward, uncompiled.
+        model.forward = compiled_forward
+        try:
+            return eager(*args, **kwargs)
+        finally:
+            if own is _NONE:
+                del model.forward
+            else:
+                model.forward = own
+
+    return compiled, eager
+
+
+_NONE = object()
+
+
+def output_tensors(out: Any) -> list[Any]:
+    """The tensors of a call's output in order, at any depth of mappings (a transformers
+    ModelOutput is one), dataclasses, tuples and lists. Other values (a KV cache object,
+    a string) are skipped, containers met twice are walked once."""
+    import torch
+
+    found: list[Any] = []
+    seen: set[int] = set()
+    todo = [out]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, torch.Tensor):
+            found.append(x)
+            continue
+        if id(x) in seen:
+            continue
+        if isinstance(x, Mapping):
+            items = list(x.values())
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            items = [getattr(x, f.name) for f in dataclasses.fields(x)]
+        elif isinstance(x, (tuple, list)):
+            items = list(x)
+        else:
+            continue
+        seen.add(id(x))
+        todo.extend(reversed(items))  # depth first, in the container's order
+    return found
+
+
+def max_abs_diff(out: list[Any], ref: list[Any], where: str) -> float:
+    """The largest difference between the compiled call's tensors and eager's, pairwise."""
+    if len(out) != len(ref) or not out:
+        raise WarmupError(
+            f"{where}: the compiled call returned {len(out)} tensor(s), eager {len(ref)}; "
+            "torchwarm compares them pairwise, so the output must hold the same tensors "
+            "(and at least one) both ways"
+        )
+    diff = 0.0
+    for n, (a, b) in enumerate(zip(out, ref, strict=True)):
+        if a.shape != b.shape:
+            raise WarmupError(
+                f"{where}: output tensor {n} has shape {list(a.shape)} compiled and "
+                f"{list(b.shape)} in eager"
+            )
+        if a.numel():
+            diff = max(diff, (a.float() - b.float()).abs().max().item())
+    return diff
+
+
+def _call(fn: Any, args: list[Any], kwargs: dict[str, Any], train: bool, where: str) -> list[Any]:
+    """Call `fn` once; the tensors of its output, detached. Train mode: after the backward
+    of the sum of its floating-point tensors."""
+    import torch
+
+    if not train:
+        with torch.no_grad():
+            return output_tensors(fn(*args, **kwargs))
+    tensors = output_tensors(fn(*args, **kwargs))
+    loss = None
+    for t in tensors:
+        if t.is_floating_point():
+            loss = t.float().sum() if loss is None else loss + t.float().sum()
+    if loss is None or not loss.requires_grad:
+        raise WarmupError(
+            f"{where}: mode is train, but the output holds no floating-point tensor that "
+            "requires grad to run the backward of; use mode inference"
+        )
+    loss.backward()
+    return [t.detach() for t in tensors]
+
+
+def kwargs_doc(by_name: Mapping[str, TensorSpec | Constant]) -> dict[str, Any]:
+    """Keyword inputs as reports say them: a tensor's shape, dtype and dynamic dims, a
+    constant's value."""
+    return {
+        k: {"shape": list(v.shape), "dtype": v.dtype, "dynamic": list(v.dynamic)}
+        if isinstance(v, TensorSpec)
+        else {"value": v}
+        for k, v in by_name.items()
+    }
 
 
 def run(workload: Workload) -> RunReport:
@@ -147,25 +280,27 @@ def run(workload: Workload) -> RunReport:
     start = time.perf_counter()
     # Lazy for the FX-graph path (milliseconds); in precompile mode torch loads the
     # Dynamo entries and their kernels here, before any call.
-    compiled = torch.compile(model, **workload.compile.as_kwargs())
+    compiled, eager = compile_call(workload, model)
     compile_s = time.perf_counter() - start
     train = workload.mode == "train"
     sync = torch.cuda.synchronize if workload.device.startswith("cuda") else (lambda: None)
     reports = []
     for i, specs in enumerate(workload.inputs):
-        inputs = make_inputs(specs, workload.device, workload.seed + i)
-        for t, s in zip(inputs, specs, strict=True):
-            for d in s.dynamic:
-                compat.mark_dynamic(t, d)
+        where = f"workload {workload.name!r}, input set {i}"
+        by_name = workload.call_kwargs(i)
+        args, kwargs = make_call(specs, by_name, workload.device, workload.seed + i)
         start = time.perf_counter()
-        out = _call(compiled, inputs, train)
+        out = _call(compiled, args, kwargs, train, where)
         sync()
         elapsed = time.perf_counter() - start
-        ref = _call(model, inputs, train)
-        diff = (out.float() - ref.float()).abs().max().item() if out.numel() else 0.0
+        ref = _call(eager, args, kwargs, train, where)
         reports.append(
             InputSetReport(
-                [list(s.shape) for s in specs], [list(s.dynamic) for s in specs], elapsed, diff
+                [list(s.shape) for s in specs],
+                [list(s.dynamic) for s in specs],
+                elapsed,
+                max_abs_diff(out, ref, where),
+                kwargs_doc(by_name),
             )
         )
     flat = {k: v - before[k] for k, v in _counters(counters).items()}

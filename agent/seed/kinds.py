@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from torchwarm import config
 from torchwarm.config import FORMATS, Command, Config, Workload
 from torchwarm.env import codeid, fingerprint
 from torchwarm.errors import Cancelled, WarmupError
@@ -159,14 +160,13 @@ class ModelKind:
         return ""
 
     def key(self, w: Workload) -> dict[str, Any]:
-        # Without the command field: a model workload's key is what it was before commands.
         return {
-            "workload": _settings(w, "command"),
+            "workload": _model_settings(w),
             "model_code_sha256": codeid.code_identity(str(w.model)).sha256,
         }
 
     def launch(self, w: Workload, fmt: str, out_dir: Path) -> Launch:
-        doc = {k: v for k, v in asdict(w).items() if k != "command"}
+        doc = config.workload_doc(w)  # what parse_workload reads back: kwargs included
         return Launch(
             (sys.executable, "-m", "torchwarm.seed.warmup", "--workload-json", json.dumps(doc),
              "--format", fmt, "--out", str(out_dir)),
@@ -179,11 +179,9 @@ class ModelKind:
         return done["fingerprint"], {
             "mode": w.mode,
             "device": w.device,
-            "compile": w.compile.as_kwargs(),
-            "input_sets": [
-                [{"shape": list(t.shape), "dtype": t.dtype, "dynamic": list(t.dynamic)} for t in s]
-                for s in w.inputs
-            ],
+            **({"method": w.method} if w.method != "__call__" else {}),
+            "compile": _compile_summary(w),
+            "input_sets": [_input_set_summary(w, i) for i in range(len(w.inputs))],
             "counters": report["counters"],
             "first_call_s": round(report["first_call_s"], 3),
             "so_files": report["new_so_files"],
@@ -206,6 +204,41 @@ class ModelKind:
             f"miss {c['autograd_cache_miss']}; dynamo cache hit {c['dynamo_cache_hit']} "
             f"miss {c['dynamo_cache_miss']}; kernels compiled {r.new_so_files}",
         )
+
+
+# What a model workload's key held before keyword inputs, methods, compile targets, tensor
+# fills and at_node_path existed: each is left out at its default, so that a workload
+# that uses none of them keeps its key (and is not warmed again after an upgrade).
+_MODEL_DEFAULTS = {"kwargs": (), "method": "__call__", "at_node_path": False}
+
+
+def _model_settings(w: Workload) -> dict[str, Any]:
+    doc = _settings(w, "command")
+    for name, default in _MODEL_DEFAULTS.items():
+        if doc[name] == default:
+            del doc[name]
+    if doc["compile"]["target"] == "module":
+        del doc["compile"]["target"]
+    for specs in doc["inputs"]:
+        for t in specs:
+            if t["fill"] is None:
+                del t["fill"]
+    return doc
+
+
+def _compile_summary(w: Workload) -> dict[str, Any]:
+    """The compile options as the manifest says them; the target only when not module."""
+    target = {"target": w.compile.target} if w.compile.target != "module" else {}
+    return {**w.compile.as_kwargs(), **target}
+
+
+def _input_set_summary(w: Workload, i: int) -> list[dict[str, Any]]:
+    """Input set `i` for the manifest: its positional tensors, then its keyword inputs,
+    each with its name (a tensor's shape and dtype, a constant's value)."""
+    tensors = [
+        {"shape": list(t.shape), "dtype": t.dtype, "dynamic": list(t.dynamic)} for t in w.inputs[i]
+    ]
+    return tensors + [{"name": k, **v} for k, v in child.kwargs_doc(w.call_kwargs(i)).items()]
 
 
 class CommandKind:
