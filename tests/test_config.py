@@ -473,3 +473,98 @@ def test_a_plain_function_is_the_workload_itself():
     assert workload.build(fn) is models.gelu_tanh
     mlp = config.Workload("m", "torchwarm.models:mlp", ((config.TensorSpec((2, 64)),),))
     assert type(workload.build(mlp)).__name__ == "Sequential"
+
+
+# -- a command workload's server block ----------------------------------------------------
+
+
+def server_config(tmp_path: Path, block: object, **workload: object) -> Path:
+    """A config with one command workload whose server block is `block`."""
+    w = {"name": "api", "command": ["python", "server_app.py"], "server": block, **workload}
+    doc = {"store": "store", "cache_dir": "node/inductor", "workloads": [w]}
+    return write_config(tmp_path, yaml.safe_dump(doc))
+
+
+def test_server_block_parses_with_its_defaults(tmp_path):
+    """The README's server block gives a Server with its requests and stop; a block with
+    only port and ready gets the documented defaults."""
+    block = {"port": 8123, "ready": {"http": "/healthz"}, "ready_timeout_s": 120,
+             "requests": [{"method": "POST", "path": "/predict",
+                           "json": {"input_ids": [[1, 2, 3]]}, "repeat": 2, "status": 200},
+                          {"path": "/info?verbose=1"}],
+             "request_timeout_s": 30, "stop": {"signal": "SIGINT", "grace_s": 10}}  # fmt: skip
+    (w,) = config.load(server_config(tmp_path, block), environ={}).workloads
+    assert w.command is not None and w.command.server == config.Server(
+        port=8123, ready="http", ready_target="/healthz", ready_timeout_s=120.0,
+        requests=(config.WarmRequest("POST", "/predict", {"input_ids": [[1, 2, 3]]}, 2, 200),
+                  config.WarmRequest("GET", "/info?verbose=1", None, 1, 200)),
+        request_timeout_s=30.0, stop_signal="SIGINT", stop_grace_s=10.0,
+    )  # fmt: skip
+    block = {"port": 1, "ready": {"tcp": True}}
+    (w,) = config.load(server_config(tmp_path, block), environ={}).workloads
+    assert w.command is not None and w.command.server == config.Server(
+        port=1, ready="tcp", ready_target="", ready_timeout_s=600.0, requests=(),
+        request_timeout_s=600.0, stop_signal="SIGTERM", stop_grace_s=30.0,
+    )  # fmt: skip
+
+
+H = {"port": 8123, "ready": {"http": "/healthz"}}  # a valid block to break one key of
+
+
+@pytest.mark.parametrize(
+    ("block", "expected"),
+    [
+        ("8123", "server must be a mapping like {port: 8000, ready: {http: /healthz}}, got a str"),
+        ({"ready": {"tcp": True}}, "server.port must be the TCP port it listens on at 127.0.0.1"),
+        ({**H, "port": 70000}, "server.port must be the TCP port it listens on at 127.0.0.1"),
+        ({**H, "port": "8123"}, "server.port must be the TCP port"),
+        ({**H, "ready": {}}, "server.ready must be one check: {http: /healthz} (GET until 2xx)"),
+        ({**H, "ready": {"http": "/a", "tcp": True}}, "server.ready must be one check"),
+        ({**H, "ready": {"http": "healthz"}}, "server.ready.http must be a path starting with '/'"),
+        ({**H, "ready": {"tcp": 8123}}, "server.ready.tcp must be true (the port is server.port)"),
+        ({**H, "ready": {"log": "(unclosed"}}, "server.ready.log is not a regular expression"),
+        ({**H, "ready": {"log": ""}}, "server.ready.log must be a regular expression"),
+        ({**H, "ready_timeout_s": 0},
+         "server.ready_timeout_s is 0; expected a positive number of seconds"),
+        ({**H, "request_timeout_s": "soon"},
+         "server.request_timeout_s is 'soon'; expected a positive number of seconds"),
+        ({**H, "requests": {"path": "/p"}}, "server.requests must be a list of requests, got a"),
+        ({**H, "requests": ["/p"]}, "server.requests[0] must be a mapping like {method: POST"),
+        ({**H, "requests": [{"method": "FETCH"}]},
+         "server.requests[0].method is 'FETCH'; expected one of: GET, POST, PUT, PATCH, DELETE"),
+        ({**H, "requests": [{"path": "http://elsewhere/x"}]},
+         "server.requests[0].path must be a path starting with '/'"),
+        ({**H, "requests": [{"path": "/a b"}]}, "server.requests[0].path must be a path"),
+        ({**H, "requests": [{"json": float("nan")}]},
+         "server.requests[0].json cannot be sent as JSON"),
+        ({**H, "requests": [{"repeat": 0}]},
+         "server.requests[0].repeat must be a positive integer"),
+        ({**H, "requests": [{"status": 700}]},
+         "server.requests[0].status must be an HTTP status code (100-599)"),
+        ({**H, "requests": [{"repeat": 600}, {"repeat": 401}]},
+         "server.requests sends more than 1000 requests, repeats counted"),
+        ({**H, "requests": [{"body": "x"}]}, "server.requests[0].body is not a known key"),
+        ({**H, "stop": {"signal": "SIGSTOP"}},
+         "server.stop.signal is 'SIGSTOP'; expected one of: SIGTERM, SIGINT, SIGQUIT"),
+        ({**H, "stop": {"grace_s": -1}},
+         "server.stop.grace_s is -1; expected a positive number of seconds"),
+        ({**H, "stop": "SIGTERM"},
+         "server.stop must be a mapping like {signal: SIGTERM, grace_s: 30}, got a str"),
+        ({**H, "stop": {"after": 3}}, "server.stop.after is not a known key"),
+        ({**H, "host": "0.0.0.0"}, "server.host is not a known key"),
+    ],
+)  # fmt: skip
+def test_server_block_errors_name_the_key(tmp_path, block, expected):
+    """Each mistake in a server block is one line naming the file and its key path."""
+    path = server_config(tmp_path, block)
+    msg = load_error(path)
+    assert msg.startswith(f"{path}: workloads[0].") and expected in msg, msg
+
+
+def test_server_block_on_a_model_workload_is_refused(tmp_path):
+    """server belongs to command workloads: on a model workload it is a one-line error."""
+    path = minimal_config(tmp_path)
+    doc = yaml.safe_load(path.read_text())
+    doc["workloads"][0]["server"] = {"port": 8000, "ready": {"tcp": True}}
+    path.write_text(yaml.safe_dump(doc))
+    assert "workloads[0].server applies to command workloads only" in load_error(path)

@@ -19,15 +19,15 @@ import sys
 import tempfile
 import threading
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from torchwarm import config
-from torchwarm.config import FORMATS, Command, Config, Workload
+from torchwarm.config import FORMATS, Command, Config, Server, Workload
 from torchwarm.env import codeid, fingerprint
 from torchwarm.errors import Cancelled, WarmupError
-from torchwarm.seed import child, processes
+from torchwarm.seed import child, processes, server
 
 LOG = "warmup.log"  # the warm-up process's output, in its out_dir (a command's report line)
 CHILD_RESULT = "child.json"  # what a model workload's child wrote: fingerprint and counters
@@ -37,6 +37,7 @@ CHILD_RESULT = "child.json"  # what a model workload's child wrote: fingerprint 
 class Launch:
     argv: tuple[str, ...]  # run as is: no shell
     cwd: Path | None  # None: this process's
+    server: Server | None = None  # set: a server, driven by server.drive until stopped
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Ran:
     env: Mapping[str, str]  # its whole environment
     env_names: tuple[str, ...]  # the variables the config's and its own env set
     ended: processes.Ended
+    served: server.Served | None = None  # a server's: when it was ready, its requests
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,9 @@ class Kind(Protocol):
 
 def of(w: Workload) -> Kind:
     """The kind of `w`."""
-    return MODEL if w.command is None else COMMAND
+    if w.command is None:
+        return MODEL
+    return COMMAND if w.command.server is None else SERVER
 
 
 def run(
@@ -119,9 +123,13 @@ def run(
     env = processes.child_env(cache, extra)
     launch = kind.launch(w, fmt, out_dir)
     log = out_dir / LOG
+    what = f"{doing} of {w.name!r}{kind.label(w)}"
+    if launch.server is not None:  # runs until stopped: ready, requests, stop (or an error)
+        served = server.drive(what, f"workload {w.name!r}", launch.server, launch.argv, env,
+                              log, w.warmup_timeout_s, cwd=launch.cwd, stop=stop)  # fmt: skip
+        return Ran(out_dir, cache, log, env, tuple(sorted(extra)), served.ended, served)
     ended = processes.run(f"workload {w.name!r}", launch.argv, env, log, w.warmup_timeout_s,
                           cwd=launch.cwd, stop=stop)  # fmt: skip
-    what = f"{doing} of {w.name!r}{kind.label(w)}"
     if ended.how == "cancelled":
         raise Cancelled(f"{doing} of {w.name!r} cancelled")
     if ended.how == "timeout":
@@ -292,7 +300,7 @@ class CommandKind:
             "workload": w.name, "cache_dir": str(cache), "command": list(_command(w).argv),
             "wall_s": round(ran.ended.wall_s, 3), "counters": reported.get("counters"),
             "first_call_s": reported.get("first_call_s"),
-            "new_so_files": child.count_so(cache) - so_before,
+            "new_so_files": child.count_so(cache) - so_before, **self._probed(w, ran),
         }  # fmt: skip
         c = doc["counters"]
         seen = (
@@ -306,11 +314,56 @@ class CommandKind:
         return Probe(doc, f"{w.name}: command ran {doc['wall_s']:.2f} s; {seen}; "
                           f"kernels compiled {doc['new_so_files']}")  # fmt: skip
 
+    def _probed(self, w: Workload, ran: Ran) -> dict[str, Any]:
+        """What its kind adds to `probe --json`."""
+        return {}
+
+
+class ServerKind(CommandKind):
+    """A command that starts a server (command.server): torchwarm waits until it is ready,
+    sends its warm-up requests and stops it (server.py); otherwise a command."""
+
+    name = "server"
+
+    def label(self, w: Workload) -> str:
+        return f" (server {shlex.join(_command(w).argv)})"
+
+    def key(self, w: Workload) -> dict[str, Any]:
+        doc = super().key(w)
+        for name in ("ready_timeout_s", "request_timeout_s", "stop_grace_s"):
+            del doc["workload"]["command"]["server"][name]  # how long: nothing compiled
+        return doc
+
+    def launch(self, w: Workload, fmt: str, out_dir: Path) -> Launch:
+        return replace(super().launch(w, fmt, out_dir), server=_server(w))
+
+    def result(self, w: Workload, ran: Ran) -> tuple[dict[str, Any], dict[str, Any]]:
+        fields, summary = super().result(w, ran)
+        return fields, {**summary, **self._probed(w, ran)}
+
+    def warmed(self, summary: dict[str, Any]) -> str:
+        return f"{server.describe(summary['server'])}; {super().warmed(summary)}"
+
+    def probe(self, cfg: Config, w: Workload) -> Probe:
+        p = super().probe(cfg, w)
+        return Probe(p.doc, f"{w.name}: {server.describe(p.doc['server'])}; "
+                            f"{p.line.removeprefix(f'{w.name}: ')}")  # fmt: skip
+
+    def _probed(self, w: Workload, ran: Ran) -> dict[str, Any]:
+        assert ran.served is not None, "run() drives a server workload through server.drive"
+        return {"server": ran.served.summary(_server(w))}
+
 
 def _command(w: Workload) -> Command:
     assert w.command is not None, "of() gives CommandKind only to a workload with a command"
     return w.command
 
 
+def _server(w: Workload) -> Server:
+    assert w.command is not None and w.command.server is not None, "of() gives ServerKind"
+    return w.command.server
+
+
 MODEL: Kind = ModelKind()
 COMMAND: Kind = CommandKind()
+SERVER: Kind = ServerKind()

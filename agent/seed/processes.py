@@ -17,7 +17,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,24 @@ def run(
     ConfigError naming `who` (e.g. "workload 'mlp'") when it cannot be started.
     """
     t0 = time.monotonic()
+    with started(who, argv, env, log_path, cwd) as proc:
+        how = wait_unreaped(proc, timeout_s, stop)
+    return Ended(how, proc.returncode if how == "exited" else None, time.monotonic() - t0)
+
+
+@contextlib.contextmanager
+def started(
+    who: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path, cwd: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start `argv` in a new process group, stdout and stderr into `log_path`, and give
+    it to the caller while it runs (without waiting: a server); on leaving, kill the
+    whole group and reap it, so that `returncode` is set then.
+
+    The caller must not reap it (wait, poll) before: its pid is the group's id, which
+    could be another group's once it was reaped. `exited`, `exit_status` and
+    `wait_unreaped` look without reaping. ConfigError naming `who` (e.g. "workload
+    'mlp'") when it cannot be started.
+    """
     with log_path.open("wb") as log:
         try:
             proc = subprocess.Popen(list(argv), env=dict(env), cwd=cwd, stdout=log, stderr=log,
@@ -84,24 +102,41 @@ def run(
                 "(no shell: a program on PATH, or a path) or cwd"
             ) from None
         try:
-            how = _wait_unreaped(proc, timeout_s, stop)
+            yield proc
         finally:
             _kill_group(proc)  # also what a process that exited left running
             proc.wait()
-    return Ended(how, proc.returncode if how == "exited" else None, time.monotonic() - t0)
 
 
-def _wait_unreaped(proc: subprocess.Popen[bytes], timeout_s: float,
-                   stop: threading.Event | None) -> str:  # fmt: skip
+def exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether it exited; it is left unreaped (WNOWAIT)."""
+    try:
+        return bool(os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT))
+    except ChildProcessError:
+        return True  # already reaped
+
+
+def exit_status(proc: subprocess.Popen[bytes]) -> int | None:
+    """Its exit status once it exited (negative: the signal that killed it, as
+    Popen.returncode), left unreaped; None while it runs (or when something else reaped
+    it, status unknown)."""
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return proc.returncode
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+def wait_unreaped(proc: subprocess.Popen[bytes], timeout_s: float,
+                  stop: threading.Event | None = None) -> str:  # fmt: skip
     """'exited', 'timeout' or 'cancelled'. The child is left unreaped (WNOWAIT), so its
     process group id cannot be reused before _kill_group."""
     deadline = time.monotonic() + timeout_s
     while True:
-        try:
-            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
-                return "exited"
-        except ChildProcessError:
-            return "exited"  # already reaped
+        if exited(proc):
+            return "exited"
         if stop is not None and stop.is_set():
             return "cancelled"
         if time.monotonic() >= deadline:
@@ -117,6 +152,12 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 def last_line(log_path: Path) -> str:
     lines = _tail(log_path).decode(errors="replace").strip().splitlines()
     return lines[-1] if lines else "(no output)"
+
+
+def last_lines(log_path: Path, n: int) -> list[str]:
+    """The last `n` lines of the log that are not blank, stripped; [] for none."""
+    text = _tail(log_path).decode(errors="replace")
+    return [line.strip() for line in text.splitlines() if line.strip()][-n:]
 
 
 def read_report(log_path: Path) -> dict[str, Any] | None:
