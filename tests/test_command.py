@@ -127,9 +127,9 @@ def test_command_config_errors_name_the_key(tmp_path, workload, top, expected):
 
 
 def test_format_flag_refused_for_a_command_workload(tmp_path):
-    """`warmup --format precompile` on a command workload is refused at load, naming the flag."""
-    msg = load_error(setup(tmp_path, [app()]), format="precompile")
-    assert "format (from the command line) is 'precompile'" in msg
+    """`warmup --format megacache` on a command workload is refused at load, naming the flag."""
+    msg = load_error(setup(tmp_path, [app()]), format="megacache")
+    assert "format (from the command line) is 'megacache'" in msg
 
 
 # -- warm-up key --------------------------------------------------------------------------

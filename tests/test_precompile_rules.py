@@ -36,6 +36,7 @@ def pc_manifest(root: Path, w: Workload | None = None, keys=(KEY_A,), **meta_cha
         "workload_sha256": codeid.workload_identity(w),
         "dynamo_keys": list(keys),
         "fallback": {"counters": {}},
+        "entries": "kept",
         **meta_changes,
     }
     return manifest(workload=w.name, fmt="precompile", warmup={"precompile": meta})
@@ -89,7 +90,7 @@ def test_other_input_shapes_and_seed_do_not_matter(pkg):
 
 def test_an_unknown_scheme_leaves_the_entries_out(pkg):
     """A newer seed's precompile fields: left out, telling to upgrade."""
-    d = decide(pc_manifest(pkg, scheme=2), root=pkg)
+    d = decide(pc_manifest(pkg, scheme=precompile.SCHEME + 1), root=pkg)
     assert not d.install and "upgrade torchwarm" in d.reason
 
 

@@ -12,6 +12,10 @@ search path but never imported. Inside it: Python sources and native extension m
 Data files, caches and other packages are not hashed (docs/precompile.md says why).
 For a top-level module (`mymodel:build`), its directory's other top-level `.py` files
 are hashed with it: they are what it can import as siblings.
+
+A command workload's identity (command_identity) is its `code` files and the installed
+distributions it imported, each by name, version and the digest of its RECORD file
+(distribution_identity), read from metadata the same way on seed and node.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import importlib.util
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -146,3 +151,85 @@ def workload_identity(w: Workload) -> str:
         ]
     data = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(data.encode()).hexdigest()
+
+
+# -- command workloads -------------------------------------------------------------------------
+# A command is the user's own process: its code is its `code` list (hashed as the warm-up
+# key hashes it) and the installed distributions it imported, which the seed's hook
+# (torchwarm.seed.hook) lists when the command exits. Each distribution is named by its
+# version and a digest, computed here from metadata files alone, so that a node computes
+# the same without running the app.
+
+
+@dataclass(frozen=True)
+class DistIdentity:
+    name: str  # as its metadata spells it
+    version: str
+    digest: str  # "record:<sha256 of RECORD>", or "code:<sha256>" of its modules' files
+    modules: tuple[str, ...]  # the top-level modules the command imported from it
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "digest": self.digest,
+                "modules": list(self.modules)}  # fmt: skip
+
+
+def distribution_identity(
+    name: str, modules: Sequence[str], search_path: Sequence[str] | None = None
+) -> DistIdentity:
+    """The identity of the installed distribution `name` (found on `search_path`, default
+    this sys.path, as import finds it), from which the command imported `modules`.
+
+    The digest is the sha256 of its RECORD file, which lists every installed file with
+    its own sha256, so a reinstall of other bytes under the same version changes it. An
+    editable install's RECORD names only the link to its source folder, and an install
+    without RECORD lists nothing: for those, the code files of `modules` are hashed, as
+    code_identity hashes a model's package. ConfigError when it is not installed.
+    """
+    where = {} if search_path is None else {"path": [str(p) for p in search_path]}
+    found = next(iter(metadata.distributions(name=name, **where)), None)
+    if found is None:
+        raise ConfigError(f"distribution {name!r} is not installed here")
+    version = found.version
+    record = found.read_text("RECORD")
+    if record and not _editable(found):
+        digest = "record:" + hashlib.sha256(record.encode()).hexdigest()
+    else:
+        h = hashlib.sha256(b"torchwarm-dist-code-1\0")
+        for module in sorted(modules):
+            files = code_files(module, search_path)
+            for rel in sorted(files):
+                h.update(f"{module}\0{rel}\0{_file_sha256(files[rel])}\0".encode())
+        digest = "code:" + h.hexdigest()
+    return DistIdentity(found.metadata["Name"] or name, version, digest, tuple(sorted(modules)))
+
+
+def _editable(dist: Any) -> bool:
+    """Whether pip recorded `dist` as an editable install (PEP 660, direct_url.json)."""
+    try:
+        doc = json.loads(dist.read_text("direct_url.json") or "{}")
+    except ValueError:
+        return False
+    info = doc.get("dir_info") if isinstance(doc, dict) else None
+    return isinstance(info, dict) and info.get("editable") is True
+
+
+def command_identity(
+    code: Sequence[Path],
+    argv: Sequence[str],
+    distributions: Sequence[DistIdentity],
+) -> dict[str, Any]:
+    """What a command workload's precompiled entries were made from: the digest of its
+    `code` files (as its warm-up key has it), its arguments, and the distributions it
+    imported. The program (argv[0]) is left out: an interpreter at another path is the
+    same one when the fingerprint (Python, torch) is.
+
+    ConfigError when a code path does not exist.
+    """
+    from torchwarm.seed.processes import code_digest  # the warm-up key's digest, one place
+
+    return {
+        "kind": "command",
+        "code_sha256": code_digest(code),
+        "args": list(argv[1:]),
+        "distributions": [d.to_dict() for d in sorted(distributions, key=lambda d: d.name)],
+    }

@@ -15,6 +15,13 @@ Two blobs:
   dynamo     the `dynamo/<key>/entry` files
 After compiling, the seed runs the workload once more without precompile mode, so that
 the AOTAutograd entries such a node looks up (other keys than precompile's) exist too.
+Then the canary (seed/canary.py) loads the entries in a fresh process; when that fails
+they are dropped (drop_entries): the `dynamo` blob is empty and the manifest says why.
+
+A model workload compiles in torchwarm's child, which calls prepare_in_process and
+save_in_process. A command workload compiles in its own processes, which the hook
+(seed/hook/) puts in precompile mode and makes save; its fallback run and its state
+(record_command) come from the seed's side after it exited.
 docs/precompile.md has the measurements behind each choice.
 """
 
@@ -32,11 +39,15 @@ from torchwarm.errors import ArchiveError, ConfigError, WarmupError
 from torchwarm.formats.base import Captured, cache_members, tree_bytes
 from torchwarm.node.precompile_rules import SCHEME
 from torchwarm.spec import archive
+from torchwarm.util import fs
 
 if TYPE_CHECKING:
     from torchwarm.config import Workload
 
 STATE = "precompile.json"  # in the warm-up out dir: what the child tells capture/manifest
+DROPPED_DIR = "dropped-dynamo"  # in the out dir: entries the canary refused, for a look
+# warmup.precompile.entries: the canary loaded them (kept), or they are not published.
+KEPT, DROPPED, UNCHECKED = "kept", "dropped", "unchecked"
 
 
 class PrecompileFormat:
@@ -71,7 +82,7 @@ class PrecompileFormat:
                 f"workload {w.name!r}: torch wrote no precompiled Dynamo entry (it "
                 "bypasses graphs it cannot serialize); use format cachedir for it"
             )
-        state = _read_state(out_dir)
+        state = read_state(out_dir)
         if codeid.code_identity(w.model).to_dict() != state["code_identity"]:
             raise WarmupError(
                 f"workload {w.name!r}: the model code changed during the warm-up; run it again"
@@ -103,16 +114,21 @@ class PrecompileFormat:
         ]
 
     def manifest_fields(self, w: Workload, out_dir: Path) -> dict[str, Any]:
-        state = _read_state(out_dir)
-        return {
-            "precompile": {
-                "scheme": SCHEME,
-                "code_identity": state["code_identity"],
-                "workload_sha256": codeid.workload_identity(w),
-                "dynamo_keys": state["dynamo_keys"],
-                "fallback": state["fallback"],
-            }
+        state = read_state(out_dir)
+        meta = {
+            "scheme": SCHEME,
+            "code_identity": state["code_identity"],
+            "workload_sha256": codeid.workload_identity(w),
+            "dynamo_keys": state["dynamo_keys"],
+            "fallback": state["fallback"],
+            # Only the canary says "kept" (seed/canary.py); a node installs nothing else.
+            "entries": state.get("entries", UNCHECKED),
         }
+        if meta["entries"] != KEPT:
+            meta["entries_reason"] = state.get("entries_reason", "the canary did not run")
+        if "canary" in state:
+            meta["canary"] = state["canary"]
+        return {"precompile": meta}
 
     def unpacked_bytes(self, cache_dir: Path) -> int:
         members = cache_members(cache_dir) + cache_members(cache_dir, dynamo=True)
@@ -141,6 +157,86 @@ class PrecompileFormat:
             shutil.rmtree(staging / DYNAMO_DIR / key, ignore_errors=True)
 
 
+def record_command(w: Workload, cache_dir: Path, out_dir: Path, fallback: dict[str, Any]) -> None:
+    """A command workload's state, after its precompile run and its `fallback` run (what
+    save_in_process records for a model): its code identity from what the hook wrote
+    (seed/hook/), the keys of its entries; the entries are dropped at once, with the
+    reason, when the command imported code that identity cannot cover.
+
+    WarmupError when no process of the command ran the hook or wrote an entry.
+    """
+    from torchwarm.seed import hook
+
+    command = w.command
+    assert command is not None, "record_command is for command workloads"
+    records = hook.records(cache_dir)
+    if not records:
+        raise WarmupError(
+            f"workload {w.name!r}: no Python process of the command ran torchwarm's "
+            "precompile hook and imported torch (a program that is not Python, a Python "
+            "started with -I or -E, or one that ignores PYTHONPATH); use format cachedir"
+        )
+    keys = dynamo_keys(cache_dir)
+    if not keys:
+        raise WarmupError(
+            f"workload {w.name!r}: torch wrote no precompiled Dynamo entry (the command "
+            "compiled nothing, or torch bypassed graphs it cannot serialize); use format "
+            "cachedir for it"
+        )
+    dists: dict[str, codeid.DistIdentity] = {}
+    problems: list[str] = []
+    for r in records:
+        for d in r.get("distributions") or ():
+            dists.setdefault(d["name"], codeid.DistIdentity(d["name"], d["version"],
+                             d["digest"], tuple(d["modules"])))  # fmt: skip
+        problems += [f"the hook could not identify distribution {e}" for e in r.get("errors") or ()]
+        problems += [
+            f"module {name!r} ({file}) belongs to no installed distribution and is under "
+            "none of the workload's code paths; add it to code"
+            for name, file in sorted((r.get("unowned") or {}).items())
+            if not _under(Path(file), command.code)
+        ]
+    state: dict[str, Any] = {
+        "code_identity": codeid.command_identity(command.code, command.argv, list(dists.values())),
+        "dynamo_keys": keys,
+        "fallback": fallback,
+    }
+    _write_state(out_dir, state)
+    if problems:
+        drop_entries(cache_dir, out_dir, problems[0])
+
+
+def drop_entries(cache_dir: Path, out_dir: Path, reason: str) -> None:
+    """Take the capture's Dynamo entries out of `cache_dir` (into out_dir/DROPPED_DIR) and
+    record why: capture() then writes an empty `dynamo` blob, and the manifest says
+    entries: dropped with `reason`, so that a node installs the FX-graph part only."""
+    state = read_state(out_dir)
+    for key in state["dynamo_keys"]:
+        src = cache_dir / DYNAMO_DIR / key
+        if src.is_dir():
+            dest = out_dir / DROPPED_DIR / key
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.move(src, dest)
+    state.update(entries=DROPPED, entries_reason=reason, dropped_keys=state["dynamo_keys"])
+    state["dynamo_keys"] = []
+    _write_state(out_dir, state)
+
+
+def record_canary(out_dir: Path, passed: bool, summary: dict[str, Any]) -> None:
+    """The canary's verdict: entries kept when it `passed`; what it saw either way."""
+    state = read_state(out_dir)
+    state["canary"] = summary
+    if passed:
+        state["entries"] = KEPT
+    _write_state(out_dir, state)
+
+
+def _under(path: Path, roots: tuple[Path, ...]) -> bool:
+    p = path.resolve()
+    return any(p == r.resolve() or p.is_relative_to(r.resolve()) for r in roots)
+
+
 def dynamo_keys(cache_dir: Path) -> list[str]:
     """The keys of the Dynamo entries in a cache dir."""
     root = cache_dir / DYNAMO_DIR
@@ -158,9 +254,11 @@ def _id_base(w: Workload) -> int:
 
 
 def _write_state(out_dir: Path, state: dict[str, Any]) -> None:
-    (out_dir / STATE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    data = json.dumps(state, indent=2, sort_keys=True) + "\n"
+    fs.atomic_write_bytes(out_dir / STATE, data.encode())
 
 
-def _read_state(out_dir: Path) -> dict[str, Any]:
+def read_state(out_dir: Path) -> dict[str, Any]:
+    """What the warm-up recorded for the capture in `out_dir` (STATE)."""
     doc: dict[str, Any] = json.loads((out_dir / STATE).read_text())
     return doc

@@ -4,11 +4,15 @@ A precompiled Dynamo entry skips the checks a fresh trace would make, and torch 
 only by the forward's qualified name and first line. So a node installs the entries of a
 manifest only if all of these hold, and otherwise installs the capture without them (the
 FX-graph cache still makes it warm) and says why in one line:
-  - the manifest is a `precompile` capture of a scheme this torchwarm knows;
+  - the manifest is a `precompile` capture of the scheme this torchwarm knows (2: the
+    seed's canary loaded the entries in a fresh process, seed/canary.py);
+  - the seed kept its entries (`entries: kept`; dropped ones say why);
   - the workload here is configured as on the seed (model, model_kwargs, mode, device,
     compile options): torch drops the identity guards that would notice another one;
-  - the model's package, hashed from this node's files (never imported), has the seed's
-    code identity (codeid.py);
+  - for a model, its package, hashed from this node's files (never imported), has the
+    seed's code identity; for a command, its `code` files, its arguments and every
+    installed distribution it imported on the seed (name, version, RECORD digest) are
+    the same here (codeid.py);
   - no other workload of the same pull has an entry under the same key.
 The app must then run with TORCH_CACHING_PRECOMPILE=1 (app_env) to load them.
 docs/precompile.md explains each rule with what was measured.
@@ -28,7 +32,9 @@ if TYPE_CHECKING:
     from torchwarm.spec.manifest import Manifest
 
 FORMAT = "precompile"
-SCHEME = 1  # the meaning of the manifest's warmup.precompile fields; bump on change
+# The meaning of the manifest's warmup.precompile fields; bump on change. 2: the canary
+# (entries: kept / dropped) and command workloads; 1 published entries nobody had loaded.
+SCHEME = 2
 ENV_VAR = "TORCH_CACHING_PRECOMPILE"  # read by torch._dynamo.config when torch is imported
 
 
@@ -55,12 +61,21 @@ def decide(
     meta = m.warmup.get("precompile")
     if not isinstance(meta, dict):
         return Decision(False, "the manifest has no precompile fields")
-    if meta.get("scheme") != SCHEME:
+    scheme = meta.get("scheme")
+    if isinstance(scheme, int) and scheme < SCHEME:
         return Decision(
             False,
-            f"precompile scheme {meta.get('scheme')!r} is not the one this torchwarm "
-            f"knows ({SCHEME}); upgrade torchwarm on this node",
+            f"precompile scheme {scheme} comes from an older torchwarm seed, which did not "
+            "check that its entries load; warm the workload up again with this torchwarm",
         )
+    if scheme != SCHEME:
+        return Decision(
+            False,
+            f"precompile scheme {scheme!r} is not the one this torchwarm knows "
+            f"({SCHEME}); upgrade torchwarm on this node",
+        )
+    if meta.get("entries") != "kept":
+        return Decision(False, f"the seed published no entries: {meta.get('entries_reason')}")
     if w.mode == "train":
         return Decision(False, f"workload {w.name!r} is a training workload")
     if meta.get("workload_sha256") != codeid.workload_identity(w):
@@ -70,17 +85,13 @@ def decide(
             "model_kwargs, mode, device or compile options)",
         )
     seed_id = meta.get("code_identity") or {}
-    try:
-        here = codeid.code_identity(w.model, search_path)
-    except ConfigError as e:
-        return Decision(False, f"cannot hash the model code on this node: {e}")
-    if here.package != seed_id.get("package") or here.sha256 != seed_id.get("sha256"):
-        return Decision(
-            False,
-            f"the model code differs from the seed's: package {here.package!r} hashes to "
-            f"{here.sha256[:12]} here ({here.files} files), "
-            f"{str(seed_id.get('sha256'))[:12]} on the seed ({seed_id.get('files')} files)",
-        )
+    differs = (
+        _model_differs(w, seed_id, search_path)
+        if w.command is None
+        else _command_differs(w, seed_id, search_path)
+    )
+    if differs:
+        return Decision(False, differs)
     ours = set(meta.get("dynamo_keys") or ())
     for o in others:
         if o.workload == m.workload or o.format != FORMAT:
@@ -93,6 +104,59 @@ def decide(
                 f"{o.workload!r} (torch keys entries by the forward's name and first line)",
             )
     return Decision(True)
+
+
+def _model_differs(
+    w: Workload, seed_id: Mapping[str, Any], search_path: Sequence[str] | None
+) -> str:
+    """Why the model's code here is not the seed's; "" when it is."""
+    assert w.model is not None, "a model workload names its model"
+    try:
+        here = codeid.code_identity(w.model, search_path)
+    except ConfigError as e:
+        return f"cannot hash the model code on this node: {e}"
+    if here.package != seed_id.get("package") or here.sha256 != seed_id.get("sha256"):
+        return (
+            f"the model code differs from the seed's: package {here.package!r} hashes to "
+            f"{here.sha256[:12]} here ({here.files} files), "
+            f"{str(seed_id.get('sha256'))[:12]} on the seed ({seed_id.get('files')} files)"
+        )
+    return ""
+
+
+def _command_differs(
+    w: Workload, seed_id: Mapping[str, Any], search_path: Sequence[str] | None
+) -> str:
+    """Why the command's code, arguments or imported distributions here are not the
+    seed's; "" when they are the same."""
+    assert w.command is not None, "a command workload has its command"
+    if seed_id.get("kind") != "command":
+        return "the manifest's code identity is not a command's (a model workload's capture?)"
+    seen = seed_id["distributions"]  # checked by the manifest's parser (spec/manifest.py)
+    try:
+        dists = [codeid.distribution_identity(d["name"], d["modules"], search_path) for d in seen]
+        here = codeid.command_identity(w.command.code, w.command.argv, dists)
+    except ConfigError as e:
+        return f"cannot identify the command's code on this node: {e}"
+    if here["code_sha256"] != seed_id.get("code_sha256"):
+        return (
+            f"the command's code files differ from the seed's: they hash to "
+            f"{here['code_sha256'][:12]} here, {str(seed_id.get('code_sha256'))[:12]} on the seed"
+        )
+    if here["args"] != seed_id.get("args"):
+        return "the command's arguments differ from the seed's"
+    for mine, theirs in zip(dists, seen, strict=True):
+        if mine.version != theirs["version"]:
+            return (
+                f"distribution {mine.name!r} is {mine.version} here, {theirs['version']} "
+                "on the seed"
+            )
+        if mine.digest != theirs["digest"]:
+            return (
+                f"distribution {mine.name!r} {mine.version} is another install here than on "
+                f"the seed ({mine.digest[:19]} here, {str(theirs['digest'])[:19]} there)"
+            )
+    return ""
 
 
 def app_env(outcomes: Iterable[Mapping[str, Any]]) -> dict[str, str]:

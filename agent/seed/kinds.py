@@ -27,7 +27,7 @@ from torchwarm import config
 from torchwarm.config import FORMATS, Command, Config, Server, Workload
 from torchwarm.env import codeid, fingerprint
 from torchwarm.errors import Cancelled, WarmupError
-from torchwarm.seed import child, processes, server
+from torchwarm.seed import child, hook, processes, server
 
 LOG = "warmup.log"  # the warm-up process's output, in its out_dir (a command's report line)
 CHILD_RESULT = "child.json"  # what a model workload's child wrote: fingerprint and counters
@@ -255,8 +255,9 @@ class CommandKind:
     report line (processes.REPORT_KEY) so that its counters reach the manifest."""
 
     name = "command"
-    formats = ("cachedir",)
-    formats_why = "the other formats save from inside the compiling process"
+    # precompile: the hook saves from inside the command's own processes (seed/hook/).
+    formats = ("cachedir", "precompile")
+    formats_why = "megacache saves from inside the compiling process"
 
     def env(self, w: Workload) -> Mapping[str, str]:
         return _command(w).env
@@ -268,7 +269,8 @@ class CommandKind:
         return {"workload": _settings(w), "code_sha256": processes.code_digest(_command(w).code)}
 
     def launch(self, w: Workload, fmt: str, out_dir: Path) -> Launch:
-        return Launch(_command(w).argv, _command(w).cwd)
+        argv = _command(w).argv
+        return Launch(hook.launch_argv(argv) if fmt == "precompile" else argv, _command(w).cwd)
 
     def result(self, w: Workload, ran: Ran) -> tuple[dict[str, Any], dict[str, Any]]:
         return fingerprint.collect(ran.env), {  # what the command's own torch saw

@@ -40,8 +40,8 @@ from torchwarm.config import Config, Workload
 from torchwarm.env import compat, fingerprint, torchenv
 from torchwarm.errors import Cancelled, ConfigError, TorchwarmError, WarmupError
 from torchwarm.formats import Captured
+from torchwarm.seed import canary, kinds, nodepath
 from torchwarm.seed import child as workload
-from torchwarm.seed import kinds, nodepath
 from torchwarm.seed.processes import child_env
 from torchwarm.spec import manifest
 
@@ -148,6 +148,7 @@ def warmup(
         if on_capture is not None:
             on_capture()
         captured = fmt.capture(cache, out_dir)
+        captured = canary.check(cfg, w, fmt, ran, captured, stop)  # precompile: entries load?
         unpacked = fmt.unpacked_bytes(cache)
         fields, summary = kind.result(w, ran)
     summary = {**fmt.manifest_fields(w, out_dir), **summary}

@@ -173,17 +173,21 @@ def _check_precompile(meta: Any, bad: Any) -> None:
     """warmup.precompile of a precompile manifest: the node decides from it (precompile.py).
 
     A scheme this reader does not know is left to that decision (which then leaves the
-    entries out); the fields of scheme 1 must have their types.
+    entries out); the fields of schemes 1 and 2 must have their types. Scheme 2 adds
+    `entries` (kept, dropped or unchecked, with `entries_reason` unless kept; no
+    dynamo_keys unless kept) and a command's code identity (docs/format.md).
     """
     if not isinstance(meta, dict):
         raise bad("format 'precompile' needs an object warmup.precompile")
     scheme = meta.get("scheme")
     if not isinstance(scheme, int) or isinstance(scheme, bool):
         raise bad("warmup.precompile.scheme is not an integer")
-    if scheme != 1:
+    if scheme not in (1, 2):
         return
     ident = meta.get("code_identity")
-    if (
+    if scheme == 2 and isinstance(ident, dict) and ident.get("kind") == "command":
+        _check_command_identity(ident, bad)
+    elif (
         not isinstance(ident, dict)
         or not isinstance(ident.get("package"), str)
         or not isinstance(ident.get("sha256"), str)
@@ -195,13 +199,45 @@ def _check_precompile(meta: Any, bad: Any) -> None:
         meta["workload_sha256"]
     ):
         raise bad("warmup.precompile.workload_sha256 is not 64 lowercase hex digits")
+    entries = meta.get("entries") if scheme == 2 else "kept"
+    if entries not in ("kept", "dropped", "unchecked"):
+        raise bad("warmup.precompile.entries is not one of kept, dropped, unchecked")
+    if entries != "kept" and not isinstance(meta.get("entries_reason"), str):
+        raise bad(f"warmup.precompile.entries is {entries}, without an entries_reason")
     keys = meta.get("dynamo_keys")
     if (
         not isinstance(keys, list)
-        or not keys
+        or (not keys) == (entries == "kept")
         or not all(isinstance(k, str) and _SHA256.fullmatch(k) for k in keys)
     ):
-        raise bad("warmup.precompile.dynamo_keys is not a non-empty list of sha256 keys")
+        raise bad(
+            "warmup.precompile.dynamo_keys is not a non-empty list of sha256 keys"
+            if entries == "kept"
+            else f"warmup.precompile.dynamo_keys is not empty, with entries {entries}"
+        )
+
+
+def _check_command_identity(ident: dict[str, Any], bad: Any) -> None:
+    """A command's code identity (codeid.command_identity): the node reads every field."""
+    dists = ident.get("distributions")
+    if (
+        not isinstance(ident.get("code_sha256"), str)
+        or not _SHA256.fullmatch(ident["code_sha256"])
+        or not isinstance(ident.get("args"), list)
+        or not all(isinstance(a, str) for a in ident["args"])
+        or not isinstance(dists, list)
+        or not all(
+            isinstance(d, dict)
+            and all(isinstance(d.get(k), str) for k in ("name", "version", "digest"))
+            and isinstance(d.get("modules"), list)
+            and all(isinstance(m, str) and m.isidentifier() for m in d["modules"])
+            for d in dists
+        )
+    ):
+        raise bad(
+            "warmup.precompile.code_identity of a command needs code_sha256, args and "
+            "distributions (name, version, digest, modules)"
+        )
 
 
 def _blob(b: Any, i: int, bad: Any) -> BlobRef:
