@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-pull bench-fleet bench-march bench-transfer clean
+.PHONY: demo test lint bench bench-pull bench-fleet bench-march bench-transfer bench-real clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/pull.py
 	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/march.py
+	$(BIN)/python bench/real_model.py
 
 ## bench-pull: the pull's wall split (process start, fingerprint, resolve, fetch,
 ## install, rest) over 10 fresh pulls, and time to first result against cold
@@ -56,6 +57,10 @@ bench-fleet: $(STAMP)
 ## bench-march: steady-state ms/iter of the example transformer, -march=native vs x86-64-v3
 bench-march: $(STAMP)
 	$(BIN)/python bench/march.py
+
+## bench-real: a transformers causal LM (generate) cold / node / local-warm / precompile node
+bench-real: $(STAMP)
+	$(BIN)/python bench/real_model.py
 
 bench-transfer: $(STAMP)
 	$(BIN)/python bench/transfer.py

@@ -8,9 +8,11 @@ the way `--compile` says, the two ways apps do it:
 then makes its first call the way `--call` says: `forward` calls the model with keyword
 inputs (input_ids [1, 16] from a fixed seed, attention_mask all ones) under no_grad,
 `generate` runs greedy `model.generate(..., max_new_tokens=4)`. It prints its torch cache
-counters and the first call's seconds as one `torchwarm_report` JSON line (README "Command
-workloads"), and with `--digest` one more line, {"digest": ...}: the sum of the logits
-(forward) or the generated ids (generate), for a test to compare with `--compile none`.
+counters, the first call's seconds, the seconds from torch.compile() until warm (the
+first call returned) and, for generate, until its first new token, as one
+`torchwarm_report` JSON line (README "Command workloads"), and with `--digest` one more
+line, {"digest": ...}: the sum of the logits (forward) or the generated ids (generate),
+for a test to compare with `--compile none`.
 
 Measured on torch 2.13 / transformers 5.24 (CPU): `module` and `forward` make the same
 FX-graph and AOTAutograd keys, so a cache warmed one way hits the other. `generate` makes
@@ -45,6 +47,25 @@ except ImportError:  # an app without torchwarm installed: the groups the report
 
 SEQ = 16
 INPUT_SEED = 1234
+COMPILE_START = 0.0  # when torch.compile() was called (build)
+FIRST_TOKEN = 0.0  # when generate() produced its first new token (FirstToken)
+
+
+class FirstToken:
+    """A generate() streamer that notes when the first new token arrives: its first
+    put() is the prompt, its second the first generated token."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        global FIRST_TOKEN
+        self.puts += 1
+        if self.puts == 2:
+            FIRST_TOKEN = time.perf_counter()
+
+    def end(self) -> None:
+        pass
 
 
 def inputs() -> dict[str, torch.Tensor]:
@@ -56,6 +77,8 @@ def inputs() -> dict[str, torch.Tensor]:
 
 def build(model_name: str, how: str) -> torch.nn.Module:
     model = tiny_llama() if model_name == "llama" else tiny_bert()
+    global COMPILE_START
+    COMPILE_START = time.perf_counter()  # in precompile mode torch.compile() loads entries
     if how == "module":
         return torch.compile(model)
     if how == "forward":
@@ -73,6 +96,7 @@ def first_call(model: Any, call: str) -> Any:
                 attention_mask=kwargs["attention_mask"],
                 max_new_tokens=4,
                 do_sample=False,
+                streamer=FirstToken(),
             )
             return out[0].tolist()
         out = model(**kwargs)
@@ -99,7 +123,14 @@ def main() -> int:
     digest = first_call(model, a.call)
     first_call_s = time.perf_counter() - start
     flat = {n: int(counters[group][n]) for group, names in COUNTERS.items() for n in names}
-    report = {"counters": flat, "first_call_s": round(first_call_s, 3)}
+    until_warm_s = time.perf_counter() - COMPILE_START
+    report: dict[str, Any] = {
+        "counters": flat,
+        "first_call_s": round(first_call_s, 3),
+        "until_warm_s": round(until_warm_s, 3),
+    }
+    if FIRST_TOKEN:
+        report["first_token_s"] = round(FIRST_TOKEN - COMPILE_START, 3)
     print(json.dumps({"torchwarm_report": report}), flush=True)
     if a.digest:
         print(json.dumps({"digest": digest}), flush=True)
