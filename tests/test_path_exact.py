@@ -97,6 +97,22 @@ def test_a_cache_that_holds_its_root_hits_on_the_node(tmp_path):
     assert line["hit"] is True and line["root"] == str(cache_dir / "app")
 
 
+def test_a_node_at_another_path_says_the_seed_warmed_elsewhere(tmp_path):
+    """A node whose cache_dir is not the one a path-exact warm-up compiled at still
+    installs warm, and its pull says where the seed compiled and that such caches miss."""
+    cfg = setup(tmp_path)
+    torchwarm("warmup", "-c", str(cfg), "--push")
+    elsewhere = tmp_path / "other" / "inductor"
+    said = torchwarm("pull", "-c", str(cfg), "--require", "--cache-dir", str(elsewhere)).stdout
+    assert "warm: app" in said
+    assert (
+        f"warmed at another path: app: the seed compiled it with its cache at "
+        f"{tmp_path / 'node' / 'inductor'}, this node's cache_dir is {elsewhere}"
+    ) in said
+    same = torchwarm("pull", "-c", str(cfg), "--require").stdout  # at the seed's path
+    assert "warm: app" in same and "another path" not in same
+
+
 # -- what was at cache_dir on the seed -----------------------------------------------------
 
 

@@ -245,5 +245,5 @@ def unpacked_bytes(m: Manifest) -> int:
 
 def _warmup_summary(m: Manifest) -> dict[str, Any]:
     """What the seed's warm-up saw, kept in the marker to compare with what the app does."""
-    keep = ("counters", "first_call_s", "so_files", "input_sets")
+    keep = ("counters", "first_call_s", "so_files", "input_sets", "warmed_at")
     return {k: m.warmup[k] for k in keep if k in m.warmup}

@@ -52,6 +52,12 @@ def overall(outcomes: list[WorkloadOutcome]) -> str:
     return "warm" if outcomes and warm == len(outcomes) else "cold" if warm == 0 else "partial"
 
 
+def _warmed_elsewhere(o: WorkloadOutcome, cache_dir: str) -> str | None:
+    """Where a path-exact warm-up (at_node_path) compiled, when not at `cache_dir`."""
+    at = o.warmup.get("warmed_at")
+    return at if isinstance(at, str) and at and at != cache_dir else None
+
+
 def describe(report: PullReport) -> list[str]:
     """The pull's outcome for people: a line per workload, then one summary line, each
     escaped (errors.printable): reasons quote the store, its server and the config."""
@@ -62,6 +68,12 @@ def describe(report: PullReport) -> list[str]:
         if o.status == "warm":
             lines.append(f"warm: {o.workload} ({o.format}, {o.bytes} bytes) installed in "
                          f"{report.cache_dir}")  # fmt: skip
+            if (moved := _warmed_elsewhere(o, report.cache_dir)) is not None:
+                lines.append(f"warmed at another path: {o.workload}: the seed compiled it "
+                             f"with its cache at {moved}, this node's cache_dir is "
+                             f"{report.cache_dir}; a cache that records its own root "
+                             "(vLLM's) misses here: give seed and node the same "
+                             "cache_dir")  # fmt: skip
             if o.precompiled:
                 lines.append(f"precompiled: {o.workload}: run the app with "
                              "TORCH_CACHING_PRECOMPILE=1 (torchwarm run sets it)")  # fmt: skip

@@ -153,6 +153,8 @@ def warmup(
         fields, summary = kind.result(w, ran)
     summary = {**fmt.manifest_fields(w, out_dir), **summary}
     summary["unpacked_bytes"] = unpacked  # what a node needs free to install it
+    if w.at_node_path:  # a node installing elsewhere says so (report.describe)
+        summary["warmed_at"] = str(cfg.cache_dir)
     summary["warmup_key"] = warmup_key(w, fmt.name, fingerprint.digest(fields), cfg.env,
                                      cache_dir=cfg.cache_dir)  # fmt: skip
     result = WarmupResult(w.name, fmt.name, fields, summary, captured)
