@@ -75,7 +75,7 @@ def check(
     if fmt.name != precompile_rules.FORMAT:
         return captured
     cache, out_dir = ran.cache, ran.out_dir
-    if kinds.of(w) is not kinds.MODEL:  # a command: its second run and state, see above
+    if not kinds.of(w).saves_in_process:  # a command: its second run and state, see above
         captured = _finish_command(cfg, w, fmt, ran, stop)
     if precompile.read_state(out_dir).get("entries") != precompile.DROPPED:
         t0 = time.perf_counter()
@@ -124,7 +124,7 @@ def _trial(
     copy.mkdir(parents=True)
     try:
         fmt.install({c.role: c.path for c in captured}, copy, precompiled=True)
-        if kinds.of(w) is kinds.MODEL:
+        if kinds.of(w).saves_in_process:
             return _model_trial(cfg, w, copy, scratch, out_dir, stop)
         return _command_trial(cfg, w, copy, scratch, stop)
     finally:

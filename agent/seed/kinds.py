@@ -62,6 +62,11 @@ class Probe:
 class Kind(Protocol):
     name: str  # as messages say it: "model", "command"
     formats: tuple[str, ...]  # the capture formats it allows
+    # Where its process saves precompiled entries: True, torchwarm's own warm-up child
+    # (formats.precompile in-process, its FX-graph pass included); False, the command's
+    # own processes through the hook, then a second run and a canary of the command
+    # itself (seed/canary.py).
+    saves_in_process: bool
     formats_why: str  # why only those; "" when it allows all
 
     def env(self, w: Workload) -> Mapping[str, str]:
@@ -159,6 +164,7 @@ class ModelKind:
 
     name = "model"
     formats = FORMATS
+    saves_in_process = True
     formats_why = ""
 
     def env(self, w: Workload) -> Mapping[str, str]:
@@ -257,6 +263,7 @@ class CommandKind:
     name = "command"
     # precompile: the hook saves from inside the command's own processes (seed/hook/).
     formats = ("cachedir", "precompile")
+    saves_in_process = False
     formats_why = "megacache saves from inside the compiling process"
 
     def env(self, w: Workload) -> Mapping[str, str]:
