@@ -383,7 +383,9 @@ def test_skipped_manifest_older_than_refresh_s_is_touched_once(passes, tmp_path)
     manifest, before = store / key, (store / key).read_bytes()
     eight_days_ago = time.time() - 8 * 86400
     os.utime(manifest, (eight_days_ago, eight_days_ago))
-    config = local_config(tmp_path, [COMMAND], env=COMMAND_ENV)
+    # The seed's cache_dir: a command warms up at that path, which is in its warm-up key.
+    config = local_config(tmp_path, [COMMAND], env=COMMAND_ENV,
+                          cache_dir=passes.setup.doc["cache_dir"])  # fmt: skip
     first = daemon_once(config)
     touched = manifest.stat().st_mtime_ns
     second = daemon_once(config)

@@ -76,6 +76,7 @@ def publish_capture(store: LocalStore, work: Path, cfg: Path, app: Path, fmt: st
         "code_identity": codeid.code_identity(w.model, [str(app)]).to_dict(),
         "workload_sha256": codeid.workload_identity(w),
         "dynamo_keys": [key],
+        "entries": "kept",  # as a seed's canary leaves entries that loaded
         "fallback": {"counters": {}},
     }
     m, files = build_manifest("tiny", node_fingerprint(), "precompile", caps, {"precompile": meta})
