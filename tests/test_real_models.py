@@ -115,6 +115,13 @@ BERT = {
         "attention_mask": {"shape": [1, 16], "dtype": "int64", "fill": 1},
     }}],
 }  # fmt: skip
+# The app itself as a command workload: what it compiles is what a node's app compiles.
+APP_COMMAND = {
+    "name": "llama-app",
+    "command": [sys.executable, str(EXAMPLES / "hf_app.py"), "--compile", "forward",
+                "--call", "forward"],
+    "code": [str(EXAMPLES / "hf_app.py"), str(EXAMPLES / "tiny_hf.py")],
+}  # fmt: skip
 # How hf_app.py calls the model, for each workload of the example config.
 APP_CALLS = {
     "llama-forward": ("--compile", "module", "--call", "forward"),
@@ -145,12 +152,13 @@ class Seeded:
 
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory: pytest.TempPathFactory) -> Seeded:
-    """The example config with a store and cache dir of its own and BERT added; its three
-    workloads warmed up at once (each a cold compile in its own process), pushed once."""
+    """The example config with a store and cache dir of its own, BERT and the app as a
+    command workload added; its four workloads warmed up at once (each a cold compile in
+    its own process), pushed once."""
     root = tmp_path_factory.mktemp("hf")
     doc = yaml.safe_load((REPO / "configs" / "hf-llama.yaml").read_text())
     doc.update(store=str(root / "store"), cache_dir=str(root / "node" / "inductor"))
-    doc["workloads"].append(BERT)
+    doc["workloads"] += [BERT, APP_COMMAND]
     path = root / "hf-llama.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     env = {"PYTHONPATH": python_path()}
@@ -210,6 +218,32 @@ def test_app_on_a_fresh_node_hits_every_graph_of_its_workload(seeded, node, name
     c = app(node, *APP_CALLS[name])
     assert c["fxgraph_cache_hit"] == graphs and c["fxgraph_cache_miss"] == 0, c
     assert c["autograd_cache_hit"] == graphs and c["autograd_cache_miss"] == 0, c
+
+
+@pytest.mark.compile
+def test_the_app_as_a_command_workload_hits_under_run(seeded, tmp_path):
+    """A fresh node that pulls only the command workload (hf_app.py, the Llama's forward
+    compiled) runs that app under `torchwarm run`: every graph hits, FX-graph and
+    AOTAutograd, none misses, and it computes what eager computes."""
+    cache_dir, cfg = tmp_path / "node" / "inductor", str(seeded.config)
+    torchwarm("pull", "-c", cfg, "--workload", "llama-app", "--require",
+              "--cache-dir", str(cache_dir))  # fmt: skip
+    app_args = ["--compile", "forward", "--call", "forward", "--digest"]
+    proc = torchwarm("run", "-c", cfg, "--workload", "llama-app", "--cache-dir",
+                     str(cache_dir), "--", sys.executable, str(EXAMPLES / "hf_app.py"),
+                     *app_args)  # fmt: skip
+    lines = [json.loads(s) for s in proc.stdout.splitlines() if s.startswith("{")]
+    c = next(x["torchwarm_report"]["counters"] for x in lines if "torchwarm_report" in x)
+    graphs = seeded.manifest("llama-app")["warmup"]["counters"]["fxgraph_cache_miss"]
+    assert graphs >= 1 and c["fxgraph_cache_hit"] == graphs and c["fxgraph_cache_miss"] == 0, c
+    assert c["autograd_cache_hit"] == graphs and c["autograd_cache_miss"] == 0, c
+    eager = subprocess.run(
+        [sys.executable, str(EXAMPLES / "hf_app.py"), "--compile", "none", "--call", "forward",
+         "--digest"], env=cli_env({}), capture_output=True, text=True, check=True, timeout=600,
+    ).stdout  # fmt: skip
+    want = json.loads(eager.strip().splitlines()[-1])["digest"]
+    got = next(x["digest"] for x in lines if "digest" in x)
+    assert got == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.compile
