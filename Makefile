@@ -36,7 +36,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check agent tests bench examples
 
 ## bench: first-call seconds per format (3 fresh nodes each), zstd vs gzip, where a
-## pull's time goes, a fleet pulling at once, and the cost of a pinned -march
+## pull's time goes, a fleet pulling at once, the cost of a pinned -march, and a
+## transformers Llama on fresh nodes
 bench: $(STAMP)
 	$(BIN)/python bench/first_call.py --repeat 3
 	$(BIN)/python bench/compression.py
@@ -58,7 +59,8 @@ bench-fleet: $(STAMP)
 bench-march: $(STAMP)
 	$(BIN)/python bench/march.py
 
-## bench-real: a transformers causal LM (generate) cold / node / local-warm / precompile node
+## bench-real: a transformers Llama (generate; a logits forward) cold / node / local-warm /
+## precompile node: seconds until warm and until the first token
 bench-real: $(STAMP)
 	$(BIN)/python bench/real_model.py
 

@@ -1,6 +1,7 @@
 """An app of the kind a node runs: a `transformers` model compiled inside the app's own code.
 
-It builds a tiny Llama (or BERT) from examples/tiny_hf.py (nothing downloaded), compiles it
+It builds a tiny Llama (or BERT; or, `--model llama-logits`, the Llama behind a forward
+that returns its logits tensor) from examples/tiny_hf.py (nothing downloaded), compiles it
 the way `--compile` says, the two ways apps do it:
   module   model = torch.compile(model)
   forward  model.forward = torch.compile(model.forward)
@@ -34,7 +35,7 @@ import time
 from typing import Any
 
 import torch
-from tiny_hf import VOCAB, tiny_bert, tiny_llama
+from tiny_hf import VOCAB, tiny_bert, tiny_llama, tiny_llama_logits
 from torch._dynamo.utils import counters
 
 try:
@@ -76,7 +77,8 @@ def inputs() -> dict[str, torch.Tensor]:
 
 
 def build(model_name: str, how: str) -> torch.nn.Module:
-    model = tiny_llama() if model_name == "llama" else tiny_bert()
+    makers = {"llama": tiny_llama, "bert": tiny_bert, "llama-logits": tiny_llama_logits}
+    model = makers[model_name]()
     global COMPILE_START
     COMPILE_START = time.perf_counter()  # in precompile mode torch.compile() loads entries
     if how == "module":
@@ -100,6 +102,10 @@ def first_call(model: Any, call: str) -> Any:
             )
             return out[0].tolist()
         out = model(**kwargs)
+        if isinstance(out, torch.Tensor):  # llama-logits: the logits pick the first token
+            global FIRST_TOKEN
+            FIRST_TOKEN = time.perf_counter()
+            return float(out.double().sum())
         # A causal LM returns logits; BERT's pooled output, since its last hidden state
         # leaves a LayerNorm (weight 1, bias 0 at init) and sums to 0 whatever its values.
         found = out.logits if hasattr(out, "logits") else out.pooler_output
@@ -108,13 +114,16 @@ def first_call(model: Any, call: str) -> Any:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=("llama", "bert"), default="llama")
+    p.add_argument("--model", choices=("llama", "bert", "llama-logits"), default="llama")
     p.add_argument("--compile", choices=("module", "forward", "none"), default="forward")
     p.add_argument("--call", choices=("forward", "generate"), default="forward")
     p.add_argument("--digest", action="store_true", help="print the output's digest too")
     a = p.parse_args()
     if a.call == "generate" and a.model != "llama":
-        p.error("--call generate needs --model llama (BERT is an encoder)")
+        p.error(
+            "--call generate needs --model llama (BERT is an encoder, llama-logits "
+            "returns a tensor)"
+        )
     if a.compile == "module" and a.call == "generate":
         # OptimizedModule hands .generate to the original module, whose forward is eager.
         print("hf_app: torch.compile(model).generate(...) compiles nothing", file=sys.stderr)

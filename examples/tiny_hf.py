@@ -63,3 +63,23 @@ def tiny_bert() -> BertModel:
         torch.manual_seed(SEED)
         model = BertModel(config)
     return model.eval()
+
+
+class LogitsOnly(torch.nn.Module):
+    """The Llama behind a plain forward that returns its logits tensor, no KV cache: what an
+    app compiles to use torch's precompiled entries, since the Llama's own forward is
+    wrapped by a transformers decorator whose entry torch 2.13 cannot load in a new
+    process (README "What the canary checks")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.llama = tiny_llama()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.llama(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits
+
+
+def tiny_llama_logits() -> LogitsOnly:
+    """tiny_llama() behind LogitsOnly, in eval mode."""
+    return LogitsOnly().eval()
