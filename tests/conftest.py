@@ -180,7 +180,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Under `make test`'s two xdist workers (`-n 2 --dist loadfile --no-loadscope-reorder`,
     each file on one worker, so that module fixtures run once), the files with most
     compiling tests go first, then those with most tests, so that neither worker is left
-    alone with a long file at the end. A run without workers keeps its order."""
+    alone with a long file at the end. A run without workers keeps its order.
+
+    No test may be both `timed` and `compile`: `make test` runs the timed tests two at a
+    time after the parallel pass, which is fair only while none of them compiles."""
+    both = [
+        i.nodeid for i in items if i.get_closest_marker("timed") and i.get_closest_marker("compile")
+    ]
+    if both:
+        raise pytest.UsageError(
+            f"{len(both)} test(s) marked both timed and compile ({', '.join(both[:3])}): a "
+            "timed test runs beside another timed test, where nothing may compile; move "
+            "the compile into another test or drop the wall-clock bound"
+        )
     if not hasattr(config, "workerinput"):  # set in xdist's workers only
         return
     compiling = Counter(item.path for item in items if item.get_closest_marker("compile"))
