@@ -816,7 +816,7 @@ def _server(v: _Validator, at: str, s: Any) -> Server:
         )
     check, target = next(iter(ready.items()))
     if check == "http" and not (isinstance(target, str) and _is_path(target)):
-        v.fail(f"{at}.ready.http", "must be a path starting with '/', e.g. /healthz")
+        v.fail(f"{at}.ready.http", f"must be a path starting with '/' {_PATH_RULE}, e.g. /healthz")
     if check == "tcp" and target is not True:
         v.fail(f"{at}.ready.tcp", "must be true (the port is server.port)")
     if check == "log":
@@ -853,9 +853,14 @@ def _server(v: _Validator, at: str, s: Any) -> Server:
     )  # fmt: skip
 
 
+_PATH_RULE = "in printable ASCII without spaces (percent-encode others: é is %C3%A9)"
+
+
 def _is_path(text: str) -> bool:
-    """An HTTP request target on the server itself: '/...', printable, no spaces."""
-    return text.startswith("/") and text.isprintable() and " " not in text and len(text) <= 2048
+    """An HTTP request target on the server itself: '/...', printable ASCII, no spaces
+    (http.client sends the target as ASCII and refuses anything else)."""
+    return (text.startswith("/") and text.isascii() and text.isprintable() and " " not in text
+            and len(text) <= 2048)  # fmt: skip
 
 
 def _request(v: _Validator, at: str, r: Any) -> WarmRequest:
@@ -866,7 +871,7 @@ def _request(v: _Validator, at: str, r: Any) -> WarmRequest:
     method = v.choice(f"{at}.method", r.get("method", "GET"), HTTP_METHODS)
     path = r.get("path", "/")
     if not isinstance(path, str) or not _is_path(path):
-        v.fail(f"{at}.path", "must be a path starting with '/', e.g. /v1/completions")
+        v.fail(f"{at}.path", f"must be a path starting with '/' {_PATH_RULE}, e.g. /v1/completions")
     body = r.get("json")
     try:
         json.dumps(body, allow_nan=False)

@@ -568,3 +568,19 @@ def test_server_block_on_a_model_workload_is_refused(tmp_path):
     doc["workloads"][0]["server"] = {"port": 8000, "ready": {"tcp": True}}
     path.write_text(yaml.safe_dump(doc))
     assert "workloads[0].server applies to command workloads only" in load_error(path)
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        {**H, "ready": {"http": "/health/é"}},
+        {**H, "requests": [{"path": "/q?text=héllo"}]},
+    ],
+    ids=["ready", "request"],
+)
+def test_server_paths_must_be_ascii(tmp_path, block):
+    """A non-ASCII request path (http.client cannot send it) is refused at load, saying to
+    percent-encode it."""
+    msg = load_error(server_config(tmp_path, block))
+    assert "must be a path starting with '/' in printable ASCII" in msg, msg
+    assert "percent-encode" in msg, msg
