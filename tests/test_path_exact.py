@@ -10,6 +10,7 @@ Seeds and nodes run as new processes; no test compiles.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ from conftest import spawn, torchwarm
 from factories import alive
 
 from torchwarm import config
-from torchwarm.errors import Cancelled, WarmupError
+from torchwarm.errors import Cancelled, ConfigError, WarmupError
 from torchwarm.seed import kinds, nodepath, warmup
 
 APP = Path(__file__).with_name("path_app.py")
@@ -241,6 +242,31 @@ def test_an_unwritable_parent_is_a_config_error(tmp_path):
     (line,) = proc.stderr.splitlines()
     assert "/sys is not writable" in line
     assert "at_node_path: false" in line and "where cache_dir is writable" in line
+
+
+@pytest.mark.parametrize("code", [errno.EBUSY, errno.EPERM], ids=["mount-point", "sticky"])
+def test_a_cache_dir_that_cannot_be_renamed_is_a_config_error(tmp_path, monkeypatch, code):
+    """A cache_dir that is a mount point (EBUSY) or that the seed may not rename (EPERM in
+    a sticky folder) cannot be set aside: one ConfigError line saying so and the ways out,
+    and the seed's tree stays at cache_dir as it was."""
+    cache_dir = tmp_path / "node" / "inductor"
+    before = original(cache_dir)
+    real = os.rename
+
+    def rename(src, dst, *args, **kwargs):
+        if Path(src) == cache_dir:
+            raise OSError(code, os.strerror(code), str(src), str(dst))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(ConfigError) as e, nodepath.lend(cache_dir, tmp_path / "out", who="'app'"):
+        pytest.fail("lent a cache_dir that was never set aside")
+    msg = str(e.value)
+    assert "\n" not in msg and f"'app' warms up at the node's path, cache_dir {cache_dir}" in msg
+    assert ("a mount point" if code == errno.EBUSY else "may not rename it") in msg, msg
+    assert "a path under a volume rather than its mount point" in msg, msg
+    assert "at_node_path: false" in msg, msg
+    assert tree(cache_dir) == before and siblings(cache_dir) == []
 
 
 # -- which workloads warm at the node's path -----------------------------------------------

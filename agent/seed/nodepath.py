@@ -55,7 +55,8 @@ def lend(
     what was at cache_dir before is back, whether the block ended well or not.
 
     Waits for another warm-up's lock (Cancelled once `stop` is set). ConfigError when
-    cache_dir's folder cannot be written or cache_dir is not a folder; WarmupError when
+    cache_dir's folder cannot be written, cache_dir is not a folder, or it cannot be
+    renamed (a mount point); WarmupError when
     a dead warm-up's tree cannot be deleted. `who` names the workload in messages.
     """
     parent = cache_dir.parent
@@ -83,7 +84,7 @@ def lend(
                 "cache_dir or remove that file"
             )
         try:
-            _set_aside(cache_dir)
+            _set_aside(cache_dir, who)
             yield cache_dir
         finally:
             try:
@@ -147,12 +148,28 @@ def _undo_dead_warmup(cache_dir: Path) -> None:
     fs.fsync_dir(cache_dir.parent)
 
 
-def _set_aside(cache_dir: Path) -> None:
+def _set_aside(cache_dir: Path, who: str) -> None:
     """Move what is at cache_dir to the aside (or record that nothing was) and make
-    cache_dir an empty folder."""
+    cache_dir an empty folder. ConfigError when cache_dir cannot be renamed: a mount
+    point (a Kubernetes volume, exactly where warming at the node's path matters) or a
+    folder the seed may not rename."""
     aside = _beside(cache_dir, ASIDE_SUFFIX)
     if os.path.lexists(cache_dir):
-        os.rename(cache_dir, aside)
+        try:
+            os.rename(cache_dir, aside)
+        except OSError as e:
+            if e.errno not in (errno.EBUSY, errno.EPERM, errno.EACCES, errno.EXDEV):
+                raise
+            why = ("it is a mount point" if e.errno in (errno.EBUSY, errno.EXDEV) else
+                   "the seed may not rename it (not its owner in a sticky folder, or the "
+                   "folder is not writable)")  # fmt: skip
+            raise ConfigError(
+                f"{who} warms up at the node's path, cache_dir {cache_dir}, but cannot set "
+                f"aside what is there: renaming it to {aside.name} failed ({e.strerror}): "
+                f"{why}; seed where cache_dir is a plain folder the seed owns (e.g. a path "
+                "under a volume rather than its mount point), or set at_node_path: false "
+                "on the workload"
+            ) from None
     else:
         fs.atomic_write_bytes(aside, ABSENT)
     os.mkdir(cache_dir)
