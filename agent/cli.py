@@ -346,16 +346,15 @@ def _run(args: argparse.Namespace) -> int:
         _say(f"torchwarm: {off}", sys.stderr)
     sys.stderr.flush()
     try:
-        if trial is not None:  # a child, to learn how the app's start with them ends
-            ended = precompile_trial.supervise(trial, argv, env)
-            if ended.failed:
-                _say(f"torchwarm: the app {ended.how} with precompiled entries; its next start "
-                     "in this boot goes without them (FX-graph warm)", sys.stderr)  # fmt: skip
-            return ended.code
-        os.execvpe(argv[0], argv, env)
+        if trial is None:
+            os.execvpe(argv[0], argv, env)
+        ended = precompile_trial.supervise(trial, argv, env)  # a child: to learn how it ends
     except OSError as e:
         raise cfgmod.ConfigError(f"cannot exec {argv[0]!r}: {e.strerror}") from None
-    return 0  # not reached: exec replaced this process
+    if ended.failed:
+        _say(f"torchwarm: the app {ended.how} with precompiled entries; its next start in "
+             "this boot goes without them (FX-graph warm)", sys.stderr)  # fmt: skip
+    return precompile_trial.die_by(ended.signo) if ended.signo else ended.code
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -133,10 +133,10 @@ def test_run_exits_with_the_apps_exit_code(tmp_path):
 
 
 def test_an_app_killed_by_a_signal_is_a_failed_start(tmp_path):
-    """An app that dies of SIGKILL (the OOM killer, a crash): `run` exits 128+9, and the
-    next start goes without the entries."""
+    """An app that dies of SIGKILL (the OOM killer, a crash): `run` dies of SIGKILL too,
+    and the next start goes without the entries."""
     cfg = node(tmp_path)
-    assert run(cfg, env(tmp_path), "kill")[:2] == (128 + 9, "flag=1")
+    assert run(cfg, env(tmp_path), "kill")[:2] == (-signal.SIGKILL, "flag=1")
     rc, flag, err = run(cfg, env(tmp_path), "kill")
     assert (rc, flag) == (0, "flag=None") and "killed by SIGKILL" in err
 
@@ -151,10 +151,10 @@ time.sleep(60)
 """
 
 
-@pytest.mark.parametrize(("how", "code"), [("default", 128 + 15), ("handle", 7)])
+@pytest.mark.parametrize(("how", "code"), [("default", -signal.SIGTERM), ("handle", 7)])
 def test_sigterm_to_run_reaches_the_app_and_is_no_failure(tmp_path, how, code):
-    """SIGTERM to `run` (a pod's stop) goes to the app; `run` exits as the app did (128+15
-    if it died of it), and the next start still has the entries."""
+    """SIGTERM to `run` (a pod's stop) goes to the app; `run` exits as the app did (dies of
+    SIGTERM if it did), and the next start still has the entries."""
     cfg = node(tmp_path)
     p = spawn("run", "-c", str(cfg), "--", sys.executable, "-c", WAITING, how, env=env(tmp_path),
               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
@@ -288,3 +288,16 @@ def test_a_start_that_cannot_be_recorded_goes_without_precompile(tmp_path):
     assert (rc, flag) == (0, "flag=None")
     (line,) = [x for x in err.splitlines() if "precompiled entries off" in x]
     assert f"cannot record the start in {record(cfg)}" in line
+
+
+def test_an_app_killed_by_sigterm_kills_run_by_sigterm(tmp_path):
+    """An app that dies of SIGTERM: `run` dies of SIGTERM too (not exit 143, which
+    systemd counts as a failure), and the death is a failed start."""
+    cfg = node(tmp_path)
+    die = "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
+    p = torchwarm("run", "-c", str(cfg), "--", sys.executable, "-c", die, env=env(tmp_path),
+                  check=False)  # fmt: skip
+    assert p.returncode == -signal.SIGTERM, p.stderr
+    rc, flag, err = run(cfg, env(tmp_path), "0")
+    assert (rc, flag) == (0, "flag=None") and "killed by SIGTERM" in err
+

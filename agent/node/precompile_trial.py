@@ -29,6 +29,7 @@ import atexit
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -87,12 +88,13 @@ class Trial:
 
 @dataclass(frozen=True)
 class Ended:
-    """How the app that `supervise` ran ended: `run`'s exit code, in words, and whether
-    that was a failed start."""
+    """How the app that `supervise` ran ended: its exit code (128+N for a death by signal
+    N), in words, whether that was a failed start, and the signal it died of (0: none)."""
 
     code: int
     how: str
     failed: bool
+    signo: int = 0
 
 
 def entries(report: PullReport) -> list[str]:
@@ -175,14 +177,35 @@ def supervise(trial: Trial, argv: list[str], env: Mapping[str, str]) -> Ended:
             pass  # a signal that came after the app ended has no one to go to
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    if os.WIFSIGNALED(status):
-        code, how = 128 + os.WTERMSIG(status), f"was killed by {_name(os.WTERMSIG(status))}"
+    signo = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+    if signo:
+        code, how = 128 + signo, f"was killed by {_name(signo)}"
     else:
         code = os.waitstatus_to_exitcode(status)
         how = f"exited {code}"
     failed = code != 0 and not stop
     trial.end(f"{how} after {stop}" if stop else how, failed)
-    return Ended(code, how, failed)
+    return Ended(code, how, failed, signo)
+
+
+def die_by(signo: int) -> int:
+    """End this process by signal `signo`, as the app it ran did: whoever waits for `run`
+    (systemd, a shell, a container runtime) must see what it would see of the app, and
+    systemd counts a SIGTERM death as a clean stop where exit 143 is a failure. Returns
+    128+N, the exit code to use, only where the signal could not end this process."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.getpid() == 1:
+        # A PID 1 (a container's) ignores every signal it has no handler for, its own
+        # included: the shell's 128+N is the nearest it can say.
+        return 128 + signo
+    # The app's core, if any, is written; a core of torchwarm's own would only mislead.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if signo != signal.SIGKILL:  # whose disposition cannot be set, nor need be
+        signal.signal(signo, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signo})
+    os.kill(os.getpid(), signo)
+    return 128 + signo  # not reached: the app died of it, so by default it ends a process
 
 
 def watch(trial: Trial) -> None:
