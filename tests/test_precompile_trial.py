@@ -301,3 +301,28 @@ def test_an_app_killed_by_sigterm_kills_run_by_sigterm(tmp_path):
     rc, flag, err = run(cfg, env(tmp_path), "0")
     assert (rc, flag) == (0, "flag=None") and "killed by SIGTERM" in err
 
+
+# Says it is ready and its pid; on SIGTERM says so and goes on (a stop it is slow to do).
+SLOW_STOP = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: print("term", flush=True))
+print("flag=" + str(os.environ.get("TORCH_CACHING_PRECOMPILE")), os.getpid(), flush=True)
+while True:
+    time.sleep(60)
+"""
+
+
+def test_a_stop_killed_after_its_grace_is_no_failed_start(tmp_path):
+    """SIGTERM to `run`, then SIGKILL of `run` and the app (a pod's grace ran out): the
+    next start in that boot still has the entries."""
+    cfg = node(tmp_path)
+    p = spawn("run", "-c", str(cfg), "--", sys.executable, "-c", SLOW_STOP, env=env(tmp_path),
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    flag, app = p.stdout.readline().split()
+    assert flag == "flag=1"
+    p.send_signal(signal.SIGTERM)
+    assert p.stdout.readline().strip() == "term"  # `run` passed the stop on
+    os.kill(int(app), signal.SIGKILL)
+    p.kill()
+    p.wait(timeout=30)
+    assert run(cfg, env(tmp_path), "0")[:2] == (0, "flag=1")

@@ -11,6 +11,8 @@ when it ends:
 
   running   a start with the entries is under way in process `pid` (`started`: its start
             time, so that a reused pid is not taken for it)
+  stopping  `run` was asked to stop it (`how`: by which signal), so its end, even a
+            SIGKILL of both after a stop's grace, is no failure
   failed    a start with them failed; `how` says how (exited 1, was killed by SIGSEGV,
             raised AttributeError: ..., died without exiting)
   ended     a start with them ended with no sign of failure
@@ -52,7 +54,8 @@ log = logging.getLogger(__name__)
 
 RECORD = "torchwarm-precompile.json"  # beside the ready marker
 VERSION = 1
-STATES = ("running", "failed", "ended")
+STATES = ("running", "stopping", "failed", "ended")
+LIVE = ("running", "stopping")  # a start under way, in a process that may be gone
 # What `run` passes on to the app. A stop (the first four) ends the app by request, so
 # whatever exit follows is no failure of the entries.
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
@@ -75,15 +78,29 @@ class Trial:
         if self.done:
             return
         self.done = True
-        doc = _read(self.path, self.entries)
-        mine = doc is not None and doc["state"] == "running" and _same(doc, self)
-        if not failed and not mine:
+        if not failed and not self._mine():
             return
         try:
             _write(self, "failed" if failed else "ended", how)
         except OSError as e:
             log.warning("cannot record in %s how the app's start with precompiled entries "
                         "ended (%s): %s", self.path, how, e)  # fmt: skip
+
+    def stopping(self, how: str) -> None:
+        """Record that the start was asked to stop, before the stop reaches the app: a
+        stop it does not finish in time ends with both SIGKILLed, and no record after."""
+        if self.done or not self._mine():
+            return
+        try:
+            _write(self, "stopping", how)
+        except OSError as e:
+            log.warning("cannot record in %s that the app was asked to stop (%s): %s",
+                        self.path, how, e)  # fmt: skip
+
+    def _mine(self) -> bool:
+        """Whether the record is still this start's (a later start of the app may hold it)."""
+        doc = _read(self.path, self.entries)
+        return doc is not None and doc["state"] in LIVE and _same(doc, self)
 
 
 @dataclass(frozen=True)
@@ -127,16 +144,17 @@ def begin(report: PullReport) -> tuple[Trial | None, str]:
     doc = _read(path, names)
     if doc is not None and doc["state"] == "failed":
         return None, _off(f"the app's last start with them {doc['how']}", path)
-    if doc is not None and doc["state"] == "running":
+    if doc is not None and doc["state"] in LIVE:
         if _same(doc, trial):
             return trial, ""  # activate() again in the same process
-        if _start_time(doc["pid"]) != doc["started"]:
+        if doc["state"] == "running" and _start_time(doc["pid"]) != doc["started"]:
             how = (f"(pid {doc['pid']}) died without exiting (a crash, a signal or "
                    "os._exit)")  # fmt: skip
             dead = Trial(path, names, doc["pid"], doc["started"])
             dead.end(how, failed=True)
             return None, _off(f"the app's last start with them {how}", path)
-        # else another start of the app runs now: this one is the record's from here on
+        # else another start of the app runs (or stopped) now: this one is the record's
+        # from here on
     try:
         _write(trial, "running", "")
     except OSError as e:
@@ -171,6 +189,7 @@ def supervise(trial: Trial, argv: list[str], env: Mapping[str, str]) -> Ended:
                 continue
             if info.si_signo in STOPS and not stop:
                 stop = _name(info.si_signo)
+                trial.stopping(f"asked to stop by {stop}")
             if info.si_code <= 0:  # sent by a process (kill, sigqueue), not the kernel
                 os.kill(pid, info.si_signo)
         while signal.sigtimedwait(waited, 0) is not None:
