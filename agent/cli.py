@@ -325,6 +325,8 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import signal
+
     from torchwarm import api
     from torchwarm.node import gate as node
     from torchwarm.node import precompile_rules as precompile
@@ -347,6 +349,8 @@ def _run(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     try:
         if trial is None:
+            for signo in precompile_trial.PYTHON_IGNORED:
+                signal.signal(signo, signal.SIG_DFL)
             os.execvpe(argv[0], argv, env)
         ended = precompile_trial.supervise(trial, argv, env)  # a child: to learn how it ends
     except OSError as e:

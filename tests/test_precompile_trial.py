@@ -326,3 +326,14 @@ def test_a_stop_killed_after_its_grace_is_no_failed_start(tmp_path):
     p.kill()
     p.wait(timeout=30)
     assert run(cfg, env(tmp_path), "0")[:2] == (0, "flag=1")
+
+
+@pytest.mark.parametrize("fmt", ["precompile", "cachedir"])
+def test_the_app_starts_with_sigpipe_not_ignored(tmp_path, fmt):
+    """The app under `run` (a child with the entries, exec'd without) does not inherit
+    Python's ignored SIGPIPE and SIGXFSZ."""
+    cfg = node(tmp_path, fmt=fmt)
+    p = torchwarm("run", "-c", str(cfg), "--", "grep", "SigIgn", "/proc/self/status",
+                  env=env(tmp_path))  # fmt: skip
+    ignored = int(p.stdout.split()[-1], 16)
+    assert ignored & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1)) == 0, p.stdout

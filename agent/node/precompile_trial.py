@@ -60,6 +60,9 @@ LIVE = ("running", "stopping")  # a start under way, in a process that may be go
 # whatever exit follows is no failure of the entries.
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 FORWARDED = (*STOPS, signal.SIGUSR1, signal.SIGUSR2)
+# What Python sets to SIG_IGN at start and the app must not inherit (an ignored signal
+# stays ignored across exec): a `run -- sh -c 'producer | head'` would go on writing.
+PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 @dataclass
@@ -176,7 +179,8 @@ def supervise(trial: Trial, argv: list[str], env: Mapping[str, str]) -> Ended:
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
     try:
         try:
-            pid = os.posix_spawn(_which(argv[0], env), argv, env, setsigmask=mask)
+            pid = os.posix_spawn(_which(argv[0], env), argv, env, setsigmask=mask,
+                                 setsigdef=PYTHON_IGNORED)  # fmt: skip
         except OSError:
             trial.end("could not be started", failed=False)
             raise
