@@ -24,7 +24,8 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -161,6 +162,11 @@ def workload_identity(w: Workload) -> str:
 # the same without running the app.
 
 
+# A top-level module name the hook records and a manifest holds: import names, and names
+# of files that are not identifiers (mypyc's `<hash>__mypyc` group modules).
+MODULE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
+
+
 @dataclass(frozen=True)
 class DistIdentity:
     name: str  # as its metadata spells it
@@ -191,19 +197,38 @@ def distribution_identity(
         raise ConfigError(f"distribution {name!r} is not installed here")
     version = found.version
     record = found.read_text("RECORD")
-    if record and not _editable(found):
+    if record and not editable(found):
         digest = "record:" + hashlib.sha256(record.encode()).hexdigest()
     else:
-        h = hashlib.sha256(b"torchwarm-dist-code-1\0")
-        for module in sorted(modules):
-            files = code_files(module, search_path)
-            for rel in sorted(files):
-                h.update(f"{module}\0{rel}\0{_file_sha256(files[rel])}\0".encode())
-        digest = "code:" + h.hexdigest()
+        digest = modules_digest(module_digests(modules, search_path))
     return DistIdentity(found.metadata["Name"] or name, version, digest, tuple(sorted(modules)))
 
 
-def _editable(dist: Any) -> bool:
+def module_digests(
+    modules: Sequence[str], search_path: Sequence[str] | None = None
+) -> dict[str, str]:
+    """Each top-level module's digest over its code files (code_files), as found on
+    `search_path` (default: as this interpreter imports it)."""
+    out = {}
+    for module in sorted(modules):
+        files = code_files(module, search_path)
+        h = hashlib.sha256(f"torchwarm-module-code-1\0{module}\0".encode())
+        for rel in sorted(files):
+            h.update(f"{rel}\0{_file_sha256(files[rel])}\0".encode())
+        out[module] = h.hexdigest()
+    return out
+
+
+def modules_digest(digests: Mapping[str, str]) -> str:
+    """A distribution's "code:" digest from its modules' digests (module_digests): so the
+    seed can merge what several processes imported of one editable install."""
+    h = hashlib.sha256(b"torchwarm-dist-code-2\0")
+    for module in sorted(digests):
+        h.update(f"{module}\0{digests[module]}\0".encode())
+    return "code:" + h.hexdigest()
+
+
+def editable(dist: Any) -> bool:
     """Whether pip recorded `dist` as an editable install (PEP 660, direct_url.json)."""
     try:
         doc = json.loads(dist.read_text("direct_url.json") or "{}")

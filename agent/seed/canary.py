@@ -13,8 +13,9 @@ TORCH_CACHING_PRECOMPILE=1:
     the warm-up child does (child.run). It passes when it exits 0, torch counted a
     Dynamo-cache hit and no load error, and every input set's output is as close to
     eager as the seed's own compile was (MAX_DIFF);
-  - a command workload as itself, with the hook (seed/hook/). It passes when it exits 0
-    and the hook's line counts a Dynamo-cache hit and no load error; the command checks
+  - a command workload as itself, with the hook (seed/hook/). It passes when it exits 0,
+    no process's hook line counts a load error and at least one counts a Dynamo-cache
+    hit (a launcher that compiles nothing beside a worker that loads); the command checks
     its own outputs (an app that compares with eager, as the examples do, exits non-zero
     when they differ).
 Otherwise the entries are dropped (formats.precompile.drop_entries): the capture is
@@ -185,11 +186,20 @@ def _command_trial(
             f"a fresh run of the command loading them failed: {_last_words(scratch / kinds.LOG)}",
             {},
         )
-    counters = hook.read_line(ran.log)
-    if counters is None:
+    lines = hook.read_lines(ran.log)
+    if not lines:
         return "a fresh run of the command printed no torchwarm_hook line (torch not imported?)", {}
-    summary = {"counters": counters}
-    return _not_loaded(counters), summary
+    total = {k: sum(c.get(k, 0) for c in lines) for k in sorted({k for c in lines for k in c})}
+    summary = {"counters": total, "processes": lines}
+    # Every process counts: a launcher's zeros do not hide a worker's hit, and one
+    # worker's load error is not hidden by another's hit.
+    for i, counters in enumerate(lines):
+        if counters.get("dynamo_cache_error", 0):
+            why = _not_loaded(counters)
+            return f"process {i + 1} of {len(lines)} (in exit order): {why}", summary
+    if not any(c.get("dynamo_cache_hit", 0) >= 1 for c in lines):
+        return f"{_not_loaded(total)}, in none of its {len(lines)} processes", summary
+    return None, summary
 
 
 def _not_loaded(counters: dict[str, int]) -> str | None:

@@ -30,7 +30,7 @@ HOOK_DIR = Path(__file__).resolve().parent  # what goes first on the command's P
 LINE_KEY = "torchwarm_hook"  # the line at exit: {"torchwarm_hook": {"counters": {...}}}
 RECORD_PREFIX = ".torchwarm-hook-"  # in the cache dir; a capture never takes .torchwarm*
 _SKIP = ("sitecustomize", "__main__", "__mp_main__")
-_TAIL_BYTES = 1 << 20  # the line is among the last: a server's long log is not read whole
+_TAIL_BYTES = 1 << 20  # the lines are among the last: a server's long log is not read whole
 
 
 def launch_argv(argv: Sequence[str]) -> tuple[str, ...]:
@@ -39,13 +39,14 @@ def launch_argv(argv: Sequence[str]) -> tuple[str, ...]:
 
 
 def at_exit(
-    files: Mapping[str, str | None], at_start: frozenset[str], start_path: Sequence[str]
+    files: Mapping[str, Sequence[str]], at_start: frozenset[str], start_path: Sequence[str]
 ) -> None:
     """In the command's process, at exit (sitecustomize): save, record, report.
 
-    `files`: each top-level module the process imported -> its file; `at_start`: the
-    modules the interpreter had imported before the hook ran; `start_path`: sys.path
-    then (what a node's `torchwarm pull`, started the same way, searches too).
+    `files`: each module the process imported (submodules too) -> its file, or a
+    namespace package's folders; `at_start`: the modules the interpreter had imported
+    before the hook ran; `start_path`: sys.path then (what a node's `torchwarm pull`,
+    started the same way, searches too).
     """
     import torch
 
@@ -61,12 +62,15 @@ def at_exit(
         by_dist, unowned = _imported(files, at_start, start_path)
         dists, errors = [], []
         for name, modules in sorted(by_dist.items()):
+            if odd := sorted(m for m in modules if not codeid.MODULE_NAME.fullmatch(m)):
+                errors.append(f"{name}: module names a manifest cannot hold: {odd}")
+                continue
             try:
                 found = codeid.distribution_identity(name, sorted(modules))  # as a node
             except Exception as e:  # recorded: the seed then drops the entries, saying why
                 errors.append(f"{name}: {e}")
             else:
-                dists.append(found.to_dict())
+                dists.append({**found.to_dict(), **_module_digests(found, codeid)})
         doc = {"pid": os.getpid(), "distributions": dists, "unowned": unowned, "errors": errors}
         target = Path(cache) / f"{RECORD_PREFIX}{os.getpid()}.json"
         fs.atomic_write_bytes(target, json.dumps(doc, indent=1, sort_keys=True).encode())
@@ -75,71 +79,99 @@ def at_exit(
     print(json.dumps({LINE_KEY: {"counters": flat}}), file=sys.stderr, flush=True)
 
 
+def _module_digests(found: Any, codeid: Any) -> dict[str, Any]:
+    """For a distribution identified by its modules' code (an editable install), each
+    module's digest: the seed merges processes that imported different modules of it."""
+    if not found.digest.startswith("code:"):
+        return {}
+    return {"module_digests": codeid.module_digests(found.modules)}
+
+
 def _imported(
-    files: Mapping[str, str | None], at_start: frozenset[str], start_path: Sequence[str]
+    files: Mapping[str, Sequence[str]], at_start: frozenset[str], start_path: Sequence[str]
 ) -> tuple[dict[str, set[str]], dict[str, str]]:
     """The distributions the process imported from (name -> its top-level modules), and
     the modules it imported that belong to none (name -> file).
 
-    A module is attributed by where its file lies: below a folder of `start_path`, to the
-    distribution that installed the top-level name there. So a copy that a distribution
-    vendors and puts on sys.path while it runs (setuptools' `_vendor/jaraco`) counts as
-    that distribution's (`setuptools`), whose RECORD covers it; a module found through an
-    editable install's finder (outside the path) goes by its name.
+    A module is attributed by where its file lies, never by its name: to a distribution
+    when the file is one of that distribution's installed files (so setuptools' vendored
+    `_vendor/jaraco` is setuptools', and a local `yaml.py` is nobody's), to the standard
+    library when it lies in Python's own library folders; a namespace package's folder
+    when a distribution's files lie in it. Everything else is unowned: the workload's
+    `code` must hold it, or the seed drops the entries.
     """
-    owners = _owners(start_path)
-    roots = [Path(p or os.curdir).resolve() for p in start_path]
+    owned = _owned_files(start_path)
+    folders = _folders(owned)
     by_dist: dict[str, set[str]] = {}
-    unowned = {}
-    for top, file in files.items():
-        if top in sys.stdlib_module_names or top in _SKIP or file and _in_stdlib(file):
+    unowned: dict[str, str] = {}
+    for name, paths in files.items():
+        if name.partition(".")[0] in _SKIP:
             continue
-        name = (_anchor(Path(file), roots) if file else None) or top
-        if name in owners:
-            for dist in owners[name]:
-                by_dist.setdefault(dist, set()).add(name)
-        elif file and top not in at_start:
-            unowned[top] = file
+        for raw in paths:
+            real = os.path.realpath(raw)
+            if not os.path.exists(real):
+                continue  # made in memory (torch.ops says "_ops.py"): no file to hash
+            if real in owned:
+                dist, top = owned[real]
+                by_dist.setdefault(dist, set()).add(top)
+            elif not (_in_stdlib(real) or real in folders) and name not in at_start:
+                unowned.setdefault(name, raw)
     main = sys.modules.get("__main__")
-    script = getattr(main, "__file__", None)
+    # Python takes a script's __file__ away once it has run; its loader keeps the path.
+    script = getattr(main, "__file__", None) or getattr(getattr(main, "__loader__", None),
+                                                         "path", None)  # fmt: skip
     if script and getattr(main, "__spec__", None) is None and not _in_scripts(script):
         unowned["__main__"] = script  # a script run by path (-m: its package is above)
     return by_dist, unowned
 
 
-def _owners(path: Sequence[str]) -> dict[str, list[str]]:
-    """Top-level import name -> the distributions on `path` that install it (as
-    importlib.metadata.packages_distributions, for one path)."""
+def _owned_files(path: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """Each file a distribution on `path` installed (real path) -> (its name, the
+    top-level module the file is under). An editable install's sources are not among
+    its files: its top-level modules' code files (codeid.code_files, found as import
+    finds them, as its digest hashes them) stand for them."""
     import inspect
     from importlib import metadata
 
-    out: dict[str, list[str]] = {}
+    from torchwarm.env import codeid
+
+    out: dict[str, tuple[str, str]] = {}
+    by_code: list[tuple[str, list[str]]] = []
     for dist in metadata.distributions(path=list(path)):
-        names = set((dist.read_text("top_level.txt") or "").split())
-        if not names:
-            for f in dist.files or ():
-                if len(f.parts) > 1 and f.parts[0] != "..":
-                    names.add(f.parts[0])
-                elif len(f.parts) == 1 and (mod := inspect.getmodulename(f.parts[0])):
-                    names.add(mod)
-        for n in names:
-            if dist.metadata["Name"] not in out.setdefault(n, []):
-                out[n].append(dist.metadata["Name"])
+        name = dist.metadata["Name"]
+        base = os.path.realpath(dist.locate_file(""))
+        tops = set((dist.read_text("top_level.txt") or "").split())
+        for f in dist.files or ():
+            if not f.parts or f.parts[0] == "..":
+                continue  # a script in bin/: no module of it is imported from there
+            top = f.parts[0] if len(f.parts) > 1 else inspect.getmodulename(f.parts[0])
+            if top and not top.endswith((".dist-info", ".egg-info", ".data")):
+                out.setdefault(os.path.normpath(os.path.join(base, str(f))), (name, top))
+                if not top.startswith("__editable__"):  # the install's own hook
+                    tops.add(top)
+        if not dist.read_text("RECORD") or codeid.editable(dist):
+            by_code.append((name, sorted(tops)))
+    for name, tops in by_code:  # after every installed file: those are the installs'
+        for top in tops:
+            try:
+                found = codeid.code_files(top)
+            except Exception:  # named by its metadata, not importable: nothing to own
+                continue
+            for file in found.values():
+                out.setdefault(os.path.realpath(file), (name, top))
     return out
 
 
-def _anchor(file: Path, roots: Sequence[Path]) -> str | None:
-    """The top-level import name `file` lies under, below the innermost folder of `roots`
-    that holds it; None when none does."""
-    p = file.resolve()
-    best = None
-    for r in roots:
-        if p.is_relative_to(r) and p != r and (best is None or len(r.parts) > len(best.parts)):
-            best = r
-    if best is None:
-        return None
-    first = p.relative_to(best).parts[0]
-    return first.split(".", 1)[0] if p.parent == best else first
+def _folders(owned: Mapping[str, object]) -> set[str]:
+    """Every folder that holds a distribution's file, at any depth (a namespace package
+    shared by installed distributions)."""
+    out: set[str] = set()
+    for file in owned:
+        d = os.path.dirname(file)
+        while d not in out and d != os.path.dirname(d):
+            out.add(d)
+            d = os.path.dirname(d)
+    return out
 
 
 def _in_stdlib(path: str) -> bool:
@@ -177,12 +209,14 @@ def records(cache: Path) -> list[dict[str, Any]]:
     return out
 
 
-def read_line(log: Path) -> dict[str, int] | None:
-    """The counters of the last hook line in a command's log; None when there is none."""
+def read_lines(log: Path) -> list[dict[str, int]]:
+    """The counters of every hook line in a command's log, one per Python process that
+    imported torch, in the order they exited."""
     with log.open("rb") as f:
         f.seek(max(0, f.seek(0, os.SEEK_END) - _TAIL_BYTES))
         tail = f.read().decode(errors="replace")
-    for line in reversed(tail.splitlines()):
+    out = []
+    for line in tail.splitlines():
         if LINE_KEY not in line:
             continue
         try:
@@ -190,5 +224,5 @@ def read_line(log: Path) -> dict[str, int] | None:
         except (ValueError, AttributeError):
             continue
         if isinstance(body, dict) and isinstance(body.get("counters"), dict):
-            return {k: v for k, v in body["counters"].items() if isinstance(v, int)}
-    return None
+            out.append({k: v for k, v in body["counters"].items() if isinstance(v, int)})
+    return out

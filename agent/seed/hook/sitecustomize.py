@@ -37,12 +37,18 @@ def _chain() -> None:
 def _at_exit() -> None:
     if "torch" not in sys.modules:
         return
-    # Before anything more is imported: what the command itself imported.
+    # Before anything more is imported: every module the command imported, submodules
+    # too, by its file, or a namespace package (no file) by its folders.
     files = {}
-    for name in list(sys.modules):
-        top = name.partition(".")[0]
-        if top not in files:
-            files[top] = getattr(sys.modules.get(top), "__file__", None)
+    for name, module in list(sys.modules.items()):
+        try:
+            file = getattr(module, "__file__", None)
+            if isinstance(file, str):
+                files[name] = [file]
+            elif module is not None and hasattr(module, "__path__"):
+                files[name] = [p for p in module.__path__ if isinstance(p, str)]
+        except Exception:  # a lazy or odd module object: nothing to say about its file
+            continue
     try:
         from torchwarm.seed import hook
     except ImportError as e:
