@@ -183,12 +183,11 @@ def record_command(w: Workload, cache_dir: Path, out_dir: Path, fallback: dict[s
             "compiled nothing, or torch bypassed graphs it cannot serialize); use format "
             "cachedir for it"
         )
-    dists: dict[str, codeid.DistIdentity] = {}
     problems: list[str] = []
+    seen: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         for d in r.get("distributions") or ():
-            dists.setdefault(d["name"], codeid.DistIdentity(d["name"], d["version"],
-                             d["digest"], tuple(d["modules"])))  # fmt: skip
+            seen.setdefault(d["name"], []).append(d)
         problems += [f"the hook could not identify distribution {e}" for e in r.get("errors") or ()]
         problems += [
             f"module {name!r} ({file}) belongs to no installed distribution and is under "
@@ -196,14 +195,46 @@ def record_command(w: Workload, cache_dir: Path, out_dir: Path, fallback: dict[s
             for name, file in sorted((r.get("unowned") or {}).items())
             if not _under(Path(file), command.code)
         ]
+    dists = []
+    for name, found in sorted(seen.items()):
+        merged, why = _merged(found)
+        if merged is None:
+            problems.append(f"distribution {name!r}: {why}")
+        else:
+            dists.append(merged)
     state: dict[str, Any] = {
-        "code_identity": codeid.command_identity(command.code, command.argv, list(dists.values())),
+        "code_identity": codeid.command_identity(command.code, command.argv, dists),
         "dynamo_keys": keys,
         "fallback": fallback,
     }
     _write_state(out_dir, state)
     if problems:
         drop_entries(cache_dir, out_dir, problems[0])
+
+
+def _merged(found: list[dict[str, Any]]) -> tuple[codeid.DistIdentity | None, str]:
+    """One distribution as every process that imported it saw it: the union of their
+    modules (a worker may import one the launcher did not). Its RECORD digest does not
+    depend on the modules; an editable install's is rebuilt from each module's digest.
+    (None, why) when the processes disagree."""
+    first = found[0]
+    modules = sorted({m for d in found for m in d["modules"]})
+    if any(d["version"] != first["version"] for d in found):
+        return None, "the command's processes imported different versions of it"
+    if first["digest"].startswith("record:"):
+        if any(d["digest"] != first["digest"] for d in found):
+            return None, "the command's processes imported different installs of it"
+        digest = first["digest"]
+    else:
+        digests: dict[str, str] = {}
+        for d in found:
+            for m, h in (d.get("module_digests") or {}).items():
+                if digests.setdefault(m, h) != h:
+                    return None, f"the command's processes imported different code of {m!r}"
+        if sorted(digests) != modules:
+            return None, "the hook recorded no digest for some of its modules"
+        digest = codeid.modules_digest(digests)
+    return codeid.DistIdentity(first["name"], first["version"], digest, tuple(modules)), ""
 
 
 def drop_entries(cache_dir: Path, out_dir: Path, reason: str) -> None:
