@@ -209,3 +209,12 @@ def test_malformed_command_precompile_fields_are_refused(change, needle):
     with pytest.raises(ManifestError, match=needle) as e:
         mf.parse(json.dumps(doc).encode(), "m.json")
     assert "\n" not in str(e.value)
+
+
+def test_a_module_named_from_a_file_that_is_no_identifier_is_accepted():
+    """mypyc's group module (`<hash>__mypyc`), which the hook records as a distribution's
+    top-level module, passes the manifest check: a seed's manifest is its nodes'."""
+    meta = json.loads(json.dumps(COMMAND_META))
+    meta["code_identity"]["distributions"][0]["modules"] = ["30fcd47e0b3ef1d7a2e0__mypyc"]
+    m = factory_manifest(workload="app", fmt="precompile", warmup={"precompile": meta})
+    assert mf.parse(m.to_json(), "m.json").warmup["precompile"] == meta

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from torchwarm.env import fingerprint
+from torchwarm.env import codeid, fingerprint
 from torchwarm.errors import ManifestError
 
 FORMAT_VERSION = 1
@@ -230,7 +230,7 @@ def _check_command_identity(ident: dict[str, Any], bad: Any) -> None:
             isinstance(d, dict)
             and all(isinstance(d.get(k), str) for k in ("name", "version", "digest"))
             and isinstance(d.get("modules"), list)
-            and all(isinstance(m, str) and m.isidentifier() for m in d["modules"])
+            and all(isinstance(m, str) and codeid.MODULE_NAME.fullmatch(m) for m in d["modules"])
             for d in dists
         )
     ):
