@@ -21,6 +21,10 @@ it dies of that signal (exit -15, -2) unless --on-stop says otherwise. Options:
   --on-stop CODE             on a stop signal, exit CODE instead of dying of it
   --ignore-term              ignore SIGTERM, start a grandchild that sleeps, write both
                              pids to --pids FILE
+  --linger FILE              start a worker (same process group) that, 1 s after this
+                             process exits, writes FILE and exits
+  --drip-healthz             once healthy, /healthz answers 200 with a chunked body of
+                             one byte a second (for a minute)
 """
 
 from __future__ import annotations
@@ -37,6 +41,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 START = time.monotonic()
+# The --linger worker: argv = [parent pid, file]; waits for its parent to exit.
+LINGER = """
+import os, sys, time
+while os.getppid() == int(sys.argv[1]):
+    time.sleep(0.05)
+time.sleep(1.0)
+with open(sys.argv[2], "w") as f:
+    f.write("flushed\\n")
+"""
 
 
 def main(argv: list[str]) -> int:
@@ -53,6 +66,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--on-stop", type=int)
     p.add_argument("--ignore-term", action="store_true")
     p.add_argument("--pids")
+    p.add_argument("--linger")
+    p.add_argument("--drip-healthz", action="store_true")
     a = p.parse_args(argv)
 
     lock = threading.Lock()
@@ -83,6 +98,10 @@ def main(argv: list[str]) -> int:
             json.dump({"child": os.getpid(), "grandchild": grandchild.pid}, f)
         os.rename(a.pids + ".tmp", a.pids)
 
+    if a.linger:
+        # A worker flushing after its server exits: it gets no signal of its own.
+        subprocess.Popen([sys.executable, "-c", LINGER, str(os.getpid()), a.linger])
+
     served = [0]
 
     def healthy() -> bool:
@@ -93,6 +112,9 @@ def main(argv: list[str]) -> int:
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length)) if length else None
             if self.path == "/healthz":
+                if a.drip_healthz and healthy():
+                    self._drip()
+                    return
                 self._send(200 if healthy() else 503)
                 return
             if a.crash_on_request:
@@ -118,6 +140,16 @@ def main(argv: list[str]) -> int:
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+
+        def _drip(self) -> None:
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for _ in range(60):
+                self.wfile.write(b"1\r\nx\r\n")
+                self.wfile.flush()
+                time.sleep(1.0)
+            self.wfile.write(b"0\r\n\r\n")
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's names)
             self._answer("GET")

@@ -24,6 +24,8 @@ from factories import alive
 from servers import free_port
 
 from torchwarm import config
+from torchwarm.seed import processes
+from torchwarm.seed import server as server_mod
 from torchwarm.seed.warmup import warmup_key
 
 FAKE = Path(__file__).with_name("server_fake.py")
@@ -54,10 +56,10 @@ def setup(folder: Path, workload: dict[str, Any]) -> Path:
     return path
 
 
-def warmup(folder: Path, workload: dict[str, Any], *extra: str):
+def warmup(folder: Path, workload: dict[str, Any], *extra: str, timeout: float = 120):
     path = setup(folder, workload)
     return torchwarm("warmup", "-c", str(path), "--out", str(folder / "out"), *extra,
-                     check=False, timeout=120)  # fmt: skip
+                     check=False, timeout=timeout)  # fmt: skip
 
 
 def recorded(path: Path) -> list[dict[str, Any]]:
@@ -138,6 +140,19 @@ def test_never_ready_exits_7_within_its_ready_timeout(tmp_path):
     assert manifests(tmp_path) == [] and len(recorded(rec)) == 1  # no request was sent
 
 
+@pytest.mark.timed
+def test_a_dripping_health_check_is_bounded_by_ready_timeout(tmp_path):
+    """A /healthz that answers 200 but sends its body one byte a second never passes nor
+    holds the check past ready_timeout_s: exit 7 soon after it, last: no answer in time."""
+    port = free_port()
+    w = fake("api", port, "--drip-healthz", ready_timeout_s=2)
+    t0 = time.monotonic()
+    line = one_error(warmup(tmp_path, w, timeout=30))
+    assert time.monotonic() - t0 < 2 + 8
+    assert (f": not ready within 2 s (ready: GET http://127.0.0.1:{port}/healthz, last: "
+            "no answer in time); killed it") in line  # fmt: skip
+
+
 def test_wrong_status_exits_7_naming_the_request(tmp_path):
     """A warm-up request answered with another status than configured: exit 7 naming the
     request, its number and both statuses; nothing published, no later request sent."""
@@ -210,6 +225,75 @@ def test_server_ignoring_sigterm_is_killed_after_grace_with_its_grandchild(tmp_p
     assert not alive(started["child"]) and not alive(started["grandchild"]), started
     summary = json.loads((tmp_path / "out" / "api" / "warmup.json").read_text())["summary"]
     assert summary["server"]["stopped"] == "on SIGTERM: no exit within 1 s, killed (SIGKILL)"
+
+
+def test_the_rest_of_the_group_gets_the_grace_after_the_server_exits(tmp_path):
+    """A server that exits at once on SIGTERM while a worker of its group still flushes:
+    the worker gets what is left of stop.grace_s (it is not SIGKILLed with the server's
+    exit), its file is written and the stop is clean."""
+    port, flushed = free_port(), tmp_path / "flushed"
+    proc = warmup(tmp_path, fake("api", port, "--linger", str(flushed)))
+    assert proc.returncode == 0, proc.stderr
+    assert flushed.read_text() == "flushed\n"
+    summary = json.loads((tmp_path / "out" / "api" / "warmup.json").read_text())["summary"]
+    assert summary["server"]["stopped"] == "on SIGTERM: killed by SIGTERM"
+
+
+def test_a_worker_outliving_the_grace_is_killed_and_the_manifest_says_so(tmp_path):
+    """A worker of the server's group still running when stop.grace_s is over is SIGKILLed,
+    and `stopped` says so rather than clean."""
+    port, flushed = free_port(), tmp_path / "flushed"
+    w = fake("api", port, "--linger", str(flushed), stop={"grace_s": 0.5})
+    proc = warmup(tmp_path, w)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "out" / "api" / "warmup.json").read_text())["summary"]
+    assert summary["server"]["stopped"] == (
+        "on SIGTERM: killed by SIGTERM; its process group was not gone within 0.5 s, "
+        "killed (SIGKILL)"
+    )
+    time.sleep(1.5)
+    assert not flushed.exists()
+
+
+def test_stop_leaves_a_server_that_just_exited_unreaped(tmp_path):
+    """A server that exits 1 just as the stop comes (after the exit check) is not reaped by
+    the stop: its pid stays the group's until the group is killed, and the bad exit fails."""
+    server = config.Server(port=1, ready="tcp", ready_target="", ready_timeout_s=5.0,
+                           requests=(), request_timeout_s=5.0, stop_signal="SIGTERM",
+                           stop_grace_s=5.0)  # fmt: skip
+    argv = [sys.executable, "-c", "raise SystemExit(1)"]
+    with processes.started("'api'", argv, {}, tmp_path / "log") as proc:
+        assert processes.wait_unreaped(proc, 10) == "exited"
+        real, checks = processes.exited, []
+
+        def exited(p: subprocess.Popen[bytes]) -> bool:
+            checks.append(p)  # the first check runs just before it exits
+            return len(checks) > 1 and real(p)
+
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(processes, "exited", exited)
+            with pytest.raises(server_mod._Failed, match=r"exited \(exit 1\)"):
+                server_mod._stop(proc, server)
+        assert proc.returncode is None  # unreaped: started() reaps it after the kill
+
+
+def test_a_deadline_passed_before_a_request_says_so(tmp_path):
+    """A warm-up whose time ran out between two requests says that, with its seconds
+    written plainly (1800, not 1.8e+03), not a negative wait."""
+    with socket.create_server(("127.0.0.1", 0)) as mute:  # accepts, never answers
+        port = mute.getsockname()[1]
+        server = config.Server(port=port, ready="tcp", ready_target="", ready_timeout_s=5.0,
+                               requests=(config.WarmRequest("GET", "/info", None, 1, 200),),
+                               request_timeout_s=5.0, stop_signal="SIGTERM",
+                               stop_grace_s=5.0)  # fmt: skip
+        with pytest.raises(server_mod._Failed) as e:
+            server_mod._send(None, server, time.monotonic() - 0.04, 1800.0, None)
+    assert e.value.problem == (
+        "the warm-up's time (warmup_timeout_s 1800 s) ran out before request 1 of 1 "
+        f"(GET http://127.0.0.1:{port}/info)"
+    )
+    assert [server_mod.seconds(x) for x in (1800.0, 2.0, 0.5, 0.04)] == ["1800", "2", "0.5",
+                                                                        "0.04"]  # fmt: skip
 
 
 def test_port_already_taken_is_refused_before_starting(tmp_path):

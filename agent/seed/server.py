@@ -6,25 +6,28 @@ The server runs in a process group of its own with its output in the warm-up log
 http.client (no proxy is ever asked). The check is polled every 0.1 s at first, slower
 up to every 1 s. Every wait has a monotonic deadline: `ready_timeout_s` for the check,
 `request_timeout_s` for each request, `warmup_timeout_s` for all of it from the start;
-then the stop signal goes to the server process, and after `stop_grace_s` whatever is
-left of its group is killed. Any way this goes wrong is one WarmupError line: what,
-the last lines of the log and its path.
+then the stop signal goes to the server process (only: as docker stop and the kubelet
+do), and the rest of its group gets what is left of `stop_grace_s` to exit after it;
+past that, whatever is left of the group is killed. Any way this goes wrong is one
+WarmupError line: what, the last lines of the log and its path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import os
 import re
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from torchwarm.config import Server, WarmRequest
 from torchwarm.errors import Cancelled, WarmupError, printable
@@ -37,6 +40,13 @@ CHECK_TIMEOUT_S = 2.0  # one readiness attempt; a slow answer is "not ready yet"
 LAST_LINES = 5  # of the log, in an error's line
 _LINE_CHARS = 300  # each of them cut there: a traceback's line can be long
 _CHUNK = 64 << 10
+POLL_GROUP_S = 0.1  # how often the stop looks whether the server's group is gone
+_T = TypeVar("_T")
+
+
+def seconds(x: float) -> str:
+    """Seconds for messages: 1800, 2, 0.5, 0.04 (never 1.8e+03)."""
+    return f"{x:.3f}".rstrip("0").rstrip(".")
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,8 @@ class Served:
     ready_s: float  # from its start until the check passed
     answers: tuple[Answer, ...]
     # How the stop went: "on SIGTERM: exit 0", "on SIGTERM: killed by SIGTERM", "on SIGTERM:
-    # no exit within 30 s, killed (SIGKILL)", "exit 0 before the stop signal".
+    # no exit within 30 s, killed (SIGKILL)", "on SIGTERM: exit 0; its process group was
+    # not gone within 30 s, killed (SIGKILL)", "exit 0 before the stop signal".
     stopped: str
 
     def summary(self, server: Server) -> dict[str, Any]:
@@ -189,15 +200,16 @@ def _wait_ready(
         now = time.monotonic()
         if now >= ready_by:
             if ready_by == deadline and deadline < t0 + server.ready_timeout_s:
-                raise _Failed(f"did not finish within {timeout_s:g} s (warmup_timeout_s), "
+                raise _Failed(f"did not finish within {seconds(timeout_s)} s (warmup_timeout_s), "
                               f"not ready yet {seen}")  # fmt: skip
-            raise _Failed(f"not ready within {server.ready_timeout_s:g} s {seen}")
+            raise _Failed(f"not ready within {seconds(server.ready_timeout_s)} s {seen}")
         time.sleep(min(interval, ready_by - now))
         interval = min(interval * 1.5, POLL_MAX_S)
 
 
 def _check(server: Server, lines: _LogLines | None, timeout: float) -> str | None:
-    """None when the server is ready, else what the check saw."""
+    """None when the server is ready, else what the check saw, within `timeout` in all
+    (an answer dripping in byte by byte is "no answer in time")."""
     if lines is not None:
         return None if lines.matched() else "no such line yet"
     try:
@@ -205,15 +217,28 @@ def _check(server: Server, lines: _LogLines | None, timeout: float) -> str | Non
             with socket.create_connection((HOST, server.port), timeout=timeout):
                 return None
         conn = http.client.HTTPConnection(HOST, server.port, timeout=timeout)
-        try:
+
+        def get() -> int:
             conn.request("GET", server.ready_target)
             resp = conn.getresponse()
             resp.read(_CHUNK)
+            return resp.status
+
+        try:
+            status = _bounded(get, time.monotonic() + timeout, None)
         finally:
-            conn.close()
+            _hang_up(conn)
     except (OSError, http.client.HTTPException) as e:
         return _why(e)
-    return None if 200 <= resp.status < 300 else f"status {resp.status}"
+    return None if 200 <= status < 300 else f"status {status}"
+
+
+def _hang_up(conn: http.client.HTTPConnection) -> None:
+    """Close `conn`, waking a thread still reading from it (close alone does not)."""
+    if conn.sock is not None:
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
 
 
 class _LogLines:
@@ -249,13 +274,18 @@ def _send(
             n = len(answers) + 1
             name = f"{r.method} http://{HOST}:{server.port}{r.path} (request {n} of {total})"
             t = time.monotonic()
+            if t >= deadline:  # the last answer came just in time
+                raise _Failed(f"the warm-up's time (warmup_timeout_s {seconds(timeout_s)} s) ran "
+                              f"out before request {n} of {total} ({r.method} "
+                              f"http://{HOST}:{server.port}{r.path})")  # fmt: skip
             until = min(t + server.request_timeout_s, deadline)
             which = ("request_timeout_s" if until < deadline
-                     else f"warmup_timeout_s, {timeout_s:g} s from the start")  # fmt: skip
+                     else f"warmup_timeout_s, {seconds(timeout_s)} s from the start")  # fmt: skip
             try:
                 status, head = _request(server.port, r, until, stop)
             except TimeoutError:
-                raise _Failed(f"{name} got no answer within {until - t:.3g} s ({which})") from None
+                raise _Failed(f"{name} got no answer within {seconds(until - t)} s "
+                              f"({which})") from None  # fmt: skip
             except (OSError, http.client.HTTPException) as e:
                 # A server that crashed: give its exit a moment to show.
                 if processes.wait_unreaped(proc, 1.0) == "exited":
@@ -277,18 +307,24 @@ def _request(
     it writes it) by `until`; its status and the start of its body. TimeoutError past
     `until`, Cancelled once `stop` is set.
 
-    In a thread joined until `until`: socket timeouts bound each wait, not the sum. A
-    thread left waiting ends when the server's group is killed (its socket closes).
+    A thread left waiting ends when the server's group is killed (its socket closes).
     """
-    got: list[tuple[int, bytes] | BaseException] = []
+    return _bounded(lambda: _exchange(port, r, until), until, stop)
 
-    def exchange() -> None:
+
+def _bounded(fn: Callable[[], _T], until: float, stop: threading.Event | None) -> _T:
+    """`fn()` in a thread joined until `until` (socket timeouts bound each wait, not the
+    sum); TimeoutError past it, Cancelled once `stop` is set. The thread is left to end
+    when its socket closes."""
+    got: list[Any] = []
+
+    def run() -> None:
         try:
-            got.append(_exchange(port, r, until))
+            got.append(fn())
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             got.append(e)
 
-    t = threading.Thread(target=exchange, name="torchwarm-warm-request", daemon=True)
+    t = threading.Thread(target=run, name="torchwarm-warm-request", daemon=True)
     t.start()
     while t.is_alive() and time.monotonic() < until:
         if stop is not None and stop.is_set():
@@ -298,7 +334,8 @@ def _request(
         raise TimeoutError
     if isinstance(got[0], BaseException):
         raise got[0]
-    return got[0]
+    result: _T = got[0]
+    return result
 
 
 def _exchange(port: int, r: WarmRequest, until: float) -> tuple[int, bytes]:
@@ -317,8 +354,9 @@ def _exchange(port: int, r: WarmRequest, until: float) -> tuple[int, bytes]:
 
 
 def _stop(proc: subprocess.Popen[bytes], server: Server) -> str:
-    """Send the stop signal to the server process, wait up to the grace for it to exit;
-    past it, processes.started kills the group on the way out. How it ended."""
+    """Send the stop signal to the server process, wait up to the grace for it, then the
+    rest of its group (workers flushing), to exit; past it, processes.started kills the
+    group on the way out. How it ended."""
     sig = signal.Signals[server.stop_signal]
     if processes.exited(proc):
         code = processes.exit_status(proc)
@@ -326,14 +364,53 @@ def _stop(proc: subprocess.Popen[bytes], server: Server) -> str:
             raise _Failed(f"exited ({_status(proc)}) after its requests, before the stop "
                           "signal", killed=False)  # fmt: skip
         return "exit 0 before the stop signal"
-    proc.send_signal(sig)  # unreaped: this pid is still the server's
-    if processes.wait_unreaped(proc, server.stop_grace_s) != "exited":
-        return f"on {sig.name}: no exit within {server.stop_grace_s:g} s, killed (SIGKILL)"
+    grace, by = server.stop_grace_s, time.monotonic() + server.stop_grace_s
+    # os.kill, not Popen.send_signal: its poll() would reap a server that just exited
+    # (sending nothing, and freeing its pid, the group's id, for reuse before the kill).
+    # Unreaped, this pid is still the server's, alive or a zombie.
+    os.kill(proc.pid, sig)
+    if processes.wait_unreaped(proc, grace) != "exited":
+        return f"on {sig.name}: no exit within {seconds(grace)} s, killed (SIGKILL)"
     code = processes.exit_status(proc)
     if code not in (0, -sig, 128 + sig):
         raise _Failed(f"exited ({_status(proc)}) on {sig.name} (0, or death by {sig.name}, "
                       "expected)", killed=False)  # fmt: skip
+    while _others_in_group(proc.pid):
+        if time.monotonic() >= by:
+            return (f"on {sig.name}: {_status(proc)}; its process group was not gone within "
+                    f"{seconds(grace)} s, killed (SIGKILL)")  # fmt: skip
+        time.sleep(POLL_GROUP_S)
     return f"on {sig.name}: {_status(proc)}"
+
+
+def _others_in_group(pgid: int) -> bool:
+    """Whether a live process other than its leader (exited, unreaped) is in the group.
+
+    killpg(pgid, 0) counts the leader's zombie, so the group's members are read from
+    /proc (Linux); without /proc, none is assumed (the group is killed at once)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return False
+    for name in entries:
+        if not name.isdigit() or int(name) == pgid:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+        state, _ppid, pgrp = stat[stat.rindex(b")") + 2 :].split()[:3]
+        if int(pgrp) == pgid and state != b"Z":
+            return True
+    return False
 
 
 def _status(proc: subprocess.Popen[bytes]) -> str:
