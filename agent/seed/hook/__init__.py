@@ -102,6 +102,7 @@ def _imported(
     """
     owned = _owned_files(start_path)
     folders = _folders(owned)
+    caches = _cache_roots()
     by_dist: dict[str, set[str]] = {}
     unowned: dict[str, str] = {}
     for name, paths in files.items():
@@ -111,6 +112,8 @@ def _imported(
             real = os.path.realpath(raw)
             if not os.path.exists(real):
                 continue  # made in memory (torch.ops says "_ops.py"): no file to hash
+            if any(real.startswith(root) for root in caches):
+                continue  # a kernel torch compiled or loaded: the capture itself
             if real in owned:
                 dist, top = owned[real]
                 by_dist.setdefault(dist, set()).add(top)
@@ -123,6 +126,14 @@ def _imported(
     if script and getattr(main, "__spec__", None) is None and not _in_scripts(script):
         unowned["__main__"] = script  # a script run by path (-m: its package is above)
     return by_dist, unowned
+
+
+def _cache_roots() -> tuple[str, ...]:
+    """The compile caches of this process (their real paths, each ending in a separator):
+    the modules torch loads from there are its compiled kernels, which travel in the
+    capture (checked by digest on the node), not code of the app."""
+    roots = (os.environ.get(v) for v in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"))
+    return tuple(os.path.join(os.path.realpath(r), "") for r in roots if r)
 
 
 def _owned_files(path: Sequence[str]) -> dict[str, tuple[str, str]]:
