@@ -25,8 +25,10 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from torchwarm import __version__
 from torchwarm import config as cfgmod
-from torchwarm.errors import TorchwarmError, WarmupError, printable
+from torchwarm.errors import Cancelled, TorchwarmError, WarmupError, printable
 
 if TYPE_CHECKING:
     from torchwarm.seed.warmup import WarmupResult
@@ -264,10 +266,18 @@ def _warmup(args: argparse.Namespace) -> int:
     if not args.push and args.out is None:
         raise cfgmod.ConfigError("warmup needs --push, --out DIR, or both")
     root = args.out or Path(tempfile.mkdtemp(prefix="torchwarm-warmup-"))
+    # SIGTERM (a Job deleted, a pod stopped) stops the warm-up as the daemon's stop does:
+    # its process group is killed, a cache_dir lent at the node's path is put back, and
+    # the exit is Cancelled's (130). A publish under way finishes first (blobs, then the
+    # manifest), and no further workload starts.
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         for w in cfg.selected(args.workload):
+            if stop.is_set():
+                raise Cancelled(f"warm-up of {w.name!r} cancelled (SIGTERM) before it started")
             t0 = time.perf_counter()
-            result = wu.warmup(cfg, w, root / w.name)
+            result = wu.warmup(cfg, w, root / w.name, stop=stop)
             _say(f"warmed {w.name}: {kinds.of(w).warmed(result.summary)}, "
                  f"{time.perf_counter() - t0:.1f} s in all")  # fmt: skip
             if args.push:
@@ -278,6 +288,8 @@ def _warmup(args: argparse.Namespace) -> int:
         if args.out is None:
             shutil.rmtree(root, ignore_errors=True)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if args.out is None:
         shutil.rmtree(root, ignore_errors=True)
     return 0
@@ -325,8 +337,6 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import signal
-
     from torchwarm import api
     from torchwarm.node import gate as node
     from torchwarm.node import precompile_rules as precompile

@@ -168,6 +168,33 @@ def test_a_seed_killed_mid_warm_up_is_undone_by_the_next_one(tmp_path):
     assert tree(cache_dir) == before and siblings(cache_dir) == []
 
 
+def test_sigterm_to_a_warm_up_stops_its_command_and_puts_the_seeds_tree_back(tmp_path):
+    """SIGTERM to `torchwarm warmup` (a Job deleted, a ^C'd shell's kill) while its command
+    hangs at the node's path: the command's process group is stopped, the seed's own tree
+    is back at cache_dir with nothing beside it, and warmup exits 130 saying cancelled."""
+    cache_dir = tmp_path / "node" / "inductor"
+    before = original(cache_dir)
+    pid_file = tmp_path / "app.pid"
+    cfg = setup(tmp_path, "--hang", str(pid_file))
+    seed = spawn("warmup", "-c", str(cfg), "--out", str(tmp_path / "out"),
+                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and seed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pid_file.exists(), f"the hanging command never started (seed exit {seed.poll()})"
+    app_pid = int(pid_file.read_text())
+    try:
+        seed.send_signal(signal.SIGTERM)
+        _, err = seed.communicate(timeout=30)
+        gone = not alive(app_pid)
+    finally:
+        if alive(app_pid):
+            os.kill(app_pid, signal.SIGKILL)
+    assert seed.returncode == 130, err
+    assert "cancelled" in err and gone
+    assert tree(cache_dir) == before and siblings(cache_dir) == []
+
+
 # -- one warm-up at a time -----------------------------------------------------------------
 
 
