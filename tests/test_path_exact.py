@@ -198,6 +198,35 @@ def test_sigterm_to_a_warm_up_stops_its_command_and_puts_the_seeds_tree_back(tmp
 # -- one warm-up at a time -----------------------------------------------------------------
 
 
+def test_a_lock_held_past_the_warm_ups_timeout_is_a_warmup_error(tmp_path):
+    """Another warm-up that holds cache_dir's lock longer than this one's warmup_timeout_s
+    (a seed stuck elsewhere) fails this warm-up with a WarmupError naming the lock file,
+    instead of waiting for ever (the CLI's warm-up has no stop event to end the wait)."""
+    import fcntl
+
+    cache_dir = tmp_path / "node" / "inductor"
+    cache_dir.parent.mkdir(parents=True)
+    lock = cache_dir.parent / (cache_dir.name + nodepath.LOCK_SUFFIX)
+    held = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    got: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            with nodepath.lend(cache_dir, tmp_path / "keep", None, "workload 'app'", wait_s=0.5):
+                pass
+        except BaseException as e:  # whatever it was: the test looks at it
+            got.append(e)
+
+    t = threading.Thread(target=wait, daemon=True)
+    t.start()
+    t.join(20)
+    os.close(held)
+    assert not t.is_alive(), "lend waited for ever"
+    (e,) = got
+    assert isinstance(e, WarmupError) and str(lock) in str(e) and "0.5 s" in str(e), e
+
+
 def test_two_seeds_at_once_never_share_cache_dir(tmp_path):
     """Two seeds (two configs naming one cache_dir) started together: the second waits for
     the first's lock, so each command has cache_dir to itself, empty, and both succeed."""

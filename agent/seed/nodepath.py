@@ -26,6 +26,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import math
 import os
 import shutil
 import stat
@@ -48,13 +49,18 @@ _UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 @contextlib.contextmanager
 def lend(
-    cache_dir: Path, keep: Path, stop: threading.Event | None = None, who: str = "a workload"
+    cache_dir: Path,
+    keep: Path,
+    stop: threading.Event | None = None,
+    who: str = "a workload",
+    wait_s: float = math.inf,
 ) -> Iterator[Path]:
     """Hold `cache_dir` for one warm-up and yield it, empty; on exit, whatever the warm-up
     left there moves to `keep` (a path that does not exist yet, e.g. its out_dir/cache) and
     what was at cache_dir before is back, whether the block ended well or not.
 
-    Waits for another warm-up's lock (Cancelled once `stop` is set). ConfigError when
+    Waits for another warm-up's lock (Cancelled once `stop` is set; WarmupError after
+    `wait_s`, the warm-up's own timeout: a stuck holder must not hold it for ever). ConfigError when
     cache_dir's folder cannot be written, cache_dir is not a folder, or it cannot be
     renamed (a mount point); WarmupError when
     a dead warm-up's tree cannot be deleted. `who` names the workload in messages.
@@ -76,7 +82,7 @@ def lend(
             "false on the workload"
         ) from None
     try:
-        _wait_for(fd, cache_dir, stop, who)
+        _wait_for(fd, cache_dir, stop, who, wait_s)
         _undo_dead_warmup(cache_dir)  # before anything else: the seed's tree comes back
         if os.path.lexists(cache_dir) and not os.path.isdir(cache_dir):
             raise ConfigError(
@@ -108,9 +114,13 @@ def _where(parent: Path, e: OSError) -> Path:
     return Path(e.filename).parent if e.filename else parent
 
 
-def _wait_for(fd: int, cache_dir: Path, stop: threading.Event | None, who: str) -> None:
-    """Take the lock on `fd`, polling so that `stop` is seen; say once that it waits."""
+def _wait_for(
+    fd: int, cache_dir: Path, stop: threading.Event | None, who: str, wait_s: float
+) -> None:
+    """Take the lock on `fd`, polling so that `stop` is seen, for at most `wait_s`; say
+    once that it waits."""
     said = False
+    deadline = time.monotonic() + wait_s
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -119,6 +129,13 @@ def _wait_for(fd: int, cache_dir: Path, stop: threading.Event | None, who: str) 
             pass
         if stop is not None and stop.is_set():
             raise Cancelled(f"warm-up of {who} cancelled while waiting for {cache_dir}")
+        if time.monotonic() >= deadline:
+            lock = _beside(cache_dir, LOCK_SUFFIX)
+            raise WarmupError(
+                f"{who}: another warm-up has held {cache_dir} for {wait_s:g} s (its "
+                f"warmup_timeout_s), longer than this one may take; the holder's pid is in "
+                f"{lock}: stop it, or let it finish and warm up again"
+            )
         if not said:
             log.warning("%s: waiting for another warm-up at %s to end", who, cache_dir)
             said = True

@@ -170,7 +170,8 @@ def _cache_dir(
     itself, lent by nodepath (the tree it leaves ends at `fresh` too), so that a cache
     holding its own absolute path hits on the node."""
     if w.at_node_path:
-        with nodepath.lend(cfg.cache_dir, fresh, stop, f"workload {w.name!r}") as cache:
+        with nodepath.lend(cfg.cache_dir, fresh, stop, f"workload {w.name!r}",
+                           w.warmup_timeout_s) as cache:  # fmt: skip
             yield cache
     else:
         fresh.mkdir()
