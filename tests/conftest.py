@@ -46,6 +46,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         else:
             del os.environ["PYTHONPATH"]
 
+# Every process the tests start inherits this mark (it is no TORCHWARM_* variable, which a
+# warm-up child loses), so that this test process can find what it left running at its end:
+# pytest_unconfigure. One mark per process: an xdist worker never takes the other's.
+RUN_MARK = "TW_TEST_RUN"
+os.environ[RUN_MARK] = f"{os.getpid()}-{time.time_ns()}"
+
 WORKLOAD = {
     "name": "mlp",
     "model": "torchwarm.models:mlp",
@@ -199,3 +205,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     tests = Counter(item.path for item in items)
     # Stable: a file's own order is kept.
     items.sort(key=lambda item: (-compiling[item.path], -tests[item.path]))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Kill what this test process's tests started and left running: a pull's worker stuck
+    in an injected `c-sleep` (an hour in C) is abandoned at its deadline by design, and a
+    test that failed half-way may leave an app or a server behind. Found by RUN_MARK in
+    /proc/PID/environ, the environment each was started with."""
+    import signal
+
+    mark = f"{RUN_MARK}={os.environ[RUN_MARK]}".encode()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                started_here = mark in f.read().split(b"\0")
+            if started_here:
+                os.kill(int(name), signal.SIGKILL)
+        except OSError:  # gone already, or not ours to read
+            continue
