@@ -136,21 +136,28 @@ def test_the_seeds_own_cache_dir_is_intact_after_a_warm_up(tmp_path, fail):
         assert tree(tmp_path / "out" / "app" / "cache") == {"app": "dir", "app/entry.json": entry}
 
 
+def hanging_seed(
+    tmp_path: Path, out: Path, **popen: Any
+) -> tuple[Path, subprocess.Popen[str], int]:
+    """`torchwarm warmup --out OUT` of a command that hangs at the node's path, once that
+    command runs: (its config, the seed process, the command's pid)."""
+    pid_file = tmp_path / "app.pid"
+    cfg = setup(tmp_path, "--hang", str(pid_file))
+    seed = spawn("warmup", "-c", str(cfg), "--out", str(out), stdout=subprocess.DEVNULL, **popen)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and seed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pid_file.exists(), f"the hanging command never started (seed exit {seed.poll()})"
+    return cfg, seed, int(pid_file.read_text())
+
+
 def test_a_seed_killed_mid_warm_up_is_undone_by_the_next_one(tmp_path):
     """A seed killed with SIGKILL while its command hangs leaves the seed's tree set aside;
     the next warm-up puts it back before anything else: its command starts in an empty
     cache_dir (not the dead one's) and afterwards the seed's tree is back as it was."""
     cache_dir = tmp_path / "node" / "inductor"
     before = original(cache_dir)
-    pid_file = tmp_path / "app.pid"
-    cfg = setup(tmp_path, "--hang", str(pid_file))
-    seed = spawn("warmup", "-c", str(cfg), "--out", str(tmp_path / "out1"),
-                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not pid_file.exists() and seed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert pid_file.exists(), f"the hanging command never started (seed exit {seed.poll()})"
-    app_pid = int(pid_file.read_text())
+    cfg, seed, app_pid = hanging_seed(tmp_path, tmp_path / "out1", stderr=subprocess.DEVNULL)
     try:
         assert (cache_dir / "app" / "entry.json").read_text() == json.dumps(
             {"root": str(cache_dir / "app")})  # the dead warm-up's, at the node's path  # fmt: skip
@@ -174,15 +181,7 @@ def test_sigterm_to_a_warm_up_stops_its_command_and_puts_the_seeds_tree_back(tmp
     is back at cache_dir with nothing beside it, and warmup exits 130 saying cancelled."""
     cache_dir = tmp_path / "node" / "inductor"
     before = original(cache_dir)
-    pid_file = tmp_path / "app.pid"
-    cfg = setup(tmp_path, "--hang", str(pid_file))
-    seed = spawn("warmup", "-c", str(cfg), "--out", str(tmp_path / "out"),
-                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not pid_file.exists() and seed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert pid_file.exists(), f"the hanging command never started (seed exit {seed.poll()})"
-    app_pid = int(pid_file.read_text())
+    _, seed, app_pid = hanging_seed(tmp_path, tmp_path / "out", stderr=subprocess.PIPE)
     try:
         seed.send_signal(signal.SIGTERM)
         _, err = seed.communicate(timeout=30)
