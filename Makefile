@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-pull bench-fleet bench-march bench-transfer bench-real clean
+.PHONY: demo test lint bench bench-pull bench-fleet bench-march bench-transfer bench-real bench-scale clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -38,8 +38,9 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check agent tests bench examples
 
 ## bench: first-call seconds per format (3 fresh nodes each), zstd vs gzip, where a
-## pull's time goes, a fleet pulling at once, the cost of a pinned -march, and a
-## transformers Llama on fresh nodes
+## pull's time goes, a fleet pulling at once, the cost of a pinned -march, a
+## transformers Llama on fresh nodes, and a 128 MiB Triton-shaped cache pulled beside
+## tar and cp (bench-scale --quick)
 bench: $(STAMP)
 	$(BIN)/python bench/first_call.py --repeat 3
 	$(BIN)/python bench/compression.py
@@ -47,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/march.py
 	$(BIN)/python bench/real_model.py
+	$(BIN)/python bench/scale.py --quick
 
 ## bench-pull: the pull's wall split (process start, fingerprint, resolve, fetch,
 ## install, rest) over 10 fresh pulls, and time to first result against cold
@@ -65,6 +67,13 @@ bench-march: $(STAMP)
 ## precompile node: seconds until warm and until the first token
 bench-real: $(STAMP)
 	$(BIN)/python bench/real_model.py
+
+## bench-scale: GB-scale caches (1 GiB / 12,000 files, 4 GiB / 50,000 files, Triton-shaped)
+## pulled from a local folder and SeaweedFS, beside `s5cmd cp` + `tar -I zstd -x` + sync and
+## `cp -r` + sync: medians of 3 rounds, peak RSS, against issue #18's goals; trees and
+## stores kept in /var/tmp/torchwarm-scale between runs (about 11 GiB)
+bench-scale: $(STAMP)
+	$(BIN)/python bench/scale.py
 
 bench-transfer: $(STAMP)
 	$(BIN)/python bench/transfer.py
