@@ -73,6 +73,7 @@ STORE_RANGES: dict[str, tuple[float, float]] = {
     "deadline_s": (0, 86400.0),
     "attempts": (1, 100),
     "chunk_size": (1, 5 << 30),  # S3's largest part
+    "download_chunk_size": (1, 5 << 30),
     "multipart_threshold": (0, 5 << 40),  # S3's largest object
     "concurrency": (1, 256),
 }

@@ -38,8 +38,9 @@ def random_points(pull: bool, seed: str, upper: int) -> None:
 
     Points: os.fsync / replace / rename / link / unlink / chmod (every temp file, rename,
     link and cleanup of the local store and the installer), the local store's copy (which
-    writes half the blob first), the download sink's writes, archive._write_member,
-    install.fsync_tree and install._exchange. A pull counts only after its fingerprint
+    writes half the blob first), each piece of a streamed blob as it is read
+    (fetch._Reader._take), archive._write_member, install.sync_volume and
+    install._exchange. A pull counts only after its fingerprint
     is read, in its worker process (where every write to the cache dir happens); the
     supervisor's marker write is not a point.
     """
@@ -47,7 +48,7 @@ def random_points(pull: bool, seed: str, upper: int) -> None:
     import random
 
     from torchwarm.env import fingerprint
-    from torchwarm.node import install, verify
+    from torchwarm.node import fetch, install
     from torchwarm.node import job as pulljob
     from torchwarm.spec import archive
     from torchwarm.stores import local
@@ -74,9 +75,9 @@ def random_points(pull: bool, seed: str, upper: int) -> None:
     for name in ("fsync", "replace", "rename", "link", "unlink", "chmod"):
         setattr(os, name, point(getattr(os, name)))
     archive._write_member = point(archive._write_member)  # type: ignore[assignment]
-    install.fsync_tree = point(install.fsync_tree)  # type: ignore[assignment]
+    install.sync_volume = point(install.sync_volume)  # type: ignore[assignment]
     install._exchange = point(install._exchange)  # type: ignore[assignment]
-    verify.HashingSink.write = point(verify.HashingSink.write)  # type: ignore[method-assign]
+    fetch._Reader._take = point(fetch._Reader._take)  # type: ignore[method-assign]
     real_copy = local.shutil.copyfileobj
 
     def copy(src: Any, dst: Any, length: int = 0) -> None:

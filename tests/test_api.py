@@ -114,7 +114,7 @@ def test_the_deadline_holds_in_a_process_with_threads(tmp_path, require):
     """A pull stuck in C (injected) in an app process that runs other threads ends at its
     deadline: cold, or DeadlineExceeded with require=True."""
     cfg = config(tmp_path)
-    env = inject_env("torchwarm.node.fetch:fetch:c-sleep")
+    env = inject_env("torchwarm.node.fetch:sources:c-sleep")
     out = last_json(
         python(
             f"""

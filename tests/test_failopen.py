@@ -230,14 +230,14 @@ def oserror_at_read(tmp_path, request):
 
 def worker_killed(tmp_path, request):
     node = seeded(tmp_path)
-    node.env["TORCHWARM_TEST_INJECT"] = "torchwarm.node.fetch:fetch:kill-self"
+    node.env["TORCHWARM_TEST_INJECT"] = "torchwarm.node.fetch:sources:kill-self"
     return node, "killed by signal 9"
 
 
 def stuck_in_c(tmp_path, request):
     node = seeded(tmp_path)
     node.doc["deadline_s"] = DEADLINE
-    node.env["TORCHWARM_TEST_INJECT"] = "torchwarm.node.fetch:fetch:c-sleep"
+    node.env["TORCHWARM_TEST_INJECT"] = "torchwarm.node.fetch:sources:c-sleep"
     return node, "deadline"
 
 
@@ -249,12 +249,12 @@ def disk_full_space_check(tmp_path, request):
 
 
 def disk_full_at_download(tmp_path, request):
-    """The filesystem really fills up while the blob downloads (the space check is told
-    there is plenty)."""
+    """The filesystem really fills up while the blob streams into the staging tree (the
+    space check is told there is plenty)."""
     node = seeded(tmp_path)
     request.getfixturevalue("tmpfs")(tmp_path / "volume", 12)
     node.env["TORCHWARM_TEST_INJECT"] = "os:statvfs:roomy"
-    return node, "No space left on device"
+    return node, "no space left"
 
 
 def disk_full_at_install(tmp_path, request):
@@ -321,7 +321,7 @@ def range_stalled(tmp_path, request):
     request.addfinalizer(proxy.close)
     node = s3_node(tmp_path, 0)
     node.doc["store"] = url
-    node.doc["store_options"].update(endpoint_url=proxy.endpoint, chunk_size=5 << 20,
+    node.doc["store_options"].update(endpoint_url=proxy.endpoint, download_chunk_size=5 << 20,
                                      concurrency=2, attempts=1)  # fmt: skip
     return node, "deadline"
 

@@ -24,10 +24,10 @@ from torchwarm.spec import keys
 from torchwarm.stores import open_store
 
 NODES = 40
-CHUNK = 5 << 20  # the smallest chunk_size allowed: the blob below takes two ranged GETs
+CHUNK = 5 << 20  # download_chunk_size: the blob below takes two ranged GETs
 BLOB_BYTES = 7 << 20
 S3_OPTIONS = {"path_style": True, "request_checksum_calculation": "when_required",
-              "region": "us-east-1", "chunk_size": CHUNK}  # fmt: skip
+              "region": "us-east-1", "download_chunk_size": CHUNK}  # fmt: skip
 
 
 def node_config(path: Path, prefix: str, endpoint: str) -> Path:

@@ -91,7 +91,7 @@ def test_readyz_is_503_until_installed_then_200(node_factory):
     seen whatever the machine's load; a pull of this size is otherwise over in ~0.1 s."""
     node = node_factory()
     port = free_port()
-    slow = inject_env("torchwarm.node.fetch:fetch:slow")
+    slow = inject_env("torchwarm.node.fetch:sources:slow")
     agent = spawn("serve", "-c", str(node.config), "--listen", f"127.0.0.1:{port}", env=slow,
                   stdout=subprocess.PIPE)  # fmt: skip
     seen = []

@@ -24,7 +24,7 @@ from torchwarm.node.resolve import Miss
 from torchwarm.seed import daemon
 from torchwarm.seed.publish import build_manifest, is_current, now_us, publish
 from torchwarm.seed.warmup import WarmupResult
-from torchwarm.spec import keys, signing
+from torchwarm.spec import archive, keys, signing
 from torchwarm.spec import manifest as mf
 from torchwarm.spec.manifest import Manifest
 from torchwarm.stores import Read, Store
@@ -156,31 +156,28 @@ def test_manifest_copied_to_other_workload_refused(tmp_path, store):
         resolve.resolve(store, "bert", fields())
 
 
+def fetched(store, m) -> dict[str, bytes]:
+    """Every blob of `m`, streamed from `store` as a node reads it, by role."""
+    return {role: archive.read_whole(src) for role, src in fetch.sources(store, m, None).items()}
+
+
 def test_fetch_returns_verified_files(tmp_path, store):
-    """fetch downloads every blob by role with the published bytes."""
+    """A node streams every blob by role with the published bytes."""
     m, files = build(tmp_path, b"payload", fmt="megacache")
     publish(store, m, files)
-    dest = tmp_path / "dl"
-    dest.mkdir()
-    got = fetch.fetch(store, m, dest)
-    assert {r: p.read_bytes() for r, p in got.items()} == {
-        "megacache": b"payload", "kernels": b"payloadk",
-    }  # fmt: skip
+    assert fetched(store, m) == {"megacache": b"payload", "kernels": b"payloadk"}
 
 
 def test_fetch_flipped_byte_is_integrity_error(tmp_path, store):
-    """A stored blob with one flipped byte is refused and leaves no file in the dest dir."""
+    """A stored blob with one flipped byte is refused when its stream ends."""
     m, files = build(tmp_path, b"payload bytes")
     publish(store, m, files)
     path = store.root / keys.blob_key(m.blobs[0].sha256)
     data = bytearray(path.read_bytes())
     data[3] ^= 0x01
     path.write_bytes(bytes(data))
-    dest = tmp_path / "dl"
-    dest.mkdir()
     with pytest.raises(IntegrityError, match="sha256"):
-        fetch.fetch(store, m, dest)
-    assert list(dest.iterdir()) == []
+        fetched(store, m)
 
 
 def test_fetch_truncated_blob_is_integrity_error(tmp_path, store):
@@ -189,11 +186,8 @@ def test_fetch_truncated_blob_is_integrity_error(tmp_path, store):
     publish(store, m, files)
     path = store.root / keys.blob_key(m.blobs[0].sha256)
     path.write_bytes(path.read_bytes()[:-1])
-    dest = tmp_path / "dl"
-    dest.mkdir()
     with pytest.raises(IntegrityError, match="size 12 != 13"):
-        fetch.fetch(store, m, dest)
-    assert list(dest.iterdir()) == []
+        fetched(store, m)
 
 
 def test_republish_repairs_damaged_blob(tmp_path, store):
@@ -202,15 +196,11 @@ def test_republish_repairs_damaged_blob(tmp_path, store):
     publish(store, m, files)
     path = store.root / keys.blob_key(m.blobs[0].sha256)
     path.write_bytes(b"damaged")
-    dest = tmp_path / "bad"
-    dest.mkdir()
     with pytest.raises(IntegrityError, match="delete that key, then push again"):
-        fetch.fetch(store, m, dest)
+        fetched(store, m)
     store.delete(keys.blob_key(m.blobs[0].sha256))
     publish(store, *build(tmp_path, b"payload bytes"))
-    dest = tmp_path / "dl"
-    dest.mkdir()
-    assert fetch.fetch(store, m, dest)["cachedir"].read_bytes() == b"payload bytes"
+    assert fetched(store, m)["cachedir"] == b"payload bytes"
 
 
 # -- the manifest write: stamped, signed and swapped at write time --------------------------

@@ -28,7 +28,8 @@ from torchwarm.stores import Capabilities, StoreOptions, open_store
 MiB = 1 << 20
 LARGE = os.urandom(40 * MiB)
 # Small chunks so 40 MiB takes several parallel ranges and multipart parts.
-TRANSFER: dict[str, Any] = {"chunk_size": 8 * MiB, "multipart_threshold": 8 * MiB, "concurrency": 4}
+TRANSFER: dict[str, Any] = {"chunk_size": 8 * MiB, "download_chunk_size": 8 * MiB,
+                            "multipart_threshold": 8 * MiB, "concurrency": 4}  # fmt: skip
 
 
 class HashingSink:
@@ -440,14 +441,16 @@ def read_only(store_factory: StoreFactory, prefix: str) -> Any:
 
 
 def test_backends_declare_their_capabilities(store_factory: StoreFactory) -> None:
-    """Every backend, as open_store returns it, declares itself writable and resumable;
-    opened read-only, the same store declares itself not writable."""
+    """Every backend, as open_store returns it, declares itself writable and resumable,
+    and remote unless it is the local folder; opened read-only, the same store declares
+    itself not writable."""
     prefix = f"caps-{uuid.uuid4().hex[:12]}"
+    remote = store_factory.backend != "local"
     assert store_factory(prefix).capabilities == Capabilities(
-        writable=True, resumable_download=True
+        writable=True, resumable_download=True, remote=remote
     )
     assert read_only(store_factory, prefix).capabilities == Capabilities(
-        writable=False, resumable_download=True
+        writable=False, resumable_download=True, remote=remote
     )
 
 

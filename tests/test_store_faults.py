@@ -43,7 +43,8 @@ def faulty(proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch) -> FaultProxy:
 
 def retrying(endpoint: str, attempts: int = 25, deadline_s: float = 30.0) -> RetryingStore:
     """An S3 store behind `endpoint` with fast backoff (the policy, not the timing, is tested)."""
-    options = s3_options(endpoint, chunk_size=5 * MiB, multipart_threshold=5 * MiB, concurrency=4)
+    options = s3_options(endpoint, chunk_size=5 * MiB, download_chunk_size=5 * MiB,
+                         multipart_threshold=5 * MiB, concurrency=4)  # fmt: skip
     inner = S3Store(BUCKET, f"faults-{os.urandom(4).hex()}", options)
     return RetryingStore(inner, attempts, deadline_s, backoff_s=0.01, max_backoff_s=0.2)
 

@@ -23,7 +23,7 @@ from servers import BUCKET, GCSServer, fake_aws_env, s3_options
 from torchwarm.env import fingerprint
 from torchwarm.errors import ObjectTooLarge
 from torchwarm.node import fetch, resolve
-from torchwarm.spec import keys
+from torchwarm.spec import archive, keys
 from torchwarm.spec.manifest import MAX_MANIFEST_BYTES
 from torchwarm.stores import Store, StoreOptions, open_store
 
@@ -99,13 +99,14 @@ def test_oversized_manifest_is_refused_after_cap_plus_one_bytes(proxied: Proxied
 
 
 def test_blob_download_stops_at_manifest_size_plus_one(proxied: Proxied, tmp_path: Path) -> None:
-    """A manifest names a 1000-byte blob, the store holds 5 MiB at its key: fetch raises
-    ObjectTooLarge, at most 1001 of those bytes reached the node, no file is left."""
+    """A manifest names a 1000-byte blob, the store holds 5 MiB at its key: its stream
+    raises ObjectTooLarge, at most 1001 of those bytes reached the node, and no partial
+    copy is left to resume from."""
     ref = blob("cachedir", os.urandom(1000))
     key = keys.blob_key(ref.sha256)
     proxied.store.put(key, os.urandom(5 * MiB))
     proxied.proxy.reset()
     with pytest.raises(ObjectTooLarge):
-        fetch.fetch_blob(proxied.store, ref, tmp_path)
+        archive.read_whole(fetch.Streamed(proxied.store, ref, tmp_path))
     assert proxied.object_bytes(key) == expected(proxied, ref.size)
-    assert list(tmp_path.iterdir()) == []
+    assert list(fetch.partials_dir(tmp_path).iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -11,6 +12,9 @@ from torchwarm.env import compat
 
 if TYPE_CHECKING:
     from torchwarm.config import Workload
+    from torchwarm.spec import archive
+
+Blobs = Mapping[str, "Path | archive.Source"]  # a capture's blobs by role
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,10 @@ class Format(Protocol):
         every blob installed (the manifest's `unpacked_bytes`, the free-space check)."""
         ...
 
-    def install(self, blobs: dict[str, Path], staging: Path, *, precompiled: bool = False) -> None:
-        """Fill the directory `staging` (the future cache dir) from verified blob files.
+    def install(self, blobs: Blobs, staging: Path, *, precompiled: bool = False) -> None:
+        """Fill the directory `staging` (the future cache dir) from the blobs: files, or
+        streams (node/fetch.py) each read once, in the manifest's order, and verified when
+        read to their end (a fill that raises leaves a staging folder to discard).
 
         `precompiled`: install precompiled Dynamo entries, for formats that carry them
         (precompile.decide() says whether they may be). False leaves them out and removes

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torchwarm.formats.base import (
+    Blobs,
     Captured,
     cache_members,
     disable_caching_precompile,
@@ -41,5 +42,5 @@ class CacheDirFormat:
     def unpacked_bytes(self, cache_dir: Path) -> int:
         return tree_bytes(cache_dir, cache_members(cache_dir))
 
-    def install(self, blobs: dict[str, Path], staging: Path, *, precompiled: bool = False) -> None:
+    def install(self, blobs: Blobs, staging: Path, *, precompiled: bool = False) -> None:
         archive.extract(blobs["cachedir"], staging)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from torchwarm.env.torchenv import torch_cache_dir
 from torchwarm.errors import ArchiveError
 from torchwarm.formats.base import (
+    Blobs,
     Captured,
     cache_members,
     disable_caching_precompile,
@@ -58,11 +59,11 @@ class MegaCacheFormat:
         entries, so the whole cache dir (its output code and sources included) bounds it."""
         return tree_bytes(cache_dir, cache_members(cache_dir))
 
-    def install(self, blobs: dict[str, Path], staging: Path, *, precompiled: bool = False) -> None:
+    def install(self, blobs: Blobs, staging: Path, *, precompiled: bool = False) -> None:
         import torch
 
         archive.extract(blobs["kernels"], staging)
-        data = blobs["megacache"].read_bytes()
+        data = archive.read_whole(blobs["megacache"])
         if not data:
             return
         with torch_cache_dir(staging):

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from torchwarm.env import codeid, compat
 from torchwarm.env.compat import DYNAMO_DIR, DYNAMO_ENTRY
 from torchwarm.errors import ArchiveError, ConfigError, WarmupError
-from torchwarm.formats.base import Captured, cache_members, tree_bytes
+from torchwarm.formats.base import Blobs, Captured, cache_members, tree_bytes
 from torchwarm.node.precompile_rules import SCHEME
 from torchwarm.spec import archive
 from torchwarm.util import fs
@@ -134,7 +134,7 @@ class PrecompileFormat:
         members = cache_members(cache_dir) + cache_members(cache_dir, dynamo=True)
         return tree_bytes(cache_dir, members)
 
-    def install(self, blobs: dict[str, Path], staging: Path, *, precompiled: bool = False) -> None:
+    def install(self, blobs: Blobs, staging: Path, *, precompiled: bool = False) -> None:
         rest = archive.extract(blobs["cachedir"], staging)
         if any(n.split("/", 1)[0] == DYNAMO_DIR for n in rest):
             raise ArchiveError(
@@ -142,7 +142,8 @@ class PrecompileFormat:
                 "Dynamo entries; refusing (they travel only in the dynamo blob)"
             )
         keys = []
-        for name in archive.members(blobs["dynamo"]):
+
+        def entry(name: str) -> None:
             m = DYNAMO_ENTRY.fullmatch(name)
             if m is None:
                 raise ArchiveError(
@@ -150,9 +151,11 @@ class PrecompileFormat:
                     "(dynamo/<sha256>/entry); refusing"
                 )
             keys.append(m.group(1))
+
         if precompiled:
-            archive.extract(blobs["dynamo"], staging)
+            archive.extract(blobs["dynamo"], staging, check=entry)
             return
+        archive.members(blobs["dynamo"], check=entry)  # checked, not installed
         for key in keys:  # an entry an earlier install left must not outlive its check
             shutil.rmtree(staging / DYNAMO_DIR / key, ignore_errors=True)
 

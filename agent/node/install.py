@@ -14,7 +14,9 @@ dir's identity is always the one of the tree in place, whatever was interrupted 
 A file is taken from the previous tree only when it is still the file that was
 installed (same inode), a regular one.
 
-Everything is fsynced, then the staging folder is swapped in with one rename:
+The staged tree is made durable by one syncfs(2) of the volume (an fsync per file, each
+a journal commit, cost more than the unpacking of a tree of thousands of files), then
+the staging folder is swapped in with one rename:
 renameat2(RENAME_EXCHANGE) on Linux, where there is never a moment without a cache
 dir; elsewhere two renames, where a crash between them leaves no cache dir (which the
 next install repairs from the kept previous tree). A reader thus sees the previous
@@ -47,9 +49,9 @@ from torchwarm.errors import InstallError
 from torchwarm.util.fs import (
     atomic_write_bytes,
     fsync_dir,
-    fsync_tree,
     read_json,
     remove_tree,
+    sync_volume,
     walk,
 )
 
@@ -152,24 +154,33 @@ def contents(cache_dir: Path) -> dict[str, Held]:
     return held
 
 
+def _reraise(part: Part, error: Exception) -> None:
+    raise error
+
+
 def install(
     cache_dir: Path,
     parts: Sequence[Part],
     keep: Callable[[str, Mapping[str, Any]], bool] = lambda name, about: True,
-    before_swap: Callable[[Path], None] = lambda staging: None,
-    after_swap: Callable[[], None] = lambda: None,
-) -> None:
+    before_swap: Callable[[Path, list[str]], None] = lambda staging, names: None,
+    after_swap: Callable[[list[str]], None] = lambda names: None,
+    on_failure: Callable[[Part, Exception], None] = _reraise,
+) -> list[str]:
     """Build the new tree from `parts`, plus the shares of the workloads of the tree in
-    place that are not among them and that `keep(name, about)` accepts; swap it in.
+    place that are not among them and that `keep(name, about)` accepts; swap it in;
+    return the names of the parts installed.
 
-    Call inside `locked(cache_dir)`. If a fill raises, the cache dir is untouched. A
-    file of a kept share that clashes with a new one (the same path a folder in one and a
-    file in the other, or the same file) gives way to the new one; two parts that clash
-    so are an InstallError. `before_swap(staging)` runs last before the swap, on the
-    complete tree: if it raises (the deadline passed), the swap does not happen. The
-    swap is the commit point: `after_swap()` runs right after it (the new tree in place,
-    its rename on disk), and only then is the previous tree deleted; a process stopped
-    before that leaves it to the next `locked` (`_recover`).
+    Call inside `locked(cache_dir)`. A fill that raises goes to `on_failure(part,
+    error)`: by default it raises again, and the cache dir is untouched; one that returns
+    leaves that part out and goes on with the others (fail-open), and when no part is
+    left nothing is swapped. A file of a kept share that clashes with a new one (the same
+    path a folder in one and a file in the other, or the same file) gives way to the new
+    one; two parts that clash so are an InstallError. `before_swap(staging, names)` runs
+    last before the swap, on the complete tree: if it raises (the deadline passed), the
+    swap does not happen. The swap is the commit point: `after_swap(names)` runs right
+    after it (the new tree in place, its rename on disk), and only then is the previous
+    tree deleted; a process stopped before that leaves it to the next `locked`
+    (`_recover`).
     """
     work = workdir(cache_dir)
     staging = work / f"staging-{os.getpid()}"
@@ -178,11 +189,15 @@ def install(
     record: Path | None = None
     try:
         staging.mkdir()
-        shares = _fill(parts, staging, work)
+        shares = _fill(parts, staging, work, on_failure)
+        if not shares:
+            _discard(staging, None)
+            return []
+        names = list(shares)
         for name, h in held.items():
             if name not in shares and keep(name, h.about):
                 shares[name] = Held(h.about, _link_kept(cache_dir, staging, h.files))
-        fsync_tree(staging)
+        sync_volume(staging)
         record = _write_record(work, os.stat(staging), shares)
     except OSError as e:
         _discard(staging, record)
@@ -191,40 +206,51 @@ def install(
         _discard(staging, record)
         raise
     try:
-        before_swap(staging)
+        before_swap(staging, names)
         previous = _swap(staging, cache_dir, work)
     except BaseException:
         _discard(staging, record)
         raise
     try:
-        after_swap()
+        after_swap(names)
     finally:
         if previous is not None:
             _rmtree(previous)
         _drop_other_records(cache_dir, work)
+    return names
 
 
-def _fill(parts: Sequence[Part], staging: Path, work: Path) -> dict[str, Held]:
+def _fill(parts: Sequence[Part], staging: Path, work: Path,
+          on_failure: Callable[[Part, Exception], None]) -> dict[str, Held]:  # fmt: skip
     """Each part's files, written by its fill into a folder of its own and gathered in
-    `staging` (the first part's folder is `staging` itself)."""
+    `staging` (the first part that fills writes into `staging` itself); a part whose fill
+    raises and that `on_failure` lets go is left out, its files with it."""
     shares: dict[str, Held] = {}
     owner: dict[str, str] = {}  # path -> the part it came from, to name a clash
     for i, part in enumerate(parts):
-        folder = staging if i == 0 else work / f"staging-{os.getpid()}-{i}"
+        first = not shares
+        folder = staging if first else work / f"staging-{os.getpid()}-{i}"
         try:
-            if i:
+            if not first:
                 _rmtree(folder)
                 folder.mkdir()
-            part.fill(folder)
+            try:
+                part.fill(folder)
+            except Exception as e:  # noqa: BLE001 - the caller's to decide
+                if first:  # empty the staging folder for the next part
+                    _rmtree(staging)
+                    staging.mkdir()
+                on_failure(part, e)
+                continue
             files = _files(folder)
-            if i:
+            if not first:
                 _move_in(folder, staging, files, part.name, owner)
         finally:
-            if i:
+            if not first:
                 _rmtree(folder)
         owner.update(dict.fromkeys(files, part.name))
         shares[part.name] = Held(dict(part.about), files)
-    if len(parts) > 1:  # a path two parts wrote holds the later one's file: both share it
+    if len(shares) > 1:  # a path two parts wrote holds the later one's file: both share it
         final = {p: i for h in shares.values() for p, i in h.files.items()}
         shares = {n: Held(h.about, {p: final[p] for p in h.files}) for n, h in shares.items()}
     return shares

@@ -1,7 +1,9 @@
 """The pull's steps, run in the worker process that node/gate.py supervises.
 
 Per workload: resolve its manifest for this node's fingerprint, refuse a replay, check
-free space, download and verify its blobs, then install them with one swap. The worker
+free space, stream its blobs from the store into a staging folder (node/fetch.py:
+download, sha256, zstd and tar in one pass, verified before the fill returns); then all
+of them are installed with one swap. The worker
 decides nothing about fail-open or fail-closed: it reports facts to the gate over a pipe
 (node/messages.py), and asks before every swap (MayCommit), so that the gate alone
 decides whether the deadline still allows it.
@@ -15,16 +17,20 @@ report Installed, and only then delete the previous tree. The rename is the comm
 point: a worker stopped after it has installed the workload, and the previous tree it
 did not get to delete is removed by the next pull (install._recover).
 
-Fail-open (the default): each workload is installed on its own, so one that fails
-leaves the others warm. Fail-closed (`require`): every workload is fetched first and
-all are installed in one swap, so a failure installs nothing.
+Fail-open (the default): a workload that fails is left out of the swap, so it leaves
+the others warm. Fail-closed (`require`): the first failure stops the pull, and nothing
+is installed. Either way a pull links the rest of the tree in place and syncs the volume
+once, whatever the number of workloads.
+
+A blob whose digest fails is streamed once more from byte 0 before it is believed: bytes
+damaged in transit differ the second time, a damaged stored copy does not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,7 +39,7 @@ from typing import Any
 from torchwarm import formats
 from torchwarm.config import Config, Workload
 from torchwarm.env import fingerprint
-from torchwarm.errors import InstallError, NoCacheForFingerprint
+from torchwarm.errors import InstallError, IntegrityError, NoCacheForFingerprint, ObjectTooLarge
 from torchwarm.node import fetch, install
 from torchwarm.node import precompile_rules as precompile
 from torchwarm.node.messages import (
@@ -52,17 +58,21 @@ from torchwarm.node.report import WorkloadOutcome
 from torchwarm.node.resolve import Miss, resolve
 from torchwarm.spec.manifest import Manifest
 from torchwarm.stores import Store
+from torchwarm.util.fs import remove_tree
 
 log = logging.getLogger(__name__)
 
 
-Hit = tuple[Manifest, dict[str, Path]]
+class _Stop(Exception):
+    """Fail-closed: a workload failed (and said so); nothing is installed."""
 
 
 class PullJob:
     def __init__(self, cfg: Config, workloads: tuple[Workload, ...], require: bool,
                  chan: Channel) -> None:  # fmt: skip
         self.cfg, self.workloads, self.require, self.chan = cfg, workloads, require, chan
+        self.filled = 0.0  # when the last fill ended (install_s counts from it)
+        self.work = Path()  # the workdir, once the install lock is held
 
     def run(self) -> None:
         try:
@@ -81,46 +91,17 @@ class PullJob:
             self.fields = fields
             self.chan.send(Fingerprinted(fingerprint.digest(fields), time.perf_counter() - t0))
             store = self.cfg.open_store(read_only=True)  # a node never writes to the store
-            downloads = work / f"downloads-{os.getpid()}"
-            try:
-                downloads.mkdir(parents=True, exist_ok=True)
-                if self.require:
-                    self._all_or_nothing(store, downloads)
-                else:
-                    self._each_on_its_own(store, downloads)
-            finally:
-                shutil.rmtree(downloads, ignore_errors=True)
-
-    # -- the two modes ----------------------------------------------------------------
-
-    def _each_on_its_own(self, store: Store, downloads: Path) -> None:
-        found = self._resolve_all(store, stop_at_failure=False)
-        manifests = [m for _, m in found]
-        for w, m in found:
-            target = downloads / w.name
-            try:
-                self._space(downloads, [m])
-                self._install([(m, self._fetch(store, w, m, target))], manifests)
-            except Exception as e:  # noqa: BLE001 - this workload fails; the others go on
-                self._failed(w, e)
-            finally:
-                shutil.rmtree(target, ignore_errors=True)
-
-    def _all_or_nothing(self, store: Store, downloads: Path) -> None:
-        found = self._resolve_all(store, stop_at_failure=True)
-        if len(found) < len(self.workloads):
-            return  # one failed (and said so): fail-closed installs nothing
-        manifests = [m for _, m in found]
-        hits: list[Hit] = []
-        for i, (w, m) in enumerate(found):
-            try:
-                if i == 0:
-                    self._space(downloads, manifests)  # all of them, before the first byte
-                hits.append((m, self._fetch(store, w, m, downloads / w.name)))
-            except Exception as e:  # noqa: BLE001 - fail-closed: stop at the first failure
-                self._failed(w, e)
+            self.work = work
+            found = self._resolve_all(store, stop_at_failure=self.require)
+            fetch.keep_partials(work, [b for _, m in found for b in m.blobs])
+            if self.require and len(found) < len(self.workloads):
+                return  # one failed (and said so): fail-closed installs nothing
+            if not found:
                 return
-        self._install(hits, manifests)
+            if self.require:
+                self._space(store, [m for _, m in found])  # all of them, before the first byte
+            with contextlib.suppress(_Stop):  # it said which workload failed
+                self._install(store, found)
 
     # -- the steps ----------------------------------------------------------------------
 
@@ -148,69 +129,95 @@ class PullJob:
             found.append((w, m))
         return found
 
-    def _fetch(self, store: Store, w: Workload, m: Manifest, dest: Path) -> dict[str, Path]:
-        """Download and verify one workload's blobs into `dest`."""
-        dest.mkdir(parents=True, exist_ok=True)
-        self.chan.send(Phase(f"downloading {w.name!r} ({m.size} bytes) from {store.url}"))
+    def _fill(self, store: Store, w: Workload, m: Manifest, folder: Path, entries: bool) -> None:
+        """Stream one workload's blobs into `folder`; a blob whose digest fails once is
+        streamed again from byte 0 (the folder emptied first)."""
+        if not self.require:
+            self._space(store, [m])  # what the other workloads staged is taken already
+        self.chan.send(Phase(f"downloading and unpacking {w.name!r} ({m.size} bytes) from "
+                             f"{store.url}"))  # fmt: skip
         t0 = time.perf_counter()
-        blobs = fetch.fetch(store, m, dest)
-        self.chan.send(Timing(f"fetch_s.{w.name}", time.perf_counter() - t0))
-        return blobs
+        fmt = formats.get(m.format)
+        try:
+            fmt.install(fetch.sources(store, m, self.work), folder, precompiled=entries)
+        except ObjectTooLarge:
+            raise  # the store said how large it is: asking again would only fetch more
+        except IntegrityError as first:
+            log.info("%s; downloading it once more", first)
+            remove_tree(folder)
+            folder.mkdir()
+            fmt.install(fetch.sources(store, m, self.work), folder, precompiled=entries)
+        self.filled = time.perf_counter()
+        self.chan.send(Timing(f"fetch_s.{w.name}", self.filled - t0))
 
-    def _space(self, where: Path, manifests: list[Manifest]) -> None:
-        """Refuse to start a download that the filesystem cannot hold, unpacked included."""
-        download = sum(m.size for m in manifests)
-        unpacked = sum(unpacked_bytes(m) for m in manifests)
-        st = os.statvfs(where)
+    def _space(self, store: Store, manifests: list[Manifest]) -> None:
+        """Refuse to start a stream that the cache volume cannot hold: the unpacked trees
+        (at least their blobs' size, for a manifest that does not say), and from a remote
+        store the partial copies kept until each blob is verified."""
+        unpacked = sum(max(unpacked_bytes(m), m.size) for m in manifests)
+        kept = 0
+        if store.capabilities.remote:
+            blobs = [b for m in manifests for b in m.blobs]
+            kept = sum(b.size - fetch.partial_bytes(self.work, b) for b in blobs)
+        st = os.statvfs(self.work)
         free = st.f_bavail * st.f_frsize
-        if download + unpacked > free:
+        if unpacked + kept > free:
             names = ", ".join(m.workload for m in manifests)
             raise InstallError(
                 f"not enough free space for {names} in {self.cfg.cache_dir.parent}: "
-                f"{download + unpacked} bytes needed ({download} to download, {unpacked} "
-                f"unpacked), {free} available; enlarge the cache volume"
+                f"{unpacked + kept} bytes needed ({unpacked} unpacked, {kept} for the "
+                f"partial copies of the blobs), {free} available; enlarge the cache volume"
             )
 
-    def _install(self, hits: list[Hit], pulled: list[Manifest]) -> None:
-        """Swap the hits in together. A precompile capture brings its precompiled entries
-        only where precompile.decide() allows (`pulled`: every manifest of this pull)."""
-        names = [m.workload for m, _ in hits]
-        by_name = {w.name: w for w in self.workloads}
+    def _install(self, store: Store, found: list[tuple[Workload, Manifest]]) -> None:
+        """Stream every workload into the staging tree and swap it in once. A precompile
+        capture brings its precompiled entries only where precompile.decide() allows."""
+        pulled = [m for _, m in found]
         decided = {
-            m.workload: precompile.decide(m, by_name[m.workload], [o for o in pulled if o is not m])
-            for m, _ in hits
+            m.workload: precompile.decide(m, w, [o for o in pulled if o is not m])
+            for w, m in found
             if m.format == precompile.FORMAT
         }
-        outcomes = [_outcome(m, decided.get(m.workload)) for m, _ in hits]
+        outcomes = {m.workload: _outcome(m, decided.get(m.workload)) for _, m in found}
+        by_name = {w.name: w for w, _ in found}
 
-        def part(m: Manifest, blobs: dict[str, Path]) -> install.Part:
+        def part(w: Workload, m: Manifest) -> install.Part:
+            entries = m.workload in decided and decided[m.workload].install
+
             def fill(folder: Path) -> None:
-                entries = m.workload in decided and decided[m.workload].install
-                formats.get(m.format).install(blobs, folder, precompiled=entries)
+                self._fill(store, w, m, folder, entries)
 
             about = {"manifest": f"{m.workload}/{m.fingerprint_digest}", "serial": m.serial,
                      "signer": m.signer if self.cfg.trusted_keys else None}  # fmt: skip
             return install.Part(m.workload, fill, about)
 
-        def commit(staging: Path) -> None:
+        def failed(p: install.Part, e: Exception) -> None:
+            self.filled = time.perf_counter()
+            self._failed(by_name[p.name], e)
+            if self.require:
+                raise _Stop from None  # fail-closed: stop at the first failure
+
+        def commit(staging: Path, names: list[str]) -> None:
             # Memory first, tree second: a tree in the cache dir always has its serials
             # remembered; a swap refused after this only refuses manifests older than
             # one this node verified, as the swap would have.
-            self._remember([m for m, _ in hits])
+            self._remember([m for _, m in found if m.workload in names])
+            self.chan.send(Phase(f"installing {', '.join(names)}"))
             st = os.stat(staging)
-            if not self.chan.may_commit(outcomes, (st.st_dev, st.st_ino)):
+            swapped = [outcomes[n] for n in names]
+            if not self.chan.may_commit(swapped, (st.st_dev, st.st_ino)):
                 raise InstallError("the gate refused the swap")  # not reached: it kills us
 
-        def committed() -> None:
-            self.chan.send(Timing(f"install_s.{'+'.join(names)}", time.perf_counter() - t0))
-            for o in outcomes:
-                self.chan.send(Installed(o))
+        def committed(names: list[str]) -> None:  # install_s: linking, syncing, swapping
+            spent = time.perf_counter() - self.filled
+            self.chan.send(Timing(f"install_s.{'+'.join(names)}", spent))
+            for n in names:
+                self.chan.send(Installed(outcomes[n]))
             self.chan.send(Phase(f"deleting the cache tree that {', '.join(names)} replaced"))
 
-        self.chan.send(Phase(f"installing {', '.join(names)}"))
-        t0 = time.perf_counter()
-        install.install(self.cfg.cache_dir, [part(m, blobs) for m, blobs in hits], keep=self._keep,
-                        before_swap=commit, after_swap=committed)  # fmt: skip
+        parts = [part(w, m) for w, m in found]
+        install.install(self.cfg.cache_dir, parts, keep=self._keep, before_swap=commit,
+                        after_swap=committed, on_failure=failed)  # fmt: skip
 
     def _keep(self, name: str, about: Mapping[str, Any]) -> bool:
         """Whether another workload's share of the tree in place goes into the new tree:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 from torchwarm.errors import IntegrityError
 from torchwarm.spec.manifest import BlobRef
@@ -13,27 +11,34 @@ from torchwarm.spec.manifest import BlobRef
 _CHUNK = 1 << 20
 
 
-class HashingSink:
-    """A write-only file wrapper that counts and sha256-hashes what passes through."""
+class Digest:
+    """The size and sha256 of bytes fed to it in order (a blob as it streams)."""
 
-    def __init__(self, inner: BinaryIO, on_write: Callable[[int], None] | None = None) -> None:
-        self.inner = inner
+    def __init__(self) -> None:
         self.size = 0
         self._h = hashlib.sha256()
-        self._on_write = on_write
 
-    def write(self, data: bytes | bytearray | memoryview) -> int:
+    def update(self, data: bytes | bytearray | memoryview) -> None:
         self._h.update(data)
         self.size += len(data)
-        if self._on_write is not None:
-            self._on_write(len(data))
-        return self.inner.write(data)
 
-    def flush(self) -> None:
-        self.inner.flush()
+    def check(self, blob: BlobRef, where: str) -> None:
+        """Raise IntegrityError unless what was fed is exactly `blob`."""
+        if self.size != blob.size:
+            _damaged(f"blob {where}: size {self.size} != {blob.size} named by the manifest")
+        actual = self._h.hexdigest()
+        if actual != blob.sha256:
+            _damaged(
+                f"blob {where}: sha256 {actual[:16]}… != {blob.sha256[:16]}… named by the manifest"
+            )
 
-    def hexdigest(self) -> str:
-        return self._h.hexdigest()
+
+def _damaged(what: str) -> None:
+    # The job streams a blob that fails once more before it believes this (job.py): the
+    # error that reaches anyone is the second.
+    raise IntegrityError(
+        f"{what}; twice; refusing it (the stored copy is damaged: delete that key, then push again)"
+    )
 
 
 def file_sha256(path: Path) -> tuple[str, int]:
@@ -45,18 +50,3 @@ def file_sha256(path: Path) -> tuple[str, int]:
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
-
-
-def check(blob: BlobRef, sink: HashingSink, where: str) -> None:
-    """Raise IntegrityError unless what passed through `sink` is exactly `blob`."""
-    if sink.size != blob.size:
-        raise IntegrityError(
-            f"blob {where}: size {sink.size} != {blob.size} named by the manifest; "
-            "twice; refusing it (the stored copy is damaged: delete that key, then push again)"
-        )
-    actual = sink.hexdigest()
-    if actual != blob.sha256:
-        raise IntegrityError(
-            f"blob {where}: sha256 {actual[:16]}… != {blob.sha256[:16]}… named by the manifest; "
-            "twice; refusing it (the stored copy is damaged: delete that key, then push again)"
-        )

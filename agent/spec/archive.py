@@ -10,19 +10,28 @@ devices, setuid bits, sparse files, a name used twice) and bounds member count, 
 size (decompression bombs), path depth and length (a tree ~1,000 deep breaks every
 recursive walk and delete), and extended headers (PAX, GNU long names), which tarfile
 reads whole into memory: a 1 GiB PAX header compresses to 33 KB.
+
+The source is a file, or a stream read once (node/fetch.py streams a blob from the store
+straight into extract: the caller checks its digest before anything it wrote is used).
+Members are written on a few threads while the archive is read on, with at most
+_WRITE_BUDGET bytes read and not yet written: creating a file costs far more than its
+bytes on some volumes (bench/scale.py).
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import os
 import stat
 import tarfile
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Protocol
 
 import zstandard
 
@@ -32,6 +41,20 @@ MEDIA_TYPE = "application/x-tar+zstd"
 ZSTD_LEVEL = 10  # compress once on the seed, decompress on every node
 FIXED_MTIME = 315532800  # 1980-01-01, as zip and reproducible builds use
 _CHUNK = 1 << 20
+_WRITERS = 4  # threads writing members (bench/scale.py: 4 beat 1 by ~25 %, 8 no more than 4)
+_WRITE_BUDGET = 32 << 20  # bytes read from the archive and not yet written
+_INLINE = 4 << 20  # members up to this size are read whole and written by a writer thread
+
+
+class Source(Protocol):
+    """An archive to read once, front to back (a blob streamed from the store)."""
+
+    name: str  # for messages
+
+    def open(self) -> AbstractContextManager[BinaryIO]: ...
+
+
+Check = Callable[[str], None]  # raises ArchiveError for a regular member's name it refuses
 
 
 @dataclass(frozen=True)
@@ -70,52 +93,168 @@ def write(root: Path, members: Iterable[str], dest: Path, level: int = ZSTD_LEVE
         zw.flush(zstandard.FLUSH_FRAME)
 
 
-def extract(src: Path, dest: Path, limits: Limits = Limits()) -> list[str]:
+def extract(
+    src: Path | Source, dest: Path, limits: Limits = Limits(), check: Check | None = None
+) -> list[str]:
     """Extract `src` into the directory `dest`; return the member names written.
 
-    An existing file at a member's path is replaced (unlinked first), never written
-    through: `dest` may hold hard links shared with a live cache tree.
+    `check(name)`, if given, runs for every regular member before it is written. An
+    existing file at a member's path is replaced (unlinked first), never written through:
+    `dest` may hold hard links shared with a live cache tree.
     """
     names: list[str] = []
+    made: set[Path] = {dest}
+    writers = _Writers(src, dest, _WRITERS, _WRITE_BUDGET)
     try:
-        for member, rel, tar in _checked(src, limits):
+        # Inside the source's open(): what goes wrong here is what a stream's open()
+        # sees, to check its digest before blaming the archive (node/fetch.py).
+        with _open(src) as raw:
             try:
-                if member.isdir():
-                    (dest / rel).mkdir(parents=True, exist_ok=True)
-                    continue
-                fileobj = tar.extractfile(member)
-                assert fileobj is not None  # regular file, checked above
-                _write_member(dest / rel, fileobj, member.size, member.mode & 0o111 != 0)
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise InstallError(
-                        f"no space left in {dest} while unpacking {rel!r}; enlarge the cache volume"
-                    ) from None
-                raise ArchiveError(
-                    f"{src.name}: member {rel!r} cannot be written ({e.strerror}); "
-                    "the archive clashes with itself or the cache tree"
-                ) from None
-            names.append(rel)
-    except _INVALID as e:  # a member's bytes read here, not in _checked
-        raise _invalid(src, e) from None
+                for member, rel, tar in _checked(raw, src, limits):
+                    _extract_member(member, rel, tar, src, dest, check, made, writers)
+                    names.append(rel)
+                writers.close()
+            except _INVALID as e:  # a member's bytes read here, not in _checked
+                raise _invalid(src, e) from None
+    finally:
+        writers.shutdown()
     return names
 
 
-def members(src: Path, limits: Limits = Limits()) -> list[str]:
-    """The names of the regular files in `src`, checked as extract() checks them; writes
-    nothing."""
-    return [rel for member, rel, _ in _checked(src, limits) if member.isreg()]
+def _extract_member(member: tarfile.TarInfo, rel: str, tar: tarfile.TarFile, src: Path | Source,
+                    dest: Path, check: Check | None, made: set[Path],
+                    writers: _Writers) -> None:  # fmt: skip
+    path = dest / rel
+    try:
+        if member.isdir():
+            _mkdirs(path, made)
+            return
+        if check is not None:
+            check(rel)
+        _mkdirs(path.parent, made)
+        fileobj = tar.extractfile(member)
+        assert fileobj is not None  # regular file, checked above
+        executable = member.mode & 0o111 != 0
+        if member.size <= _INLINE:
+            data = fileobj.read()
+            writers.submit(rel, lambda: _write_member(path, data, len(data), executable),
+                           len(data))  # fmt: skip
+        else:  # large: written here, in chunks, while the writers go on
+            _write_member(path, fileobj, member.size, executable)
+    except OSError as e:
+        raise _unwritable(src, dest, rel, e) from None
 
 
-def _checked(src: Path, limits: Limits) -> Iterator[tuple[tarfile.TarInfo, str, tarfile.TarFile]]:
-    """Stream `src`'s members, each checked (_check_member) and within `limits`, with its
-    safe relative name and the open archive (to read it from, before the next one)."""
+def _mkdirs(path: Path, made: set[Path]) -> None:
+    if path not in made:
+        path.mkdir(parents=True, exist_ok=True)
+        made.add(path)
+
+
+def _unwritable(src: Path | Source, dest: Path, rel: str, e: OSError) -> Exception:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InstallError(
+            f"no space left in {dest} while unpacking {rel!r}; enlarge the cache volume"
+        )
+    return ArchiveError(
+        f"{src.name}: member {rel!r} cannot be written ({e.strerror}); "
+        "the archive clashes with itself or the cache tree"
+    )
+
+
+class _Writers:
+    """A few threads writing members' files, fed in archive order, holding at most
+    `budget` bytes not yet written (a member larger than it waits for the others). The
+    first error is raised by the next submit or by close."""
+
+    def __init__(self, src: Path | Source, dest: Path, threads: int, budget: int) -> None:
+        self._src, self._dest = src, dest
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="torchwarm-write")
+        self._budget = budget
+        self._held = 0
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+
+    def submit(self, rel: str, write: Callable[[], None], size: int) -> None:
+        with self._cond:
+            while self._held and self._held + size > self._budget and self._error is None:
+                self._cond.wait()
+            self._raise()
+            self._held += size
+        self._pool.submit(self._run, rel, write, size)
+
+    def _run(self, rel: str, write: Callable[[], None], size: int) -> None:
+        try:
+            if self._error is None:
+                write()
+        except BaseException as e:  # noqa: BLE001 - handed to the reading thread
+            with self._cond:
+                if self._error is None:
+                    self._error = (
+                        _unwritable(self._src, self._dest, rel, e) if isinstance(e, OSError) else e
+                    )
+        finally:
+            with self._cond:
+                self._held -= size
+                self._cond.notify_all()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Wait for every write; raise the first error."""
+        self._pool.shutdown(wait=True)
+        with self._cond:
+            self._raise()
+
+    def shutdown(self) -> None:
+        """Stop: what is queued is dropped, what is running finishes."""
+        with self._cond:
+            if self._error is None:
+                self._error = _Stopped()
+            self._cond.notify_all()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Stopped(Exception):
+    """The extraction stopped (an error elsewhere): queued writes are skipped."""
+
+
+def members(src: Path | Source, limits: Limits = Limits(), check: Check | None = None) -> list[str]:
+    """The names of the regular files in `src`, checked as extract() checks them (and by
+    `check`); writes nothing."""
+    names = []
+    with _open(src) as raw:
+        for member, rel, _ in _checked(raw, src, limits):
+            if member.isreg():
+                if check is not None:
+                    check(rel)
+                names.append(rel)
+    return names
+
+
+def read_whole(src: Path | Source) -> bytes:
+    """All the bytes of a blob that is not an archive (megacache's), read once."""
+    with _open(src) as f:
+        return f.read()
+
+
+def _open(src: Path | Source) -> AbstractContextManager[BinaryIO]:
+    return src.open("rb") if isinstance(src, Path) else src.open()
+
+
+def _checked(
+    raw: BinaryIO, src: Path | Source, limits: Limits
+) -> Iterator[tuple[tarfile.TarInfo, str, tarfile.TarFile]]:
+    """Stream the members of `raw` (`src`, opened), each checked (_check_member) and
+    within `limits`, with its safe relative name and the open archive (to read it from,
+    before the next one)."""
     total = count = 0
     seen: set[bytes] = set()  # digests of the names so far: 200,000 long names stay small
     try:
         with (
-            src.open("rb") as raw,
-            zstandard.ZstdDecompressor().stream_reader(raw) as zr,
+            zstandard.ZstdDecompressor().stream_reader(raw, read_size=_CHUNK, closefd=False) as zr,
             tarfile.open(fileobj=zr, mode="r|", tarinfo=_bounded_info(src, limits)) as tar,
         ):
             while (member := tar.next()) is not None:
@@ -181,6 +320,8 @@ def _bounded_info(src: Path, limits: Limits) -> type[tarfile.TarInfo]:
 
 
 _INVALID = (tarfile.TarError, zstandard.ZstdError, EOFError)
+# What reading a malformed archive raises, inside a Source's open() or out of extract.
+MALFORMED: tuple[type[Exception], ...] = (ArchiveError, *_INVALID)
 
 
 def _invalid(src: Path, e: BaseException) -> ArchiveError:
@@ -221,15 +362,27 @@ def _shown(name: str) -> str:
     return name if len(name) <= 80 else f"{name[:40]}...{name[-20:]}"
 
 
-def _write_member(path: Path, fileobj: io.BufferedReader, size: int, executable: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_symlink() or path.exists():
-        path.unlink()  # break hard links to the previous tree instead of writing through them
-    written = 0
-    with path.open("xb") as out:
-        while chunk := fileobj.read(_CHUNK):
-            out.write(chunk)
-            written += len(chunk)
-    if written != size:
-        raise ArchiveError(f"member {path.name!r} is truncated ({written} of {size} bytes)")
-    os.chmod(path, 0o755 if executable else 0o644)
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _write_member(path: Path, data: bytes | BinaryIO, size: int, executable: bool) -> None:
+    """Create `path` (its folder exists) with `data` (bytes, or a file to copy `size`
+    bytes from), mode 0755 or 0644 whatever the umask."""
+    try:
+        fd = os.open(path, _CREATE, 0o600)
+    except FileExistsError:  # break hard links to the previous tree, never write through
+        os.unlink(path)
+        fd = os.open(path, _CREATE, 0o600)
+    with os.fdopen(fd, "wb", buffering=0) as out:
+        if isinstance(data, bytes):
+            written = out.write(data) if data else 0
+            while written < len(data):
+                written += out.write(memoryview(data)[written:])
+        else:
+            written = 0
+            while chunk := data.read(_CHUNK):
+                out.write(chunk)
+                written += len(chunk)
+        if written != size:
+            raise ArchiveError(f"member {path.name!r} is truncated ({written} of {size} bytes)")
+        os.fchmod(fd, 0o755 if executable else 0o644)

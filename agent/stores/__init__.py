@@ -46,7 +46,10 @@ class StoreOptions:
     read_timeout_s: float = 60.0  # per request: longest silence while reading an answer
     attempts: int = 8  # retry attempts per call; 1 turns RetryingStore off
     deadline_s: float = 120.0  # overall limit per call, retries included
-    chunk_size: int = 16 << 20  # bytes per ranged GET and per multipart part
+    chunk_size: int = 16 << 20  # bytes per multipart part / resumable-upload chunk
+    # Bytes per ranged GET of a download (and the most one GET asks for): a download holds
+    # about (concurrency + 2) x this in memory, 40 MiB by default (node/fetch.py).
+    download_chunk_size: int = 4 << 20
     multipart_threshold: int = 64 << 20  # put of a Path uses multipart / resumable above this
     concurrency: int = 8  # parallel ranges or parts per transfer
 
@@ -118,5 +121,7 @@ def _check(url: str, bucket: str, options: StoreOptions) -> None:
         raise ConfigError("store options: attempts must be >= 1 and deadline_s > 0")
     if options.chunk_size < 5 << 20 or options.concurrency < 1:
         raise ConfigError("store options: chunk_size must be >= 5 MiB and concurrency >= 1")
+    if options.download_chunk_size < 64 << 10:
+        raise ConfigError("store options: download_chunk_size must be >= 64 KiB")
     if options.connect_timeout_s <= 0 or options.read_timeout_s <= 0:
         raise ConfigError("store options: connect_timeout_s and read_timeout_s must be > 0")

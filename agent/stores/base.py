@@ -38,6 +38,9 @@ class Capabilities:
 
     writable: bool  # False: put, put_if_version, delete and touch raise ReadOnlyStoreError
     resumable_download: bool  # download honours offset > 0 (RetryingStore resumes with it)
+    # Bytes cross a network: a node keeps a partial copy of a blob it streams, to resume
+    # from after a stopped pull (node/fetch.py); a local folder is simply read again.
+    remote: bool
 
 
 @runtime_checkable

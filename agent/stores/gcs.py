@@ -85,7 +85,7 @@ class GCSStore:
     """Objects are blobs under `prefix` in `bucket`."""
 
     def __init__(self, bucket: str, prefix: str, options: StoreOptions) -> None:
-        self.capabilities = Capabilities(writable=True, resumable_download=True)
+        self.capabilities = Capabilities(writable=True, resumable_download=True, remote=True)
         self.bucket_name = bucket
         self.prefix = prefix.strip("/")
         self.url = f"gs://{bucket}/{self.prefix}" if self.prefix else f"gs://{bucket}"
@@ -262,12 +262,11 @@ class GCSStore:
                 return data
 
             target: Any = out or sink
-            if size - offset <= self.options.chunk_size:
+            chunk = self.options.download_chunk_size
+            if size - offset <= chunk:
                 target.write(fetch(offset, size))  # small: one GET
             else:
-                write_ranges_in_order(
-                    fetch, offset, size, self.options.chunk_size, self.options.concurrency, target
-                )
+                write_ranges_in_order(fetch, offset, size, chunk, self.options.concurrency, target)
             if out is not None and out.crc.digest() != base64.b64decode(meta.crc32c):
                 raise TransientStoreError(
                     f"{where}: CRC32C mismatch after download (corrupted in transit)"

@@ -38,7 +38,7 @@ class LocalStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.url = root.as_uri()
-        self.capabilities = Capabilities(writable=True, resumable_download=True)
+        self.capabilities = Capabilities(writable=True, resumable_download=True, remote=False)
 
     def _path(self, key: str) -> Path:
         path = self.root / check_key(key)

@@ -105,7 +105,7 @@ class S3Store:
     """Objects are keys under `prefix` in `bucket`."""
 
     def __init__(self, bucket: str, prefix: str, options: StoreOptions) -> None:
-        self.capabilities = Capabilities(writable=True, resumable_download=True)
+        self.capabilities = Capabilities(writable=True, resumable_download=True, remote=True)
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
@@ -274,7 +274,7 @@ class S3Store:
         small object is then done in one request; a large one fetches the remaining chunks
         in parallel, pinned to the first answer's ETag.
         """
-        chunk = self.options.chunk_size
+        chunk = self.options.download_chunk_size
         full = self._key(key)
         where = self._where(key)
         if limit is not None and offset > limit:

@@ -9,6 +9,9 @@ rmtree's ignore_errors. The two below keep their own stack.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import json
 import os
 import stat
@@ -94,6 +97,36 @@ def fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(Path(dirpath))
+
+
+def sync_volume(root: Path) -> None:
+    """Make what was written under `root` durable: on Linux one syncfs(2) of its
+    filesystem (every dirty page of the volume in one pass: an fsync per file is a
+    journal commit each, seconds for a tree of thousands), elsewhere fsync_tree. syncfs
+    reports writeback errors since Linux 5.8; an older kernel reports none."""
+    fn = _syncfs()
+    if fn is None:
+        fsync_tree(root)
+        return
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if fn(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(root))
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _syncfs() -> Any:
+    """libc's syncfs, or None where there is none."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    fn = getattr(ctypes.CDLL(name, use_errno=True), "syncfs", None)
+    if fn is not None:
+        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+    return fn
 
 
 def remove_tree(path: Path) -> None:
