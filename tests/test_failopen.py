@@ -14,6 +14,11 @@ after the swap, a worker that died, a line it could not read) is a table of pure
 in tests/test_settle.py. The cells here prove the ends around it for real:
 - `pull`: all 17 scenarios, so that each failure happens for real once, end to end (the
   worker SIGKILLed, a real tmpfs full, a port that never answers, a range that stalls).
+- `pull` and `pull --require` again with the store a prefix of the session's SeaweedFS,
+  for each scenario whose fault is in the data path (S3_SCENARIOS: download, verify,
+  unpack, install), since from S3 a blob streams in ranges while a partial copy of it is
+  kept in the workdir for resume (issue #18). The others fail before a blob is read (the
+  resolve, the config) or are S3's already (refused, stuck, range stalled).
 - `pull --require`, `run`, `serve` and the Python API: one scenario of each class in
   CLASSES (healthy, no cache, store unreachable, deadline, bad data, worker killed, a bug,
   an I/O error, a full disk, a config error), a class's scenarios taken in turn, so that
@@ -68,12 +73,13 @@ from factories import (
     make_tree,
     tree,
 )
-from servers import BUCKET, FAKE_AWS_ENV, fake_aws_env, free_port, s3_options
+from servers import BUCKET, FAKE_AWS_ENV, fake_aws_env, free_port, s3_client, s3_options
 from synthetic import publish_synthetic
 from tcpfaults import Fault, TcpFaultProxy
 
 from torchwarm.env import fingerprint
 from torchwarm.formats import Captured
+from torchwarm.node import fetch
 from torchwarm.node.install import workdir
 from torchwarm.seed.publish import build_manifest, publish
 from torchwarm.spec import archive, keys
@@ -100,6 +106,7 @@ class Node:
     text: str | None = None
     preexec: Callable[[], None] | None = None
     before: dict[str, bytes] | bytes = field(default_factory=dict)  # what cache_dir held
+    judged: bool = False  # the pull finds its blob good or damaged: no partial copy may stay
 
     @property
     def config(self) -> Path:
@@ -129,18 +136,36 @@ class Node:
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def seeded(tmp_path: Path, unpacked: bool = True, captured: list[Captured] | None = None) -> Node:
-    """A local store holding a synthetic cache for this machine's fingerprint."""
-    store = LocalStore(tmp_path / "store")
-    publish_synthetic(store, tmp_path / "capture", CACHE, unpacked=unpacked, captured=captured)
-    volume = tmp_path / "volume"
-    volume.mkdir(exist_ok=True)
-    doc = {"store": store.url, "cache_dir": str(volume / "inductor"), "workloads": [WORKLOAD]}
-    return Node(tmp_path, doc)
+def seeded(
+    tmp_path: Path,
+    request: pytest.FixtureRequest | None = None,
+    unpacked: bool = True,
+    captured: list[Captured] | None = None,
+) -> Node:
+    """A store holding a synthetic cache for this machine's fingerprint: a local folder, or
+    a fresh prefix of the session's SeaweedFS where the test's `backend` is "s3"."""
+    if request is None or request.getfixturevalue("backend") == "local":
+        store = LocalStore(tmp_path / "store")
+        publish_synthetic(store, tmp_path / "capture", CACHE, unpacked=unpacked, captured=captured)
+        volume = tmp_path / "volume"
+        volume.mkdir(exist_ok=True)
+        doc = {"store": store.url, "cache_dir": str(volume / "inductor"), "workloads": [WORKLOAD]}
+        return Node(tmp_path, doc)
+    server = request.getfixturevalue("seaweedfs_server")
+    url = f"s3://{BUCKET}/failopen-{uuid.uuid4().hex[:12]}"
+    with pytest.MonkeyPatch.context() as mp:
+        fake_aws_env(mp)
+        publish_synthetic(open_store(url, s3_options(server.endpoint)), tmp_path / "capture",
+                          CACHE, unpacked=unpacked, captured=captured)  # fmt: skip
+    node = s3_node(tmp_path, int(server.endpoint.rsplit(":", 1)[1]))
+    node.doc["store"] = url
+    del node.doc["deadline_s"]  # as a local-folder node's: the scenario sets one if it needs
+    return node
 
 
 def s3_node(tmp_path: Path, port: int) -> Node:
-    """A node whose store is an S3 endpoint on 127.0.0.1:port (down or stuck)."""
+    """A node whose store is an S3 endpoint on 127.0.0.1:port (down or stuck, unless a
+    caller points it at a bucket's prefix)."""
     (tmp_path / "volume").mkdir(exist_ok=True)
     doc = {
         "store": "s3://torchwarm-test-bucket/down",
@@ -189,22 +214,46 @@ def hostile_archive(path: Path) -> Captured:
     return Captured("cachedir", path, archive.MEDIA_TYPE)
 
 
-def manifest_key_of(node: Node) -> Path:
-    return Path(node.doc["store"][len("file://") :]) / keys.manifest_key(
-        "mlp", fingerprint.digest(fingerprint.collect())
-    )
+def manifest_key() -> str:
+    """The key of the manifest that a node of this machine resolves for WORKLOAD."""
+    return keys.manifest_key("mlp", fingerprint.digest(fingerprint.collect()))
+
+
+def object_path(node: Node, key: str) -> Path:
+    """The file that holds `key` in a node's local-folder store."""
+    return Path(node.doc["store"][len("file://") :]) / key
+
+
+def read_object(node: Node, key: str) -> bytes:
+    """What the node's store (a local folder or S3) holds at `key`."""
+    if node.doc["store"].startswith("file://"):
+        return object_path(node, key).read_bytes()
+    bucket, _, prefix = node.doc["store"][len("s3://") :].partition("/")
+    client = s3_client(node.doc["store_options"]["endpoint_url"])
+    return client.get_object(Bucket=bucket, Key=f"{prefix}/{key}")["Body"].read()
+
+
+def write_object(node: Node, key: str, data: bytes) -> None:
+    """Replace what the node's store holds at `key` with `data` (an S3 object is put again
+    at its key)."""
+    if node.doc["store"].startswith("file://"):
+        object_path(node, key).write_bytes(data)
+        return
+    bucket, _, prefix = node.doc["store"][len("s3://") :].partition("/")
+    client = s3_client(node.doc["store_options"]["endpoint_url"])
+    client.put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=data)
 
 
 # -- the scenarios: each makes a node and says what its cold reason must name -----------
 
 
 def healthy(tmp_path, request):
-    return seeded(tmp_path), None
+    return seeded(tmp_path, request), None
 
 
 def no_manifest(tmp_path, request):
     node = seeded(tmp_path)
-    manifest_key_of(node).unlink()
+    object_path(node, manifest_key()).unlink()
     return node, "no cache for workload"
 
 
@@ -223,19 +272,22 @@ def any_exception(tmp_path, request):
 
 
 def oserror_at_read(tmp_path, request):
-    node = seeded(tmp_path)
-    node.env["TORCHWARM_TEST_INJECT"] = "torchwarm.stores.local:LocalStore.download:oserror"
+    """The store's download of the blob (what fetch's stream calls, under the retries)
+    fails with EIO."""
+    node = seeded(tmp_path, request)
+    store = "s3:S3Store" if node.doc["store"].startswith("s3://") else "local:LocalStore"
+    node.env["TORCHWARM_TEST_INJECT"] = f"torchwarm.stores.{store}.download:oserror"
     return node, "Input/output error"
 
 
 def worker_killed(tmp_path, request):
-    node = seeded(tmp_path)
+    node = seeded(tmp_path, request)
     node.env["TORCHWARM_TEST_INJECT"] = "torchwarm.node.fetch:sources:kill-self"
     return node, "killed by signal 9"
 
 
 def stuck_in_c(tmp_path, request):
-    node = seeded(tmp_path)
+    node = seeded(tmp_path, request)
     node.doc["deadline_s"] = DEADLINE
     node.env["TORCHWARM_TEST_INJECT"] = "torchwarm.node.fetch:sources:c-sleep"
     return node, "deadline"
@@ -243,7 +295,7 @@ def stuck_in_c(tmp_path, request):
 
 # The blob is ~17 KiB (random, so it does not compress), unpacked ~17 KiB more.
 def disk_full_space_check(tmp_path, request):
-    node = seeded(tmp_path)
+    node = seeded(tmp_path, request)
     request.getfixturevalue("tmpfs")(tmp_path / "volume", 12)
     return node, "not enough free space"
 
@@ -251,7 +303,7 @@ def disk_full_space_check(tmp_path, request):
 def disk_full_at_download(tmp_path, request):
     """The filesystem really fills up while the blob streams into the staging tree (the
     space check is told there is plenty)."""
-    node = seeded(tmp_path)
+    node = seeded(tmp_path, request)
     request.getfixturevalue("tmpfs")(tmp_path / "volume", 12)
     node.env["TORCHWARM_TEST_INJECT"] = "os:statvfs:roomy"
     return node, "no space left"
@@ -260,13 +312,18 @@ def disk_full_at_download(tmp_path, request):
 def disk_full_at_install(tmp_path, request):
     """Room for the download, not for the unpacked tree (a manifest that does not say its
     unpacked size, as older seeds wrote them)."""
-    node = seeded(tmp_path, unpacked=False)
-    request.getfixturevalue("tmpfs")(tmp_path / "volume", 24)
+    node = seeded(tmp_path, request, unpacked=False)
+    # From S3 the space check counts the blob's partial copy too: room for both, in tmpfs
+    # pages (4 KiB a file), not for the copy and the tree together.
+    kib = 40 if node.doc["store"].startswith("s3://") else 24
+    request.getfixturevalue("tmpfs")(tmp_path / "volume", kib)
     return node, "no space left"
 
 
 def nul_member(tmp_path, request):
-    return seeded(tmp_path, captured=[hostile_archive(tmp_path / "evil.tar.zst")]), "NUL"
+    node = seeded(tmp_path, request, captured=[hostile_archive(tmp_path / "evil.tar.zst")])
+    node.judged = True  # the blob is read to its end and verified; its archive is refused
+    return node, "NUL"
 
 
 def wrongly_typed_option(tmp_path, request):
@@ -277,28 +334,25 @@ def wrongly_typed_option(tmp_path, request):
 
 def huge_manifest(tmp_path, request):
     node = seeded(tmp_path)
-    path = manifest_key_of(node)
-    with path.open("ab") as f:
+    with object_path(node, manifest_key()).open("ab") as f:
         f.write(b" " * (mf.MAX_MANIFEST_BYTES + 10))
     return node, "bytes allowed"
 
 
 def huge_blob(tmp_path, request):
-    node = seeded(tmp_path)
-    doc = json.loads(manifest_key_of(node).read_bytes())
-    blob = Path(node.doc["store"][len("file://") :]) / keys.blob_key(doc["blobs"][0]["sha256"])
-    with blob.open("ab") as f:
-        f.write(os.urandom(1 << 20))
+    node = seeded(tmp_path, request)
+    blob = keys.blob_key(json.loads(read_object(node, manifest_key()))["blobs"][0]["sha256"])
+    write_object(node, blob, read_object(node, blob) + os.urandom(1 << 20))
+    node.judged = True
     return node, "bytes allowed"
 
 
 def absurd_size(tmp_path, request):
     """An (unsigned) manifest that claims a 1 TB blob: refused before any byte moves."""
-    node = seeded(tmp_path)
-    path = manifest_key_of(node)
-    doc = json.loads(path.read_bytes())
+    node = seeded(tmp_path, request)
+    doc = json.loads(read_object(node, manifest_key()))
     doc["blobs"][0]["size"] = 1 << 40
-    path.write_text(json.dumps(doc))
+    write_object(node, manifest_key(), json.dumps(doc).encode())
     return node, "not enough free space"
 
 
@@ -363,6 +417,11 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "config error": ("wrongly-typed-option",),
 }
 ENTRY_POINTS = ("pull --require", "run", "serve", "api")
+
+# The scenarios whose fault is in the data path, run again with the store on S3.
+S3_SCENARIOS = ("healthy", "worker-killed", "stuck-in-c", "disk-full-space-check",
+                "disk-full-at-download", "disk-full-at-install", "nul-member", "huge-blob",
+                "absurd-size", "oserror-at-read")  # fmt: skip
 
 
 # -- issue #20's rows 2-4 and 6-8: hostile input, run through `pull`, `run` and `serve` ---
@@ -429,6 +488,24 @@ ROWS: dict[str, Callable[..., tuple[Node, str | None]]] = {
 }
 
 
+def cells(local: list[str], s3: tuple[str, ...], marks: dict[str, Any] | None = None) -> list[Any]:
+    """(scenario, backend) parameters: `local`'s scenarios on a local folder, `s3`'s on
+    SeaweedFS (ids `s3-NAME`, with `marks`' mark where it names one)."""
+    marks = marks or {}
+    return [pytest.param(n, "local", id=n) for n in local] + [
+        pytest.param(n, "s3", id=f"s3-{n}", marks=marks.get(n, ())) for n in s3
+    ]
+
+
+# A bug in torchwarm.node.fetch, kept visible until it is fixed (drop the mark with the fix).
+PARTIAL_WARNING = pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="from S3 a full disk also logs 'cannot keep a partial copy' (fetch._Reader._keep) "
+    "as a WARNING on stderr before the error: two lines where --require promises one",
+)
+
+
 def one_per_class(entry_point: str) -> list[str]:
     """One scenario of each class for `entry_point`, taken in turn, so that the entry points
     between them cover a class's other scenarios too."""
@@ -454,11 +531,19 @@ def assert_cold(node: Node, why: str) -> None:
     assert any(why in r for r in reasons(doc)), reasons(doc)
     assert volume(node.cache_dir) == node.before
     assert not list(workdir(node.cache_dir).glob("staging-*"))
+    if node.judged:  # else one may stay from S3 (a kill, an I/O error), for the next pull
+        assert not partials(node)
 
 
 def assert_warm(node: Node) -> None:
     assert json.loads(node.marker.read_text())["status"] == "warm"
     assert tree(node.cache_dir) == CACHE  # exactly the manifest's tree: PREVIOUS is gone
+    assert not partials(node)  # verified: its partial copy is deleted
+
+
+def partials(node: Node) -> list[Path]:
+    """The partial copies of blobs in the node's workdir (kept from S3 for resume)."""
+    return list(fetch.partials_dir(workdir(node.cache_dir)).glob("*"))
 
 
 @pytest.fixture
@@ -467,6 +552,12 @@ def pids_cgroups() -> Iterator[PidsCgroups]:
     groups = PidsCgroups()
     yield groups
     groups.close()
+
+
+@pytest.fixture
+def backend() -> str:
+    """Where `seeded()` publishes: a local folder, unless a test parametrizes "s3"."""
+    return "local"
 
 
 @pytest.fixture
@@ -487,8 +578,10 @@ def test_every_scenario_has_one_class():
     assert sorted(named) == sorted(SCENARIOS)
 
 
-@pytest.mark.parametrize("scenario", sorted(SCENARIOS) + sorted(ROWS), indirect=True)
-def test_pull_fail_open(scenario):
+@pytest.mark.parametrize(("scenario", "backend"),
+                         cells(sorted(SCENARIOS) + sorted(ROWS), S3_SCENARIOS),
+                         indirect=["scenario"])  # fmt: skip
+def test_pull_fail_open(scenario, backend):
     """`pull`: exit 0, one `starting cold` line, a cold marker saying why, tree untouched."""
     node, why = scenario
     t0 = time.monotonic()
@@ -501,8 +594,11 @@ def test_pull_fail_open(scenario):
     assert_cold(node, why)
 
 
-@pytest.mark.parametrize("scenario", one_per_class("pull --require"), indirect=True)
-def test_pull_fail_closed(scenario):
+@pytest.mark.parametrize(("scenario", "backend"),
+                         cells(one_per_class("pull --require"), S3_SCENARIOS,
+                               {"disk-full-at-download": PARTIAL_WARNING}),
+                         indirect=["scenario"])  # fmt: skip
+def test_pull_fail_closed(scenario, backend):
     """`pull --require`: non-zero, one line on stderr, nothing installed, no marker."""
     node, why = scenario
     proc = node.run("pull", "-c", str(node.config), "--require")
