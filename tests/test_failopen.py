@@ -488,22 +488,12 @@ ROWS: dict[str, Callable[..., tuple[Node, str | None]]] = {
 }
 
 
-def cells(local: list[str], s3: tuple[str, ...], marks: dict[str, Any] | None = None) -> list[Any]:
+def cells(local: list[str], s3: tuple[str, ...]) -> list[Any]:
     """(scenario, backend) parameters: `local`'s scenarios on a local folder, `s3`'s on
-    SeaweedFS (ids `s3-NAME`, with `marks`' mark where it names one)."""
-    marks = marks or {}
+    SeaweedFS (ids `s3-NAME`)."""
     return [pytest.param(n, "local", id=n) for n in local] + [
-        pytest.param(n, "s3", id=f"s3-{n}", marks=marks.get(n, ())) for n in s3
+        pytest.param(n, "s3", id=f"s3-{n}") for n in s3
     ]
-
-
-# A bug in torchwarm.node.fetch, kept visible until it is fixed (drop the mark with the fix).
-PARTIAL_WARNING = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="from S3 a full disk also logs 'cannot keep a partial copy' (fetch._Reader._keep) "
-    "as a WARNING on stderr before the error: two lines where --require promises one",
-)
 
 
 def one_per_class(entry_point: str) -> list[str]:
@@ -595,8 +585,7 @@ def test_pull_fail_open(scenario, backend):
 
 
 @pytest.mark.parametrize(("scenario", "backend"),
-                         cells(one_per_class("pull --require"), S3_SCENARIOS,
-                               {"disk-full-at-download": PARTIAL_WARNING}),
+                         cells(one_per_class("pull --require"), S3_SCENARIOS),
                          indirect=["scenario"])  # fmt: skip
 def test_pull_fail_closed(scenario, backend):
     """`pull --require`: non-zero, one line on stderr, nothing installed, no marker."""
