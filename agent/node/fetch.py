@@ -10,7 +10,7 @@ member it refuses) gets the rest read and checked too, so that a damaged blob is
 be damaged, never a bad archive.
 
 Ranges arrive on the store's own threads (stores/transfer.py) and are handed over one at
-a time: a download holds at most about (concurrency + 2) x download_chunk_size bytes in
+a time: a download holds at most about (concurrency + 1) x download_chunk_size bytes in
 memory, whatever the blob's size.
 
 Resume: from a remote store (S3, GCS) the bytes read are also appended to a partial file
@@ -241,6 +241,7 @@ class _Reader:
 
     def _get(self) -> object:
         item = self._queue.get()
+        self._queue.task_done()  # taken: the producer's write returns (_put)
         if isinstance(item, BaseException):
             self._done = True
             if isinstance(item, IntegrityError):
@@ -268,14 +269,22 @@ class _Reader:
                 self._put(e)
 
     def _put(self, item: object) -> None:
+        """Hand `item` over and wait until the reader has taken it: the store then holds
+        its window of ranges, the reader one more, and nothing waits between them."""
+        q = self._queue
         while True:
             if self._stop.is_set():
                 raise _Stopped
             try:
-                self._queue.put(item, timeout=0.1)
-                return
+                q.put(item, timeout=0.1)
+                break
             except queue.Full:
                 continue
+        with q.all_tasks_done:
+            while q.unfinished_tasks:
+                if self._stop.is_set():
+                    raise _Stopped
+                q.all_tasks_done.wait(0.1)
 
     # -- the end ----------------------------------------------------------------------
 

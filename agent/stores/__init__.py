@@ -48,7 +48,7 @@ class StoreOptions:
     deadline_s: float = 120.0  # overall limit per call, retries included
     chunk_size: int = 16 << 20  # bytes per multipart part / resumable-upload chunk
     # Bytes per ranged GET of a download (and the most one GET asks for): a download holds
-    # about (concurrency + 2) x this in memory, 40 MiB by default (node/fetch.py).
+    # about (concurrency + 1) x this in memory, 36 MiB by default (node/fetch.py).
     download_chunk_size: int = 4 << 20
     multipart_threshold: int = 64 << 20  # put of a Path uses multipart / resumable above this
     concurrency: int = 8  # parallel ranges or parts per transfer
