@@ -21,21 +21,17 @@ demo: $(STAMP)
 
 ## test: lint, then the whole suite (real S3/GCS servers on 127.0.0.1, real compiles) on
 ## TEST_WORKERS xdist workers, each test file on one worker (tests/conftest.py sends the
-## files that compile most first); TEST_WORKERS=0 runs it in this process. Three workers on
-## 2 cores: two used 1.5 cores on average (12 min 56 s wall, 19 min 21 s CPU), the rest
-## waiting on subprocesses and servers; no test of this pass asserts a wall-clock bound.
-## Then the tests marked `timed` (a deadline held, interpreter start included), none of
-## which compiles (tests/conftest.py refuses one that does), on TIMED_WORKERS workers, test
-## by test.
-TEST_WORKERS ?= 3
-TIMED_WORKERS ?= 2
+## files that compile most first); TEST_WORKERS=0 runs it in this process. Then the tests
+## marked `timed` (a deadline held, interpreter start included), none of which compiles
+## (tests/conftest.py refuses one that does), on TEST_WORKERS workers, test by test.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/ruff check agent tests bench examples
 	$(BIN)/ruff format --check agent tests bench examples
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 \
 		-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not timed"
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=5 \
-		-n $(TIMED_WORKERS) --dist load -m timed
+		-n $(TEST_WORKERS) --dist load -m timed
 
 lint: $(STAMP)
 	$(BIN)/ruff check agent tests bench examples
