@@ -89,11 +89,7 @@ def keep_partials(workdir: Path, blobs: Iterable[BlobRef]) -> None:
 
 
 class Streamed:
-    """One blob of a manifest, as an archive.Source: `open()` streams it once.
-
-    `fetched` counts the bytes that came from the store, `resumed` those read back from
-    a partial file (after open() returns).
-    """
+    """One blob of a manifest, as an archive.Source: `open()` streams it once."""
 
     def __init__(self, store: Store, blob: BlobRef, workdir: Path | None) -> None:
         self.store, self.blob = store, blob
@@ -102,7 +98,6 @@ class Streamed:
         self.partial: Path | None = None
         if workdir is not None and store.capabilities.remote:
             self.partial = partials_dir(workdir) / f"{blob.sha256}.partial"
-        self.fetched = self.resumed = 0
         self._opened = False
 
     @contextlib.contextmanager
@@ -127,7 +122,6 @@ class Streamed:
             raise
         finally:
             reader.stop()
-            self.fetched, self.resumed = reader.fetched, reader.resumed
 
 
 def sources(store: Store, m: Manifest, workdir: Path | None) -> dict[str, Streamed]:
@@ -141,7 +135,6 @@ class _Reader:
 
     def __init__(self, src: Streamed) -> None:
         self.src, self.blob = src, src.blob
-        self.fetched = self.resumed = 0
         self._digest = verify.Digest()
         self._buf = memoryview(b"")
         self._done = False
@@ -217,7 +210,6 @@ class _Reader:
                 self._kept = self._prefix
                 return
             self._prefix += len(data)
-            self.resumed += len(data)
             self._take(data)
             return
         if self._thread is None:
@@ -231,7 +223,6 @@ class _Reader:
         assert isinstance(data, bytes | bytearray | memoryview)
         if self._tee is not None:
             self._keep(data)
-        self.fetched += len(data)
         self._take(data)
 
     def _take(self, data: bytes | bytearray | memoryview) -> None:
