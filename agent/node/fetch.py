@@ -140,7 +140,7 @@ class _Reader:
         self._done = False
         self._tee: BinaryIO | None = None  # the partial file, from a remote store
         self._kept = 0  # bytes of it from an earlier pull, read back first
-        self._prefix: int | None = None  # how much of them has been read back
+        self._prefix = 0  # how much of them has been read back
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue[object] = queue.Queue(maxsize=1)
         self._stop = threading.Event()
@@ -149,9 +149,7 @@ class _Reader:
             try:
                 self._open_partial(src.partial)
             except OSError as e:  # resuming is a saving, never a condition of the pull
-                log.info("%s: cannot keep a partial copy (%s); a stopped pull of it "
-                            "will start again from byte 0", src.partial, e.strerror)  # fmt: skip
-                self._forget()
+                self._stop_keeping(e)
 
     def _open_partial(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,11 +172,14 @@ class _Reader:
             while view:
                 view = view[self._tee.write(view) or 0 :]
         except OSError as e:
-            # INFO, not a warning: a full volume fails the unpacking next, with the one line
-            # that says so (fail-closed promises one line).
-            log.info("%s: cannot keep a partial copy (%s); a stopped pull of it will start "
-                     "again from byte 0", self.src.partial, e.strerror)  # fmt: skip
-            self._forget()
+            self._stop_keeping(e)
+
+    def _stop_keeping(self, e: OSError) -> None:
+        # INFO, not a warning: a full volume fails the unpacking next, with the one line
+        # that says so (fail-closed promises one line).
+        log.info("%s: cannot keep a partial copy (%s); a stopped pull of it will start "
+                 "again from byte 0", self.src.partial, e.strerror)  # fmt: skip
+        self._forget()
 
     # -- reading ----------------------------------------------------------------------
 
@@ -199,9 +200,7 @@ class _Reader:
 
     def _next(self) -> None:
         """Refill the buffer from the kept prefix, else from the store; verify at the end."""
-        if self._tee is not None and self._prefix is None and self._kept:
-            self._prefix = 0
-        if self._prefix is not None and self._prefix < self._kept:
+        if self._prefix < self._kept:
             assert self._tee is not None
             data = os.pread(self._tee.fileno(), min(_CHUNK, self._kept - self._prefix),
                             self._prefix)  # fmt: skip
