@@ -144,6 +144,11 @@ def _parser() -> argparse.ArgumentParser:
              "entries are on) with TORCHINDUCTOR_CACHE_DIR set")  # fmt: skip
     rn.add_argument("--workload", help="only this workload (default: all)")
     _pull_options(rn)
+    _publish_option(
+        rn,
+        "exited 0, or its ready_url answered 2xx and no new compile entry "
+        "appeared for quiet_s; the app runs as a child, its exit code kept",
+    )
     rn.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]",
                     help="the main process to exec after the pull")  # fmt: skip
 
@@ -152,6 +157,11 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--workload", help="only this workload (default: all)")
     sv.add_argument("--listen", default="0.0.0.0:8477", help="HOST:PORT (default: 0.0.0.0:8477)")
     _pull_options(sv)
+    _publish_option(
+        sv,
+        "is ready: publish.ready_url answers 2xx and no new compile entry "
+        "appeared for quiet_s, or SIGTERM came after it was ready",
+    )
 
     wt = cmd("wait", _wait, "block until the ready marker exists (main-process side)",
              config=False)  # fmt: skip
@@ -206,6 +216,13 @@ def _pull_options(sp: argparse.ArgumentParser) -> None:
                     help="fail-closed: exit non-zero instead of starting cold")  # fmt: skip
     sp.add_argument("--deadline", type=float, metavar="SECONDS",
                     help="bound the whole pull (default: config deadline_s, 300)")  # fmt: skip
+
+
+def _publish_option(sp: argparse.ArgumentParser, when: str) -> None:
+    sp.add_argument("--publish", action="store_true", default=None,
+                    help="where the pull left the workload cold for want of a cache for "
+                    "this fingerprint, publish the app's cache dir (signed with the node "
+                    f"key) once the app {when} (config: publish.mode)")  # fmt: skip
 
 
 def _load(args: argparse.Namespace, **extra: object) -> cfgmod.Config:
@@ -323,7 +340,7 @@ def _publish(cfg: cfgmod.Config, result: WarmupResult) -> None:
 
 def _pull_overrides(args: argparse.Namespace) -> dict[str, object]:
     return {"store": args.store, "cache_dir": _s(args.cache_dir), "marker": _s(args.marker),
-            "deadline_s": args.deadline}  # fmt: skip
+            "deadline_s": args.deadline, "publish": getattr(args, "publish", None)}  # fmt: skip
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -352,22 +369,40 @@ def _run(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     sys.stdout.flush()
     env = api.app_env(rep)  # the cache dir, the config's env expanded for it, precompile
+    for var in cfgmod.SECRET_VARS:
+        env.pop(var, None)  # the app never holds a key that signs manifests
     trial, off = precompile_trial.begin(rep)
     if off:  # a start with the entries failed in this boot (or cannot be recorded)
         env.pop(precompile.ENV_VAR, None)
         _say(f"torchwarm: {off}", sys.stderr)
+    seeder = None
+    if cfg is not None and cfg.publish.on:
+        from torchwarm.node import selfseed
+
+        seeder = selfseed.prepare(cfg, rep, selfseed.stderr_line)
     sys.stderr.flush()
     try:
-        if trial is None:
+        if trial is None and seeder is None:
             for signo in precompile_trial.PYTHON_IGNORED:
                 signal.signal(signo, signal.SIG_DFL)
             os.execvpe(argv[0], argv, env)
-        ended = precompile_trial.supervise(trial, argv, env)  # a child: to learn how it ends
+        # A child, to learn how it ends (the entries' trial) or to publish after it.
+        started = seeder.start if seeder is not None else lambda: None
+        ended = precompile_trial.supervise(trial, argv, env, spawned=started)
     except OSError as e:
         raise cfgmod.ConfigError(f"cannot exec {argv[0]!r}: {e.strerror}") from None
-    if ended.failed:
+    if ended.failed and trial is not None:
         _say(f"torchwarm: the app {ended.how} with precompiled entries; its next start in "
              "this boot goes without them (FX-graph warm)", sys.stderr)  # fmt: skip
+    if seeder is not None:
+        # A second stop while publishing ends this process at once, as the app ended: the
+        # publish never changes what whoever waits for `run` sees.
+        def end_now(*_: object) -> None:
+            os._exit(precompile_trial.die_by(ended.signo) if ended.signo else ended.code)
+
+        for signo in precompile_trial.STOPS:
+            signal.signal(signo, end_now)
+        seeder.app_ended(ended.code, ended.stopped)
     return precompile_trial.die_by(ended.signo) if ended.signo else ended.code
 
 
@@ -438,7 +473,7 @@ def _ls(args: argparse.Namespace) -> int:
         _say(f"no manifests in {cfg.store}")
         return 0
     _say(f"{'WORKLOAD':20} {'FINGERPRINT':12} {'FORMAT':10} {'SIZE':>9} {'AGE':>6} "
-         f"{'GRAPHS':>6}  INPUT SETS OR COMMAND")  # fmt: skip
+         f"{'GRAPHS':>6} {'BY':4}  INPUT SETS OR COMMAND")  # fmt: skip
     for e in entries:
         c = e.counters
         # A command that printed no counters: unknown, not zero.
@@ -446,9 +481,11 @@ def _ls(args: argparse.Namespace) -> int:
             "-" if c is None else c.get("fxgraph_cache_miss", 0) + c.get("fxgraph_cache_hit", 0)
         )
         what = f"command: {shlex.join(e.command)}" if e.command is not None else e.input_sets
+        if e.publisher != "seed":
+            what = f"the app's own cache, signed by {e.signed_by}"
         _say(
             f"{e.workload:20} {e.fingerprint[:12]:12} {e.format:10} {_size(e.size):>9} "
-            f"{_age(e.age_s):>6} {graphs:>6}  {what}"
+            f"{_age(e.age_s):>6} {graphs:>6} {e.publisher:4}  {what}"
         )
     return 0
 

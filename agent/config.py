@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -65,6 +66,7 @@ MAX_SECONDS = {
     "ready_timeout_s": 7 * 86400.0,
     "request_timeout_s": 7 * 86400.0,
     "grace_s": 86400.0,
+    "quiet_s": 86400.0,
 }
 # The numeric store options: (lowest, highest); floats must be above their lowest.
 STORE_RANGES: dict[str, tuple[float, float]] = {
@@ -189,6 +191,28 @@ class DaemonOptions:
     refresh_s: float = 7 * 86400.0
 
 
+# Node publishes (torchwarm.node.selfseed): off; cold, for workloads that started cold
+# for want of a manifest; misses, also adding the app's new entries to a node-published one.
+PUBLISH_MODES = ("off", "cold", "misses")
+DEFAULT_QUIET_S = 60.0
+DEFAULT_PUBLISH_MAX_BYTES = 8 << 30
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class PublishOptions:
+    """When a node publishes the app's own cache dir (README "The fleet seeds itself")."""
+
+    mode: str = "off"  # one of PUBLISH_MODES; `run --publish` / `serve --publish`: cold
+    ready_url: str | None = None  # the app's readiness URL: http, on a loopback host only
+    quiet_s: float = DEFAULT_QUIET_S  # ready, and no new compile entry for this long
+    max_bytes: int = DEFAULT_PUBLISH_MAX_BYTES  # a larger capture is not published
+
+    @property
+    def on(self) -> bool:
+        return self.mode != "off"
+
+
 @dataclass(frozen=True)
 class Config:
     store: str
@@ -207,6 +231,10 @@ class Config:
     # Extra environment for every warm-up and for the app under `torchwarm run`, values
     # unexpanded ({cache_dir}: torchenv.expand): where other compile caches go.
     env: Mapping[str, str] = field(default_factory=dict)
+    publish: PublishOptions = PublishOptions()
+    node_key: SigningKey | None = field(default=None, repr=False)  # nodes sign their publishes
+    # Keys of node publishes this node accepts: never one of trusted_keys (the seed's).
+    trusted_node_keys: TrustedKeys = TrustedKeys({})
 
     def open_store(self, read_only: bool = False) -> Store:
         return open_store(self.store, self.store_options, read_only=read_only)
@@ -291,10 +319,16 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "TORCHWARM_DEADLINE_S": ("deadline_s", _env_number),
     "TORCHWARM_SIGNING_KEY_FILE": ("signing_key_file", _env_text),
     "TORCHWARM_TRUSTED_KEYS": ("trusted_keys", _env_keys),
+    "TORCHWARM_NODE_KEY_FILE": ("node_key_file", _env_text),
+    "TORCHWARM_TRUSTED_NODE_KEYS": ("trusted_node_keys", _env_keys),
 }
 # The secret key itself may come from the environment (a Kubernetes Secret as env),
 # never from the YAML file.
 SIGNING_KEY_VAR = "TORCHWARM_SIGNING_KEY"
+NODE_KEY_VAR = "TORCHWARM_NODE_KEY"  # the node key's secret text, for node publishes
+# What the app under `torchwarm run` never inherits: the keys that sign manifests.
+SECRET_VARS = (SIGNING_KEY_VAR, NODE_KEY_VAR, "TORCHWARM_SIGNING_KEY_FILE",
+               "TORCHWARM_NODE_KEY_FILE")  # fmt: skip
 # The ready marker's boot identity (torchwarm.node.marker), read by pull and wait alike.
 BOOT_ID_VAR = "TORCHWARM_BOOT_ID"
 
@@ -430,7 +464,10 @@ def load(
         except ValueError as e:
             v.fail(key, f"is {_short(text)}; {e}")
     for key, value in (overrides or {}).items():
-        if value is not None:
+        if key == "publish" and value:  # --publish: on, in the file's mode if it has one
+            raw[key] = _publish_on(raw.get(key))
+            origins[key] = "publish (--publish on the command line)"
+        elif value is not None and key != "publish":
             raw[key] = _from_cwd(key, value)
             origins[key] = f"{key} (from the command line)"
     boot_id_variable(environ)  # refused here too, so that a pull says so before it starts
@@ -440,7 +477,46 @@ def load(
         if cfg.signing_key is not None:
             raise ConfigError(f"both ${SIGNING_KEY_VAR} and signing_key_file are set; keep one")
         cfg = replace(cfg, signing_key=signing.load_secret(secret, f"${SIGNING_KEY_VAR}"))
+    node_secret = environ.get(NODE_KEY_VAR, "")
+    if node_secret:
+        if cfg.node_key is not None:
+            raise ConfigError(f"both ${NODE_KEY_VAR} and node_key_file are set; keep one")
+        cfg = replace(cfg, node_key=signing.load_secret(node_secret, f"${NODE_KEY_VAR}"))
+    _check_keys_apart(cfg)
     return cfg
+
+
+def _publish_on(value: Any) -> Any:
+    """The `publish` block once --publish is given: the file's, in mode cold unless it
+    says misses; a value that is not a block is left for the validator to refuse."""
+    if value is None or value is False:
+        return {"mode": "cold"}
+    if isinstance(value, dict):
+        mode = value.get("mode", "off")
+        return {**value, "mode": "cold" if mode in ("off", None) else mode}
+    return value
+
+
+def _check_keys_apart(cfg: Config) -> None:
+    """A node key is trusted for node publishes only: one that is also a seed key (by name
+    or by key), or the seed's own signing key, would let a node pass as the seed."""
+    seed = {name: key.public_bytes_raw() for name, key in cfg.trusted_keys.keys.items()}
+    for name, key in cfg.trusted_node_keys.keys.items():
+        if name in seed or key.public_bytes_raw() in seed.values():
+            raise ConfigError(
+                f"{cfg.source}: trusted_node_keys holds {name!r}, which trusted_keys holds too; "
+                "a node key must be a key of its own (`torchwarm keygen node-1`), never a seed key"
+            )
+    if cfg.node_key is None:
+        return
+    mine = cfg.node_key.key.public_key().public_bytes_raw()
+    signing_key = cfg.signing_key
+    if mine in seed.values() or (
+        signing_key is not None and mine == signing_key.key.public_key().public_bytes_raw()
+    ):
+        raise ConfigError(f"{cfg.source}: node_key is a seed key (the signing key, or one of "
+                          "trusted_keys); give nodes a key of their own "
+                          "(`torchwarm keygen node-1`)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -515,7 +591,7 @@ def _fallback(
 def _from_cwd(key: str, value: Any) -> Any:
     """Relative paths given in the environment or on the command line mean the working dir."""
     if (
-        key in ("store", "cache_dir", "marker", "signing_key_file")
+        key in ("store", "cache_dir", "marker", "signing_key_file", "node_key_file")
         and isinstance(value, str)
         and "://" not in value
     ):
@@ -530,6 +606,7 @@ def _parse(
     known = {
         "store", "store_options", "cache_dir", "format", "marker", "require", "deadline_s",
         "daemon", "signing_key_file", "trusted_keys", "workloads", "warmup_timeout_s", "env",
+        "publish", "node_key_file", "trusted_node_keys",
     }  # fmt: skip
     v.no_unknown(raw, known, "")
     if "store" not in raw:
@@ -573,14 +650,21 @@ def _parse(
         signing_key = signing.load_secret_file(
             _path(v, "signing_key_file", raw["signing_key_file"], base)
         )
-    trusted = raw.get("trusted_keys", [])
-    if not isinstance(trusted, list) or not all(isinstance(t, str) for t in trusted):
-        v.fail("trusted_keys", "must be a list of public keys like 'seed-1:base64…'")
+    node_key = None
+    if raw.get("node_key_file") is not None:
+        node_key = signing.load_secret_file(_path(v, "node_key_file", raw["node_key_file"], base))
+
+    def trusted(key: str, example: str) -> TrustedKeys:
+        texts = raw.get(key, [])
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            v.fail(key, f"must be a list of public keys like '{example}:base64…'")
+        return signing.load_trusted(texts, f"{source}: {v.origins.get(key, key)}")
+
     return Config(
         store, cache_dir, fmt, marker, require, deadline_s, workloads, source, store_options,
-        _daemon(v, raw.get("daemon")), signing_key,
-        signing.load_trusted(trusted, f"{source}: {v.origins.get('trusted_keys', 'trusted_keys')}"),
-        warmup_timeout_s, env,
+        _daemon(v, raw.get("daemon")), signing_key, trusted("trusted_keys", "seed-1"),
+        warmup_timeout_s, env, _publish(v, raw.get("publish")), node_key,
+        trusted("trusted_node_keys", "node-1"),
     )  # fmt: skip
 
 
@@ -629,6 +713,50 @@ def _store_options(v: _Validator, value: Any) -> StoreOptions:
         return StoreOptions(**value)
     except (TypeError, ValueError, ConfigError) as e:
         v.fail("store_options", f"is invalid: {e}")
+
+
+def _publish(v: _Validator, value: Any) -> PublishOptions:
+    if value is None or value is False:
+        return PublishOptions()
+    if value is True:
+        return PublishOptions(mode="cold")
+    if not isinstance(value, dict):
+        v.fail("publish", f"must be a mapping (mode, ready_url, quiet_s, max_bytes), got "
+                          f"{_kind(value)}")  # fmt: skip
+    v.no_unknown(value, {"mode", "ready_url", "quiet_s", "max_bytes"}, "publish")
+    d = PublishOptions()
+    mode = v.choice("publish.mode", value.get("mode", d.mode), PUBLISH_MODES)
+    url = value.get("ready_url")
+    if url is not None and not _loopback_http(url):
+        v.fail(
+            "publish.ready_url",
+            f"is {_short(url)}; expected http://127.0.0.1:PORT/PATH "
+            "(or localhost, [::1]): the app's own readiness endpoint, beside this agent",
+        )
+    size = value.get("max_bytes", d.max_bytes)
+    if not _posint(size):
+        v.fail("publish.max_bytes", f"is {_short(size)}; expected a positive number of bytes")
+    quiet = v.positive("publish.quiet_s", value.get("quiet_s", d.quiet_s))
+    return PublishOptions(mode, url, quiet, size)
+
+
+def _loopback_http(url: Any) -> bool:
+    """An http:// URL to this machine: the agent polls it, and a config must not make it
+    send requests elsewhere."""
+    if not isinstance(url, str) or any(c.isspace() or ord(c) < 32 for c in url):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # ValueError when it is not a number in 0-65535
+    except ValueError:
+        return False
+    return (
+        parts.scheme == "http"
+        and parts.hostname in _LOOPBACK
+        and port != 0
+        and not parts.username
+        and not parts.password
+    )
 
 
 def _daemon(v: _Validator, value: Any) -> DaemonOptions:

@@ -28,6 +28,7 @@ class Entry:
     signed_by: str | None
     command: list[str] | None = None  # a command workload's argv
     serial: int = 0  # the publisher's write counter: what gc and nodes order by
+    publisher: str = "seed"  # who published it: a seed's warm-up, or a node (its app's cache)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,6 +56,7 @@ def entries(store: Store) -> list[Entry]:
                 m.signer,
                 _command(m.warmup),
                 m.serial,
+                m.publisher,
             )  # fmt: skip
         )
     # Oldest first by serial, as gc ranks them (retention.py); created_at comes from the
@@ -93,7 +95,8 @@ def _counters(warmup: dict[str, Any]) -> dict[str, int] | None:
     c = warmup.get("counters")
     if isinstance(c, dict):
         return dict(c)
-    return None if "command" in warmup else {}
+    # None (unknown, not zero): a command that printed none, or a node's publish of its app.
+    return None if "command" in warmup or warmup.get("captured_from") == "app" else {}
 
 
 def _command(warmup: dict[str, Any]) -> list[str] | None:

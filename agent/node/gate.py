@@ -40,7 +40,13 @@ from torchwarm import config as cfgmod
 from torchwarm import stores
 from torchwarm.config import Config
 from torchwarm.env import torchenv
-from torchwarm.errors import DeadlineExceeded, InternalError, TorchwarmError, one_line
+from torchwarm.errors import (
+    DeadlineExceeded,
+    InternalError,
+    NoCacheForFingerprint,
+    TorchwarmError,
+    one_line,
+)
 from torchwarm.node import fetch, install, marker
 from torchwarm.node import messages as msgs
 from torchwarm.node.job import PullJob
@@ -211,7 +217,13 @@ def _settle(rec: Recorded, require: bool, deadline_s: float) -> Settled:
     if require and (failures or (rec.fatal is not None and not rec.names)):
         error = next(iter(failures.values()), rec.fatal)
     outcomes = [
-        installed.get(n) or WorkloadOutcome(n, "cold", one_line(str(failures[n])))
+        installed.get(n)
+        or WorkloadOutcome(
+            n,
+            "cold",
+            one_line(str(failures[n])),
+            no_cache=isinstance(failures[n], NoCacheForFingerprint),
+        )  # fmt: skip
         for n in rec.names
     ]
     reason = one_line(str(rec.fatal)) if rec.fatal is not None and not rec.names else ""

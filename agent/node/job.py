@@ -56,7 +56,8 @@ from torchwarm.node.messages import (
 from torchwarm.node.replay import Memory
 from torchwarm.node.report import WorkloadOutcome
 from torchwarm.node.resolve import Miss, resolve
-from torchwarm.spec.manifest import Manifest
+from torchwarm.spec.manifest import NODE, Manifest
+from torchwarm.spec.signing import TrustedKeys
 from torchwarm.stores import Store
 from torchwarm.util.fs import remove_tree
 
@@ -84,7 +85,7 @@ class PullJob:
     def _run(self) -> None:
         self.chan.send(Phase("taking the install lock"))
         with install.locked(self.cfg.cache_dir) as work:
-            self.memory = Memory(work, self.cfg.trusted_keys)
+            self.memory = Memory(work, self._trusted_all())
             self.chan.send(Phase("reading this machine's fingerprint"))
             t0 = time.perf_counter()
             fields = fingerprint.collect()
@@ -116,7 +117,8 @@ class PullJob:
             self.chan.send(Phase(f"resolving {w.name!r} in {store.url}"))
             try:
                 t0 = time.perf_counter()
-                m = resolve(store, w.name, self.fields, self.cfg.trusted_keys)
+                m = resolve(store, w.name, self.fields, self.cfg.trusted_keys,
+                            self.cfg.trusted_node_keys)  # fmt: skip
                 self.chan.send(Timing(f"resolve_s.{w.name}", time.perf_counter() - t0))
                 if isinstance(m, Miss):
                     raise NoCacheForFingerprint(m.reason)
@@ -187,8 +189,10 @@ class PullJob:
             def fill(folder: Path) -> None:
                 self._fill(store, w, m, folder, entries)
 
+            verified = m.publisher == NODE or bool(self.cfg.trusted_keys)  # signing.check
             about = {"manifest": f"{m.workload}/{m.fingerprint_digest}", "serial": m.serial,
-                     "signer": m.signer if self.cfg.trusted_keys else None}  # fmt: skip
+                     "signer": m.signer if verified else None,
+                     "publisher": m.publisher}  # fmt: skip
             return install.Part(m.workload, fill, about)
 
         def failed(p: install.Part, e: Exception) -> None:
@@ -221,10 +225,18 @@ class PullJob:
 
     def _keep(self, name: str, about: Mapping[str, Any]) -> bool:
         """Whether another workload's share of the tree in place goes into the new tree:
-        with trusted keys, only one that a key trusted now signed (`signer` is recorded
-        only where it was verified)."""
+        a node's publish only if a node key trusted now signed it; a seed's, with trusted
+        keys, only if a key trusted now signed it (`signer` is recorded only where it was
+        verified)."""
+        if about.get("publisher") == NODE:
+            return about.get("signer") in self.cfg.trusted_node_keys.keys
         trusted = self.cfg.trusted_keys
         return not trusted or about.get("signer") in trusted.keys
+
+    def _trusted_all(self) -> TrustedKeys:
+        """Every key this node verifies with, seed and node keys (their names are apart):
+        the replay memory orders the serials of whatever they signed."""
+        return TrustedKeys({**self.cfg.trusted_keys.keys, **self.cfg.trusted_node_keys.keys})
 
     def _remember(self, manifests: list[Manifest]) -> None:
         try:
@@ -241,6 +253,7 @@ def _outcome(m: Manifest, d: precompile.Decision | None) -> WorkloadOutcome:
         [b.to_dict() for b in m.blobs], m.size, _warmup_summary(m),
         precompiled=bool(d and d.install),
         precompile_reason=d.reason if d is not None and not d.install else "",
+        publisher=m.publisher, serial=m.serial,
     )  # fmt: skip
 
 

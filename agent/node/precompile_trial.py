@@ -46,7 +46,7 @@ from torchwarm.node import marker
 from torchwarm.util.fs import atomic_write_bytes, read_json
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from torchwarm.node.report import PullReport
 
@@ -115,6 +115,7 @@ class Ended:
     how: str
     failed: bool
     signo: int = 0
+    stopped: str = ""  # the stop signal passed on to it, if one came ("SIGTERM")
 
 
 def entries(report: PullReport) -> list[str]:
@@ -166,14 +167,21 @@ def begin(report: PullReport) -> tuple[Trial | None, str]:
     return trial, ""
 
 
-def supervise(trial: Trial, argv: list[str], env: Mapping[str, str]) -> Ended:
+def supervise(
+    trial: Trial | None,
+    argv: list[str],
+    env: Mapping[str, str],
+    spawned: Callable[[], None] = lambda: None,
+) -> Ended:
     """Run the app as a child (`run` cannot exec: it would never learn how the app
     ended), pass FORWARDED signals on to it, reap it (and orphans, as a container's PID 1
-    must), and record how it ended. Raises OSError if the app cannot be started.
+    must), and record how it ended in `trial` (None: a start without precompiled entries,
+    supervised for a node publish). Raises OSError if the app cannot be started.
 
     Signals are taken with sigwaitinfo so that one a terminal sent (^C, a hangup: the
-    kernel sends those to the app's process group too) is not passed on twice. This
-    process runs no other thread here, so blocking them in this thread blocks them all.
+    kernel sends those to the app's process group too) is not passed on twice. They are
+    blocked in this thread before the app is spawned, and `spawned()` runs right after:
+    a thread it starts inherits the mask, so every signal still comes here.
     """
     waited = {*FORWARDED, signal.SIGCHLD}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
@@ -182,8 +190,10 @@ def supervise(trial: Trial, argv: list[str], env: Mapping[str, str]) -> Ended:
             pid = os.posix_spawn(_which(argv[0], env), argv, env, setsigmask=mask,
                                  setsigdef=PYTHON_IGNORED)  # fmt: skip
         except OSError:
-            trial.end("could not be started", failed=False)
+            if trial is not None:
+                trial.end("could not be started", failed=False)
             raise
+        spawned()
         stop = ""
         status = None
         while status is None:
@@ -193,7 +203,8 @@ def supervise(trial: Trial, argv: list[str], env: Mapping[str, str]) -> Ended:
                 continue
             if info.si_signo in STOPS and not stop:
                 stop = _name(info.si_signo)
-                trial.stopping(f"asked to stop by {stop}")
+                if trial is not None:
+                    trial.stopping(f"asked to stop by {stop}")
             if info.si_code <= 0:  # sent by a process (kill, sigqueue), not the kernel
                 os.kill(pid, info.si_signo)
         while signal.sigtimedwait(waited, 0) is not None:
@@ -207,8 +218,9 @@ def supervise(trial: Trial, argv: list[str], env: Mapping[str, str]) -> Ended:
         code = os.waitstatus_to_exitcode(status)
         how = f"exited {code}"
     failed = code != 0 and not stop
-    trial.end(f"{how} after {stop}" if stop else how, failed)
-    return Ended(code, how, failed, signo)
+    if trial is not None:
+        trial.end(f"{how} after {stop}" if stop else how, failed)
+    return Ended(code, how, failed, signo, stop)
 
 
 def die_by(signo: int) -> int:

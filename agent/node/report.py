@@ -22,6 +22,9 @@ class WorkloadOutcome:
     precompiled: bool = False  # precompiled Dynamo entries installed: run the app with
     # TORCH_CACHING_PRECOMPILE=1 (`torchwarm run` does)
     precompile_reason: str = ""  # why a precompile capture's entries were left out
+    no_cache: bool = False  # cold because the store has no manifest for this fingerprint
+    publisher: str = ""  # warm: who published the manifest installed ("seed" or "node")
+    serial: int = 0  # warm: that manifest's serial
 
 
 @dataclass

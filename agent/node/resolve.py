@@ -11,7 +11,7 @@ from torchwarm.errors import ManifestError, ObjectNotFound, printable
 from torchwarm.spec import keys
 from torchwarm.spec import manifest as mf
 from torchwarm.spec.manifest import Manifest
-from torchwarm.spec.signing import TrustedKeys, verify
+from torchwarm.spec.signing import TrustedKeys, check
 from torchwarm.stores import Store
 
 # A miss's explanation reads other environments' manifests inside the pull's deadline,
@@ -28,10 +28,15 @@ class Miss:
 
 
 def resolve(
-    store: Store, workload: str, fields: dict[str, Any], trusted: TrustedKeys | None = None
+    store: Store,
+    workload: str,
+    fields: dict[str, Any],
+    trusted: TrustedKeys | None = None,
+    trusted_node: TrustedKeys | None = None,
 ) -> Manifest | Miss:
-    """The manifest for (workload, fields), verified to be for exactly these fields and,
-    when `trusted` holds keys, signed by one of them.
+    """The manifest for (workload, fields), verified to be for exactly these fields and
+    signed as its publisher must sign (signing.check): a seed's by one of `trusted` when
+    it holds keys, a node's by one of `trusted_node`, which it must hold.
 
     A store error propagates (StoreError): "unreachable" is not "not found".
     """
@@ -42,8 +47,7 @@ def resolve(
     except ObjectNotFound:
         return Miss(explain_miss(store, workload, fields))
     m = mf.parse(data, f"{store.url}/{key}")
-    if trusted:
-        verify(m, trusted, f"{store.url}/{key}")
+    check(m, trusted or TrustedKeys({}), trusted_node or TrustedKeys({}), f"{store.url}/{key}")
     if m.workload != workload or m.fingerprint != fields:
         # Keys are not trusted: a manifest copied to another key must not be taken.
         differ = fingerprint.differences(fields, m.fingerprint)

@@ -34,7 +34,7 @@ from typing import Any
 
 from torchwarm.errors import TorchwarmError, one_line, printable
 from torchwarm.node import gate as node
-from torchwarm.node import marker, misses
+from torchwarm.node import marker, misses, selfseed
 from torchwarm.node.report import PullReport, describe
 from torchwarm.util import httpd
 
@@ -44,6 +44,7 @@ class Sidecar:
         self.report: PullReport | None = None
         self.error: TorchwarmError | None = None
         self.watcher: misses.Watcher | None = None
+        self.seeder: selfseed.Seeder | None = None
         self.started = time.time()
 
     def readyz(self) -> httpd.Response:
@@ -77,9 +78,19 @@ class Sidecar:
                 httpd.metric("torchwarm_start_time_seconds", "gauge", "when the agent started",
                              [({}, self.started)]),
                 self._miss_metrics(),
+                self._publish_metrics(),
             ]
         )  # fmt: skip
         return 200, httpd.PROMETHEUS, text.encode()
+
+    def _publish_metrics(self) -> str:
+        s = self.seeder
+        counts = s.counts if s is not None else dict.fromkeys(selfseed.OUTCOMES, 0)
+        return httpd.metric("torchwarm_publish_total", "counter",
+                            "node publishes of the app's cache dir (serve --publish), by "
+                            "outcome: published, skipped (another manifest was there, or "
+                            "nothing to publish), failed",
+                            [({"outcome": k}, float(n)) for k, n in counts.items()])  # fmt: skip
 
     def _miss_metrics(self) -> str:
         w = self.watcher
@@ -156,15 +167,25 @@ def serve(
     except Exception as e:  # noqa: BLE001 - a watcher that cannot start must not stop serving
         print(printable(f"miss watcher not started: {one_line(f'{type(e).__name__}: {e}')}"),
               flush=True)  # fmt: skip
+    state.seeder = selfseed.prepare(begun.cfg if isinstance(begun, node.Supervisor) else None,
+                                    report, _say, serve=True)  # fmt: skip
     state.report = report
+    if state.seeder is not None:
+        state.seeder.start()
     if threaded:
         stop.wait()
     elif not stop.is_set():
         server.serve_forever()  # until SIGTERM
     if state.watcher is not None:
         state.watcher.stop()
+    if state.seeder is not None:
+        state.seeder.stopping()  # publishes what is there if the app was ready
     server.shutdown()
     return 0
+
+
+def _say(line: str) -> None:
+    print(printable(line), flush=True)
 
 
 def _stopped(sup: node.Supervisor) -> None:

@@ -45,7 +45,9 @@ class PublishReport:
     bytes_uploaded: int
     blobs_uploaded: int
     blobs_present: int
-    outcome: str  # "published", "unchanged" (identical manifest already there), "replaced"
+    outcome: str  # "published", "unchanged" (identical manifest already there), "replaced",
+    # "skipped" (a node's publish that found another manifest there: `reason` says which)
+    reason: str = ""
 
 
 def now_us() -> int:
@@ -89,6 +91,82 @@ def publish(
     and signed with `signing_key` as it is written; any serial or signature `m` carries
     is replaced). `should_stop()` true before the manifest is written cancels the publish
     (the blobs stay, unreferenced, for gc)."""
+    uploaded, present, nbytes = _upload(store, m, files)
+    if should_stop():
+        raise Cancelled(f"publish of {m.workload!r} stopped before its manifest was written")
+    key = keys.manifest_key(m.workload, m.fingerprint_digest)
+    stored, outcome = _write_manifest(store, key, m, signing_key, clock)
+    nbytes += _restore_vanished(store, files)
+    return PublishReport(key, stored, nbytes, uploaded, present, outcome)
+
+
+def publish_node(
+    store: Store,
+    m: Manifest,
+    files: dict[BlobRef, Path],
+    node_key: SigningKey,
+    replaces: Manifest | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    clock: Callable[[], int] = now_us,
+) -> PublishReport:
+    """A node's publish of its app's cache (`m`, publisher node), signed with the node key.
+
+    With `replaces` None it only creates: a node finding any manifest at the key, or
+    losing the race to create it, publishes nothing (outcome "skipped", with the
+    reason), so the first node wins and a seed's manifest is never replaced. With
+    `replaces` (the node manifest this node installed: `publish: misses`) it replaces
+    that one only, by a compare-and-swap, and only while it is still the one stored.
+    Blobs first, the manifest last, as publish()."""
+    key = keys.manifest_key(m.workload, m.fingerprint_digest)
+    m = replace(m, publisher=mf.NODE)
+
+    def skipped(why: str, nbytes: int = 0, uploaded: int = 0, present: int = 0) -> PublishReport:
+        return PublishReport(key, m, nbytes, uploaded, present, "skipped", why)
+
+    version: str | None = None
+    if replaces is None:
+        if store.exists(key):  # before any upload: the common case of a later node
+            return skipped("a manifest for this fingerprint is in the store already")
+    else:
+        stored, version, why = _still(store, key, replaces)
+        if stored is None:
+            return skipped(why)
+    uploaded, present, nbytes = _upload(store, m, files)
+    if should_stop():
+        raise Cancelled(f"publish of {m.workload!r} stopped before its manifest was written")
+    base = replaces.serial if replaces is not None else 0
+    ours = sign(replace(m, serial=max(clock(), base + 1), signature=None), node_key)
+    if not store.put_if_version(key, ours.to_json(), version):
+        why = ("another publisher created it first" if replaces is None else
+               "it changed since it was read")  # fmt: skip
+        return skipped(why, nbytes, uploaded, present)
+    nbytes += _restore_vanished(store, files)
+    return PublishReport(key, ours, nbytes, uploaded, present,
+                         "published" if replaces is None else "replaced")  # fmt: skip
+
+
+def _still(store: Store, key: str, installed: Manifest) -> tuple[Manifest | None, str | None, str]:
+    """The stored manifest and its version if it is still the node manifest `installed`
+    (same serial, publisher node); else None and why not."""
+    try:
+        data, version = store.read(key, mf.MAX_MANIFEST_BYTES)
+    except ObjectNotFound:
+        return None, None, "the manifest it would extend is gone from the store"
+    except ObjectTooLarge:
+        return None, None, "the stored manifest is over the size limit (not the one installed)"
+    stored = _usable(data, f"{store.url}/{key}")
+    if stored is not None and stored.publisher != mf.NODE:
+        why = "a seed's manifest is stored for this fingerprint now; a node never replaces it"
+        return None, None, why
+    if stored is None or stored.serial != installed.serial:
+        return None, None, "the stored manifest changed since this node installed it"
+    if version is None:
+        return None, None, "the store gave no version token, which a safe replace needs"
+    return stored, version, ""
+
+
+def _upload(store: Store, m: Manifest, files: dict[BlobRef, Path]) -> tuple[int, int, int]:
+    """Upload the blobs the store lacks (touching those it has); (uploaded, present, bytes)."""
     uploaded = present = nbytes = 0
     for blob, path in files.items():
         key = keys.blob_key(blob.sha256)
@@ -106,19 +184,20 @@ def publish(
             bar.update(blob.size)
         uploaded += 1
         nbytes += blob.size
-    if should_stop():
-        raise Cancelled(f"publish of {m.workload!r} stopped before its manifest was written")
-    key = keys.manifest_key(m.workload, m.fingerprint_digest)
-    stored, outcome = _write_manifest(store, key, m, signing_key, clock)
-    # A blob that existed when checked may have been swept by a concurrent gc (it was
-    # unreferenced and old) before this manifest landed: put back whatever is missing.
+    return uploaded, present, nbytes
+
+
+def _restore_vanished(store: Store, files: dict[BlobRef, Path]) -> int:
+    """A blob that existed when checked may have been swept by a concurrent gc (it was
+    unreferenced and old) before the manifest landed: put back whatever is missing."""
+    nbytes = 0
     for blob, path in files.items():
         if not store.exists(keys.blob_key(blob.sha256)):
             log.warning("blob %s vanished during publish (a concurrent gc?); re-uploading",
                         blob.sha256)  # fmt: skip
             store.put(keys.blob_key(blob.sha256), path)
             nbytes += blob.size
-    return PublishReport(key, stored, nbytes, uploaded, present, outcome)
+    return nbytes
 
 
 def is_current(stored: Manifest, warmup_key: str, signing_key: SigningKey | None) -> bool:

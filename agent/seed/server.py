@@ -216,10 +216,19 @@ def _check(server: Server, lines: _LogLines | None, timeout: float) -> str | Non
         if server.ready == "tcp":
             with socket.create_connection((HOST, server.port), timeout=timeout):
                 return None
-        conn = http.client.HTTPConnection(HOST, server.port, timeout=timeout)
+    except OSError as e:
+        return _why(e)
+    return http_check(HOST, server.port, server.ready_target, timeout)
+
+
+def http_check(host: str, port: int, path: str, timeout: float) -> str | None:
+    """None when GET http://host:port/path answers 2xx within `timeout` in all, else what
+    it saw (the server workload's ready check; a node's wait for its app to be ready)."""
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
 
         def get() -> int:
-            conn.request("GET", server.ready_target)
+            conn.request("GET", path)
             resp = conn.getresponse()
             resp.read(_CHUNK)
             return resp.status

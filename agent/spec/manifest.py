@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torchwarm.env import codeid, fingerprint
-from torchwarm.errors import ManifestError
+from torchwarm.errors import ManifestError, printable
 
 FORMAT_VERSION = 1
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -24,6 +24,10 @@ _ROLES = {
     "precompile": {"cachedir", "dynamo"},
 }
 MAX_MANIFEST_BYTES = 1 << 20
+# Who wrote a manifest, which decides which keys may sign it (signing.check): a seed's
+# warm-up, or a node that captured its app's own cache dir (node/selfseed.py).
+SEED, NODE = "seed", "node"
+PUBLISHERS = (SEED, NODE)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class Manifest:
     created_by: str = ""
     serial: int = 0  # grows at each write of a key (publish.py); nodes refuse a lower one
     signature: dict[str, Any] | None = None
+    publisher: str = SEED  # one of PUBLISHERS
 
     @property
     def fingerprint_digest(self) -> str:
@@ -63,8 +68,10 @@ class Manifest:
         return sum(b.size for b in self.blobs)
 
     def body(self) -> dict[str, Any]:
-        """Everything but the signature: what a signature covers."""
-        return {
+        """Everything but the signature: what a signature covers. `publisher` is written
+        only when it is not the seed, so that a seed's manifest is what it was before the
+        field existed (and verifies on older nodes)."""
+        doc = {
             "format_version": FORMAT_VERSION,
             "workload": self.workload,
             "fingerprint_digest": self.fingerprint_digest,
@@ -76,6 +83,9 @@ class Manifest:
             "created_by": self.created_by,
             "serial": self.serial,
         }
+        if self.publisher != SEED:
+            doc["publisher"] = self.publisher
+        return doc
 
     def canonical_bytes(self) -> bytes:
         return fingerprint.canonical_json(self.body())
@@ -95,6 +105,7 @@ class Manifest:
             and self.format == other.format
             and set(self.blobs) == set(other.blobs)
             and self.warmup.get("warmup_key") == other.warmup.get("warmup_key")
+            and self.publisher == other.publisher
         )
 
     @property
@@ -156,6 +167,10 @@ def parse(data: bytes, where: str) -> Manifest:
     signature = doc.get("signature")
     if signature is not None and not isinstance(signature, dict):
         raise bad("field 'signature' is not an object")
+    publisher = doc.get("publisher", SEED)
+    if publisher not in PUBLISHERS:
+        raise bad(f"field 'publisher' is {printable(repr(publisher))[:40]}, not one of "
+                  f"{', '.join(PUBLISHERS)}")  # fmt: skip
     return Manifest(
         workload=workload,
         fingerprint=fp,
@@ -166,6 +181,7 @@ def parse(data: bytes, where: str) -> Manifest:
         created_by=get("created_by", str),
         serial=serial,
         signature=signature,
+        publisher=publisher,
     )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torchwarm.errors import ConfigError, IntegrityError
-from torchwarm.spec.manifest import Manifest
+from torchwarm.spec.manifest import NODE, Manifest
 
 # cryptography is imported where a key is used: a node without trusted keys never loads it.
 if TYPE_CHECKING:
@@ -112,7 +112,25 @@ def sign(m: Manifest, key: SigningKey) -> Manifest:
     )
 
 
-def verify(m: Manifest, trusted: TrustedKeys, where: str) -> None:
+def check(m: Manifest, trusted: TrustedKeys, trusted_node: TrustedKeys, where: str) -> None:
+    """Raise IntegrityError unless this node may take `m`, by who published it: a seed's
+    manifest is verified with the seed keys when this node has any (none: unsigned is
+    taken, as before node publishes existed); a node's only with the node keys, and never
+    without them, whatever the seed keys. A node key cannot pass as a seed's: a manifest
+    that says `publisher: seed` is checked against the seed keys alone."""
+    if m.publisher == NODE:
+        if not trusted_node:
+            raise IntegrityError(
+                f"manifest {where}: it was published by a node (signed by "
+                f"{m.signer or 'no key'!r}), and this node trusts no node publishes "
+                "(trusted_node_keys is not set); refusing it"
+            )
+        verify(m, trusted_node, where, "trusted_node_keys")
+    elif trusted:
+        verify(m, trusted, where)
+
+
+def verify(m: Manifest, trusted: TrustedKeys, where: str, setting: str = "trusted_keys") -> None:
     """Raise IntegrityError unless `m` carries a valid signature by a trusted key."""
 
     def refuse(why: str) -> IntegrityError:
@@ -120,7 +138,7 @@ def verify(m: Manifest, trusted: TrustedKeys, where: str) -> None:
 
     sig = m.signature
     if not sig:
-        raise refuse("it is unsigned and this node requires signatures (trusted_keys is set)")
+        raise refuse(f"it is unsigned and this node requires signatures ({setting} is set)")
     name, value = sig.get("key"), sig.get("value")
     if sig.get("algorithm") != ALGORITHM or not isinstance(name, str) or not isinstance(value, str):
         raise refuse(f"its signature is not an {ALGORITHM} signature with a key name")
@@ -129,7 +147,7 @@ def verify(m: Manifest, trusted: TrustedKeys, where: str) -> None:
     public = trusted.keys.get(name)
     if public is None:
         known = ", ".join(sorted(trusted.keys))
-        raise refuse(f"it is signed by {name!r}, which is not a trusted key (trusted: {known})")
+        raise refuse(f"it is signed by {name!r}, which is not a trusted key ({setting}: {known})")
     try:
         public.verify(base64.b64decode(value, validate=True), m.canonical_bytes())
     except (InvalidSignature, binascii.Error, ValueError):
