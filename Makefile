@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-pull bench-fleet bench-march bench-transfer bench-real bench-scale clean
+.PHONY: demo test lint bench bench-pull bench-fleet bench-march bench-transfer bench-real bench-scale bench-selfseed clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -40,7 +40,7 @@ lint: $(STAMP)
 ## bench: first-call seconds per format (3 fresh nodes each), zstd vs gzip, where a
 ## pull's time goes, a fleet pulling at once, the cost of a pinned -march, a
 ## transformers Llama on fresh nodes, and a 128 MiB Triton-shaped cache pulled beside
-## tar and cp (bench-scale --quick)
+## tar and cp (bench-scale --quick), and the app's start under run --publish
 bench: $(STAMP)
 	$(BIN)/python bench/first_call.py --repeat 3
 	$(BIN)/python bench/compression.py
@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/march.py
 	$(BIN)/python bench/real_model.py
 	$(BIN)/python bench/scale.py --quick
+	$(BIN)/python bench/selfseed.py
 
 ## bench-pull: the pull's wall split (process start, fingerprint, resolve, fetch,
 ## install, rest) over 10 fresh pulls, and time to first result against cold
@@ -74,6 +75,10 @@ bench-real: $(STAMP)
 ## stores kept in /var/tmp/torchwarm-scale between runs (about 11 GiB)
 bench-scale: $(STAMP)
 	$(BIN)/python bench/scale.py
+
+## bench-selfseed: the app's start and run's end with `run --publish` against plain `run`
+bench-selfseed: $(STAMP)
+	$(BIN)/python bench/selfseed.py
 
 bench-transfer: $(STAMP)
 	$(BIN)/python bench/transfer.py
