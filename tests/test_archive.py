@@ -310,3 +310,37 @@ def test_duplicate_member_names_refused(tmp_path, first, second):
     assert "twice" in extract_error(path, tmp_path / "d")
     with pytest.raises(ArchiveError, match="twice"):
         archive.members(path)
+
+
+@pytest.mark.parametrize("swapped", ["fxgraph/ab/entry", "fxgraph/ab"])
+def test_write_never_follows_a_link_that_replaced_a_member(tmp_path, swapped):
+    """A member (or a folder above it) swapped for a symlink after the listing, as an app
+    sharing the cache dir could do to a sidecar that captures it, fails the capture
+    instead of archiving what the link points at (a secret of the capturer's)."""
+    secret = tmp_path / "node-1.secret"
+    secret.write_bytes(b"the node key")
+    root = make_tree(tmp_path / "cache", {"fxgraph/ab/entry": b"graph"})
+    members = ["fxgraph/ab/entry"]  # listed while it was a regular file
+    target = root / swapped
+    if target.is_dir():
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "elsewhere" / "entry").symlink_to(secret)
+        os.rename(target, tmp_path / "moved")
+        target.symlink_to(tmp_path / "elsewhere")
+    else:
+        target.unlink()
+        target.symlink_to(secret)
+    dest = tmp_path / "out.tar.zst"
+    with pytest.raises(OSError, match="symbolic link|Not a directory|not a regular file"):
+        archive.write(root, members, dest)
+
+
+def test_cache_members_leave_out_what_is_not_a_regular_file(tmp_path):
+    """A FIFO or a symlink in a cache dir is no member: a FIFO opened for reading would
+    block the capture until a writer came, a link would bring in its target."""
+    from torchwarm.formats.base import cache_members
+
+    root = make_tree(tmp_path / "cache", {"fxgraph/ab/entry": b"graph"})
+    os.mkfifo(root / "fxgraph" / "ab" / "pipe")
+    (root / "fxgraph" / "link").symlink_to(tmp_path)
+    assert cache_members(root) == ["fxgraph/ab/entry"]

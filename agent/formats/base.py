@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,8 @@ def disable_caching_precompile() -> None:
 def cache_members(cache_dir: Path, suffix: str | None = None, dynamo: bool = False) -> list[str]:
     """Relative paths of the persistent files in a cache dir, optionally only `*suffix`.
 
-    Lock files, torch's in-flight temp files and torchwarm's own files never travel.
+    Lock files, torch's in-flight temp files, torchwarm's own files and anything that is
+    not a regular file (a symlink, a FIFO) never travel.
     Files under `dynamo/` (precompiled Dynamo entries, which travel only in their own blob
     of the `precompile` format) are left out, or with `dynamo=True` are the only ones.
     """
@@ -90,9 +92,11 @@ def cache_members(cache_dir: Path, suffix: str | None = None, dynamo: bool = Fal
                 continue
             if suffix is not None and not name.endswith(suffix):
                 continue
-            path = Path(dirpath, name)
-            if path.is_symlink():
-                continue
+            try:  # a symlink or a FIFO is no member (a FIFO would block the capture)
+                if not stat.S_ISREG(os.lstat(Path(dirpath, name)).st_mode):
+                    continue
+            except FileNotFoundError:
+                continue  # gone since the listing: torch replaced or removed it
             out.append((rel_dir / name).as_posix())
     return sorted(out)
 

@@ -80,17 +80,41 @@ def write(root: Path, members: Iterable[str], dest: Path, level: int = ZSTD_LEVE
     with dest.open("wb") as raw, cctx.stream_writer(raw, closefd=False) as zw:
         with tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             for rel in sorted(set(members)):
-                path = root / rel
-                st = path.stat()
-                info = tarfile.TarInfo(rel)
-                info.size = st.st_size
-                info.mtime = FIXED_MTIME
-                info.mode = 0o755 if st.st_mode & stat.S_IXUSR else 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                with path.open("rb") as f:
+                with _open_beneath(root, rel) as f:
+                    st = os.fstat(f.fileno())
+                    info = tarfile.TarInfo(rel)
+                    info.size = st.st_size
+                    info.mtime = FIXED_MTIME
+                    info.mode = 0o755 if st.st_mode & stat.S_IXUSR else 0o644
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
                     tar.addfile(info, f)
         zw.flush(zstandard.FLUSH_FRAME)
+
+
+def _open_beneath(root: Path, rel: str) -> BinaryIO:
+    """Open the regular file `root/rel` for reading without following a symlink at any
+    component: the tree may be written meanwhile by a process that is not trusted with
+    what the capturer can read (an app beside the sidecar that holds the node key), and
+    a member or folder swapped for a link after the listing must not bring its target
+    into the archive. OSError (ELOOP, ENOTDIR, or "not a regular file") otherwise."""
+    parts = PurePosixPath(rel).parts
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            sub = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=fd)  # fmt: skip
+            os.close(fd)
+            fd = sub
+        # O_NONBLOCK: a FIFO put there opens at once (and is refused below), not never.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        leaf = os.open(parts[-1], flags, dir_fd=fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(leaf).st_mode):
+        os.close(leaf)
+        raise OSError(errno.EINVAL, "not a regular file", str(root / rel))
+    return os.fdopen(leaf, "rb")
 
 
 def extract(
