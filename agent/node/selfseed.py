@@ -42,6 +42,7 @@ from torchwarm.errors import TorchwarmError, one_line, printable
 from torchwarm.node import install, marker, misses
 from torchwarm.node.report import PullReport
 from torchwarm.seed.server import http_check
+from torchwarm.spec import archive
 from torchwarm.spec import manifest as mf
 from torchwarm.util.fs import atomic_write_bytes, read_json
 
@@ -223,6 +224,8 @@ class Seeder:
             out.mkdir()
             try:
                 captured = fmt.capture(self.cache_dir, out)
+                for c in captured:  # what every node would refuse must not take the key
+                    archive.members(c.path)
                 warmup = {"captured_from": "app", "reason": self.plan.why, "trigger": trigger,
                           "unpacked_bytes": unpacked, "entries": len(entries),
                           "warmed_at": str(self.cache_dir)}  # fmt: skip

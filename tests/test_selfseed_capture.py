@@ -1,0 +1,79 @@
+"""What a node's publish captures from a cache dir the app writes: nothing a node would
+refuse, nothing outside the tree. In this process, no compile: the Seeder is given the
+pull's report, and the "app" is the test writing files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from torchwarm import config as cfgmod
+from torchwarm.env import fingerprint
+from torchwarm.node import selfseed
+from torchwarm.node.report import PullReport, WorkloadOutcome
+from torchwarm.spec import signing
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> tuple[cfgmod.Config, PullReport]:
+    """A cold node with a node key and an empty local store."""
+    secret, _ = signing.generate("node-1")
+    (tmp_path / "node-1.secret").write_text(secret + "\n")
+    doc = {"store": str(tmp_path / "store"), "cache_dir": str(tmp_path / "node" / "inductor"),
+           "node_key_file": str(tmp_path / "node-1.secret"), "publish": {"mode": "cold"},
+           "workloads": [{"name": "app", "command": ["true"]}]}  # fmt: skip
+    (tmp_path / "torchwarm.yaml").write_text(yaml.safe_dump(doc))
+    cfg = cfgmod.load(tmp_path / "torchwarm.yaml", environ={})
+    cfg.cache_dir.mkdir(parents=True)
+    cold = WorkloadOutcome("app", "cold", "no cache", no_cache=True)
+    digest = fingerprint.digest(fingerprint.collect())
+    return cfg, PullReport("cold", str(cfg.cache_dir), digest, cfg.store, [cold], {})
+
+
+def seeder(cfg: cfgmod.Config, report: PullReport, lines: list[str]) -> selfseed.Seeder:
+    s = selfseed.prepare(cfg, report, lines.append)
+    assert s is not None, lines
+    return s
+
+
+def test_a_tree_nodes_would_refuse_is_not_published(node):
+    """An entry nested deeper than a node's archive reader accepts fails the publish with
+    one line, and the store gets no manifest (a manifest every node refuses would hold
+    the fingerprint cold until a seed replaced it)."""
+    cfg, report = node
+    deep = cfg.cache_dir / "fxgraph" / "ab" / "/".join(["d"] * 70)
+    deep.mkdir(parents=True)
+    (deep / "entry").write_bytes(b"graph")
+    lines: list[str] = []
+    s = seeder(cfg, report, lines)
+    s.publish("the app exited 0")
+    assert s.counts == {"published": 0, "skipped": 0, "failed": 1}, lines
+    (line,) = lines
+    assert line.startswith("publish: failed for app:") and "refusing" in line, line
+    assert not list(Path(cfg.store.removeprefix("file://")).rglob("*.json"))
+
+
+def test_a_link_in_the_cache_dir_does_not_bring_its_target(node, tmp_path):
+    """A symlink the app left in the cache dir (to a file only the publisher can read)
+    is not in what is published; the regular entries are."""
+    cfg, report = node
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"the node key")
+    entry = cfg.cache_dir / "fxgraph" / "ab" / "k" / "entry"
+    entry.parent.mkdir(parents=True)
+    entry.write_bytes(b"graph")
+    (cfg.cache_dir / "fxgraph" / "ab" / "k" / "link").symlink_to(secret)
+    lines: list[str] = []
+    s = seeder(cfg, report, lines)
+    s.publish("the app exited 0")
+    assert s.counts["published"] == 1, lines
+    store = Path(cfg.store.removeprefix("file://"))
+    (manifest,) = store.rglob("manifests/**/*.json")
+    (blob,) = json.loads(manifest.read_text())["blobs"]
+    from torchwarm.spec import archive
+
+    blob_path = store / "blobs" / "sha256" / blob["sha256"][:2] / blob["sha256"]
+    assert archive.members(blob_path) == ["fxgraph/ab/k/entry"]
