@@ -224,7 +224,7 @@ class Seeder:
             out.mkdir()
             try:
                 captured = fmt.capture(self.cache_dir, out)
-                for c in captured:  # what every node would refuse must not take the key
+                for c in captured:  # as a node checks it: what every node refuses stays out
                     archive.members(c.path)
                 warmup = {"captured_from": "app", "reason": self.plan.why, "trigger": trigger,
                           "unpacked_bytes": unpacked, "entries": len(entries),
