@@ -57,7 +57,9 @@ SYSTEMD = DEPLOY / "systemd"
 USER_DATA = DEPLOY / "cloud-init" / "user-data.sh"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 
-OVERLAYS = ("eks", "eks-sidecar", "gke", "gke-sidecar")
+OVERLAYS = ("eks", "eks-sidecar", "gke", "gke-sidecar", "eks-self-seed")
+SIDECAR_OVERLAYS = ("eks-sidecar", "gke-sidecar", "eks-self-seed")  # torchwarm serve
+SELF_SEED = "eks-self-seed"  # components/self-seed: serve --publish
 K8S_VERSIONS = ("1.29.0", latest_version())
 AGENT = "torchwarm"  # the agent container's name
 APP = "app"
@@ -231,8 +233,9 @@ def test_every_overlay_is_tested() -> None:
 def test_renders_and_validates_against_kubernetes_schemas(overlay: str) -> None:
     docs = render(overlay)
     kinds = sorted(d["kind"] for d in docs)
+    accounts = 3 if overlay == SELF_SEED else 2  # + torchwarm-node-publish
     assert kinds == sorted(
-        ["ConfigMap"] * 3 + ["ServiceAccount"] * 2 + ["Deployment", "Job", "CronJob"]
+        ["ConfigMap"] * 3 + ["ServiceAccount"] * accounts + ["Deployment", "Job", "CronJob"]
     )
     for d in docs:
         for version in K8S_VERSIONS:
@@ -288,7 +291,7 @@ def test_init_container_or_native_sidecar(overlay: str, tmp_path: Path) -> None:
     agent = container(spec, AGENT)
     assert agent is not None and agent in spec["initContainers"]
     deadline = config_of(docs, tmp_path).deadline_s
-    if overlay.endswith("-sidecar"):
+    if overlay in SIDECAR_OVERLAYS:
         assert sidecar_problems(spec, deadline) == []
         assert "livenessProbe" in agent and agent["livenessProbe"]["httpGet"]["path"] == "/healthz"
     else:
@@ -422,7 +425,13 @@ def secret_problems(docs: tuple[dict[str, Any], ...]) -> list[str]:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_no_secrets_in_the_manifests(overlay: str) -> None:
-    assert secret_problems(render(overlay)) == []
+    docs = render(overlay)
+    if overlay == SELF_SEED:
+        # Its two signing keys are Secret volumes, each checked where it is mounted
+        # (test_self_seed_keys_reach_only_their_container); nothing else may be one.
+        assert key_problems(docs) == []
+        docs = without_key_volumes(docs)
+    assert secret_problems(docs) == []
 
 
 def test_no_credentials_anywhere_under_deploy() -> None:
@@ -445,6 +454,285 @@ def test_secret_checker_catches_a_secret() -> None:
     assert secret_problems((*render("eks"), secret)) == ["Secret s"]
 
 
+# --------------------------------------------------------------------- self-seeding
+
+NODE_KEY_SECRET = "torchwarm-node-key"
+SEED_KEY_SECRET = "torchwarm-seed-key"
+PUBLISH_ACCOUNT = "torchwarm-node-publish"
+SKIP_CONTAINERS = "eks.amazonaws.com/skip-containers"
+# Who holds which key, per pod: (container, Secret, the variable naming its file).
+KEY_HOLDERS = {
+    "Deployment": (AGENT, NODE_KEY_SECRET, "TORCHWARM_NODE_KEY_FILE"),
+    "Job": ("warmup", SEED_KEY_SECRET, "TORCHWARM_SIGNING_KEY_FILE"),
+    "CronJob": ("warmup", SEED_KEY_SECRET, "TORCHWARM_SIGNING_KEY_FILE"),
+}
+KEY_VARS = re.compile(r"TORCHWARM_(NODE|SIGNING)_KEY")  # a key's text, or its file
+# What the SDKs and torchwarm take credentials or keys from.
+CREDENTIAL_VARS = re.compile(rf"AWS_|GOOGLE_|CLOUDSDK_|{KEY_VARS.pattern}")
+
+
+def containers_of(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return spec.get("initContainers", []) + spec.get("containers", [])
+
+
+def secret_volumes(spec: dict[str, Any]) -> dict[str, str]:
+    """Volume name -> Secret name, for Secret volumes and Secrets inside projected ones."""
+    found = {}
+    for v in spec.get("volumes", []):
+        if "secret" in v:
+            found[v["name"]] = v["secret"].get("secretName", "")
+        for source in v.get("projected", {}).get("sources", []):
+            if "secret" in source:
+                found[v["name"]] = source["secret"].get("name", "")
+    return found
+
+
+def mounted_by(spec: dict[str, Any], volume: str) -> list[str]:
+    return [
+        c["name"]
+        for c in containers_of(spec)
+        if any(m["name"] == volume for m in c.get("volumeMounts", []))
+    ]
+
+
+def key_problems(docs: tuple[dict[str, Any], ...]) -> list[str]:
+    """The node key's Secret in the app pod's sidecar alone, the seed key's in the seed's
+    container alone, each named by its variable, no other Secret; [] when so."""
+    problems: list[str] = []
+    for name, spec in pod_specs(docs):
+        holder, secret, var = KEY_HOLDERS[name.split("/")[0]]
+        volumes = secret_volumes(spec)
+        if sorted(volumes.values()) != [secret]:
+            problems.append(f"{name}: Secret volumes {sorted(volumes.values())}, not [{secret!r}]")
+        for volume, mounted in volumes.items():
+            users = mounted_by(spec, volume)
+            if users != [holder]:
+                problems.append(
+                    f"{name}: Secret {mounted} is mounted in {users}, not {holder} alone"
+                )
+        for c in containers_of(spec):
+            allowed = {var} if c["name"] == holder else set()
+            keyvars = {e["name"] for e in c.get("env", []) if KEY_VARS.match(e["name"])}
+            if keyvars - allowed:
+                problems.append(f"{name}: container {c['name']} gets {sorted(keyvars - allowed)}")
+        agent = container(spec, holder)
+        path = env_of(agent).get(var) if agent else None
+        mounts = [
+            m["mountPath"]
+            for m in (agent or {}).get("volumeMounts", [])
+            if volumes.get(m["name"]) == secret
+        ]
+        if path is None or not any(under(path, m) for m in mounts):
+            problems.append(f"{name}: {holder}'s {var}={path!r} is not in the {secret} mount")
+    return problems
+
+
+def without_key_volumes(docs: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
+    """A copy without the two key Secrets' volumes and mounts (key_problems checks them)."""
+    docs = copy.deepcopy(docs)
+    for _, spec in pod_specs(docs):
+        keys = {
+            v for v, s in secret_volumes(spec).items() if s in (NODE_KEY_SECRET, SEED_KEY_SECRET)
+        }
+        spec["volumes"] = [v for v in spec["volumes"] if v["name"] not in keys]
+        for c in containers_of(spec):
+            c["volumeMounts"] = [m for m in c.get("volumeMounts", []) if m["name"] not in keys]
+    return docs
+
+
+def credential_problems(docs: tuple[dict[str, Any], ...]) -> list[str]:
+    """Whether a container of the self-seeding pod other than the sidecar can get store
+    credentials or a key; [] when none can."""
+    problems: list[str] = []
+    pod = one(docs, "Deployment", "example-app")["spec"]["template"]
+    spec = pod["spec"]
+    if spec.get("serviceAccountName") != PUBLISH_ACCOUNT:
+        problems.append(
+            f"the pod runs as {spec.get('serviceAccountName')!r}, not {PUBLISH_ACCOUNT}"
+        )
+    accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
+    account = accounts.get(spec.get("serviceAccountName"), {})
+    if account.get("automountServiceAccountToken") is not False or spec.get(
+        "automountServiceAccountToken"
+    ):
+        problems.append("the ServiceAccount's API token is mounted in every container")
+    if spec.get("shareProcessNamespace"):
+        # Same user in every container: each could read the sidecar's /proc/PID/root.
+        problems.append("shareProcessNamespace: the app can reach the sidecar's files")
+    # The webhook splits the annotation as CSV, names taken exactly.
+    skipped = pod["metadata"].get("annotations", {}).get(SKIP_CONTAINERS, "").split(",")
+    others = [c["name"] for c in containers_of(spec) if c["name"] != AGENT]
+    if missing := [n for n in others if n not in skipped]:
+        problems.append(f"{SKIP_CONTAINERS} lacks {missing}: the webhook gives them the role")
+    if AGENT in skipped:
+        problems.append(f"{SKIP_CONTAINERS} names the sidecar: it gets no credentials")
+    tokens = {
+        v["name"]
+        for v in spec.get("volumes", [])
+        if any("serviceAccountToken" in s for s in v.get("projected", {}).get("sources", []))
+    }
+    held = tokens | set(secret_volumes(spec))
+    for c in containers_of(spec):
+        if c["name"] == AGENT:
+            continue
+        env = [e["name"] for e in c.get("env", [])]
+        for ref in c.get("envFrom", []):
+            env += list(configmap(docs, ref["configMapRef"]["name"])["data"])
+        if found := [v for v in env if CREDENTIAL_VARS.match(v)]:
+            problems.append(f"{c['name']} gets {found}")
+        if found := [m["name"] for m in c.get("volumeMounts", []) if m["name"] in held]:
+            problems.append(f"{c['name']} mounts {found}")
+    return problems
+
+
+def self_seed_config(docs: tuple[dict[str, Any], ...], tmp_path: Path) -> cfgmod.Config:
+    """The config as the sidecar loads it: its own command line over the ConfigMaps."""
+    agent = container(one(docs, "Deployment")["spec"]["template"]["spec"], AGENT)
+    assert agent is not None
+    args = cli._parser().parse_args(agent["args"])
+    assert args.config == CONFIG_PATH
+    path = tmp_path / "config.yaml"
+    path.write_text(configmap(docs, "torchwarm-config")["data"]["config.yaml"])
+    environ = dict(configmap(docs, "torchwarm-env")["data"])
+    return cfgmod.load(path, cli._pull_overrides(args), environ=environ)
+
+
+def publish_problems(docs: tuple[dict[str, Any], ...], cfg: cfgmod.Config) -> list[str]:
+    """The sidecar publishes and waits for the app's own readiness endpoint; the nodes
+    check both publishers' signatures; [] when so."""
+    problems = []
+    if cfg.publish.mode != "cold":
+        problems.append(f"publish mode is {cfg.publish.mode!r}, not 'cold'")
+    app = container(one(docs, "Deployment")["spec"]["template"]["spec"], APP)
+    assert app is not None
+    probe = app.get("readinessProbe", {}).get("httpGet", {})
+    ports = {p.get("name"): p["containerPort"] for p in app.get("ports", [])}
+    port = ports.get(probe.get("port"), probe.get("port"))
+    want = f"http://127.0.0.1:{port}{probe.get('path')}"
+    if cfg.publish.ready_url != want:
+        problems.append(
+            f"ready_url {cfg.publish.ready_url!r} is not the app's readinessProbe {want}"
+        )
+    if not cfg.trusted_node_keys:
+        problems.append("no trusted_node_keys: no pod takes another's publish")
+    if not cfg.trusted_keys:
+        problems.append("no trusted_keys: any pod that can write could pass as the seed")
+    if len(cfg.workloads) != 1:
+        problems.append(f"{len(cfg.workloads)} workloads; a publish takes the whole cache dir")
+    return problems
+
+
+def test_self_seed_sidecar_publishes(tmp_path: Path) -> None:
+    """The sidecar's own command line (`serve --publish`) over the rendered config turns
+    publishing on, waits on the app's readinessProbe, and trusts both publishers' keys."""
+    docs = render(SELF_SEED)
+    assert publish_problems(docs, self_seed_config(docs, tmp_path)) == []
+
+
+def test_publish_checker_catches_mistakes(tmp_path: Path) -> None:
+    """No --publish, a ready_url off the app's probe, or no seed keys: each is caught."""
+    docs = render(SELF_SEED)
+
+    def broken(edit: Any) -> list[str]:
+        bad = copy.deepcopy(docs)
+        edit(
+            one(bad, "Deployment")["spec"]["template"]["spec"],
+            configmap(bad, "torchwarm-config")["data"],
+        )
+        return publish_problems(bad, self_seed_config(bad, tmp_path))
+
+    def drop_flag(spec: dict[str, Any], data: dict[str, str]) -> None:
+        container(spec, AGENT)["args"].remove("--publish")
+
+    def other_port(spec: dict[str, Any], data: dict[str, str]) -> None:
+        data["config.yaml"] = data["config.yaml"].replace("127.0.0.1:8080", "127.0.0.1:9090")
+
+    def no_seed_keys(spec: dict[str, Any], data: dict[str, str]) -> None:
+        data["config.yaml"] = re.sub(r"(?m)^trusted_keys:.*$", "", data["config.yaml"])
+
+    assert broken(drop_flag) == ["publish mode is 'off', not 'cold'"]
+    assert any("readinessProbe" in p for p in broken(other_port))
+    assert any("pass as the seed" in p for p in broken(no_seed_keys))
+
+
+def test_self_seed_config_is_the_base_config_plus_publishing() -> None:
+    """The component's config is the base's, plus only the publish block and key lists."""
+    base = yaml.safe_load((K8S / "base" / "torchwarm.yaml").read_text())
+    ours = yaml.safe_load((K8S / "components" / "self-seed" / "torchwarm.yaml").read_text())
+    added = {k: ours.pop(k) for k in ("publish", "trusted_keys", "trusted_node_keys")}
+    assert ours == base and all(added.values())
+
+
+def test_self_seed_keys_reach_only_their_container() -> None:
+    """The node key's Secret is mounted in the sidecar alone and the seed key's in the
+    seed's container alone, each named by the variable torchwarm reads it from."""
+    assert key_problems(render(SELF_SEED)) == []
+
+
+def test_key_checker_catches_mistakes() -> None:
+    """A key mounted or named in another container, or missing, is caught."""
+    docs = render(SELF_SEED)
+
+    def broken(edit: Any, pod: str = "Deployment/example-app") -> list[str]:
+        bad = copy.deepcopy(docs)
+        edit(dict(pod_specs(bad))[pod])
+        return key_problems(bad)
+
+    node_mount = {"name": "torchwarm-node-key", "mountPath": "/keys", "readOnly": True}
+    assert broken(lambda s: container(s, APP)["volumeMounts"].append(node_mount))
+    assert broken(lambda s: container(s, AGENT).update(env=[]))  # no TORCHWARM_NODE_KEY_FILE
+    assert broken(lambda s: container(s, APP)["env"].append(
+        {"name": "TORCHWARM_NODE_KEY_FILE", "value": "/keys/node-1.secret"}))  # fmt: skip
+    seed_key = {"name": "k", "secret": {"secretName": SEED_KEY_SECRET}}
+    assert broken(lambda s: s["volumes"].append(seed_key))
+    node_key = {"name": "k", "secret": {"secretName": NODE_KEY_SECRET}}
+    assert broken(lambda s: s["volumes"].append(node_key), "Job/torchwarm-warmup")
+
+
+def test_self_seed_app_container_gets_no_credentials() -> None:
+    """Only the sidecar gets the pod's write role (the app is named in the EKS webhook's
+    skip-containers annotation), a key, or a token; nothing lets the app reach them."""
+    assert credential_problems(render(SELF_SEED)) == []
+
+
+def test_credential_checker_catches_mistakes() -> None:
+    """An app left out of skip-containers, a shared PID namespace, credentials in the
+    app's environment or a token volume in it: each is caught."""
+    docs = render(SELF_SEED)
+
+    def broken(edit: Any) -> list[str]:
+        bad = copy.deepcopy(docs)
+        edit(one(bad, "Deployment")["spec"]["template"])
+        return credential_problems(bad)
+
+    def annotate(pod: dict[str, Any], value: str) -> None:
+        pod["metadata"]["annotations"][SKIP_CONTAINERS] = value
+
+    assert broken(lambda p: p["metadata"]["annotations"].pop(SKIP_CONTAINERS))
+    assert broken(lambda p: annotate(p, " app"))  # the webhook reads " app", not "app"
+    log_shipper = {"name": "logs", "image": "fluent-bit"}
+    assert broken(lambda p: p["spec"]["containers"].append(log_shipper))
+    assert broken(lambda p: p["spec"].update(shareProcessNamespace=True))
+    assert broken(lambda p: container(p["spec"], APP)["env"].append(
+        {"name": "AWS_ROLE_ARN", "value": "arn:aws:iam::111122223333:role/x"}))  # fmt: skip
+    token = {"name": "t", "projected": {"sources": [{"serviceAccountToken": {"path": "t"}}]}}
+    assert broken(lambda p: (p["spec"]["volumes"].append(token),
+                             container(p["spec"], APP)["volumeMounts"].append(
+                                 {"name": "t", "mountPath": "/t"})))  # fmt: skip
+
+
+def test_self_seed_publish_role_is_its_own() -> None:
+    """The publishing pod's role is neither the read-only node role nor the seed's."""
+    roles = {
+        d["metadata"]["name"]: d["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+        for d in render(SELF_SEED)
+        if d["kind"] == "ServiceAccount"
+    }
+    assert len(set(roles.values())) == 3 and roles[PUBLISH_ACCOUNT].endswith(
+        "/torchwarm-node-publish"
+    )
+
+
 # ------------------------------------------------------------------ command lines
 
 
@@ -457,26 +745,41 @@ def parses(argv: list[str]) -> str | None:
     return None
 
 
-def systemd_units() -> dict[str, dict[str, list[tuple[str, str]]]]:
+Unit = dict[str, list[tuple[str, str]]]  # section -> [(key, value)], keys may repeat
+
+
+def parse_unit(text: str) -> Unit:
+    sections: Unit = {}
+    current: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), [])
+        else:
+            key, _, value = line.partition("=")
+            current.append((key.strip(), value.strip()))
+    return sections
+
+
+def systemd_units() -> dict[str, Unit]:
     """unit name -> section -> [(key, value)] (systemd allows repeated keys)."""
-    units: dict[str, dict[str, list[tuple[str, str]]]] = {}
-    for path in sorted(SYSTEMD.glob("*.service")) + sorted(SYSTEMD.glob("*.timer")):
-        sections: dict[str, list[tuple[str, str]]] = {}
-        current: list[tuple[str, str]] = []
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if not line or line.startswith(("#", ";")):
-                continue
-            if line.startswith("["):
-                current = sections.setdefault(line.strip("[]"), [])
-            else:
-                key, _, value = line.partition("=")
-                current.append((key.strip(), value.strip()))
-        units[path.name] = sections
-    return units
+    return {
+        path.name: parse_unit(path.read_text())
+        for path in sorted(SYSTEMD.glob("*.service")) + sorted(SYSTEMD.glob("*.timer"))
+    }
 
 
-def get(unit: dict[str, list[tuple[str, str]]], section: str, key: str) -> list[str]:
+def systemd_dropins() -> dict[str, Unit]:
+    """'<unit>.d/<name>.conf' -> its sections (installed in /etc/systemd/system/<unit>.d/)."""
+    return {
+        str(path.relative_to(SYSTEMD)): parse_unit(path.read_text())
+        for path in sorted(SYSTEMD.glob("*.d/*.conf"))
+    }
+
+
+def get(unit: Unit, section: str, key: str) -> list[str]:
     return [v for k, v in unit.get(section, []) if k == key]
 
 
@@ -488,10 +791,10 @@ def torchwarm_command_lines() -> list[tuple[str, list[str]]]:
                 argv = c.get("command", []) + c.get("args", [])
                 if argv[:1] == ["torchwarm"]:
                     found.append((f"{overlay} {name} {c['name']}", argv[1:]))
-    for unit, sections in systemd_units().items():
+    for unit, sections in {**systemd_units(), **systemd_dropins()}.items():
         for line in get(sections, "Service", "ExecStart"):
             argv = shlex.split(line.lstrip("-@:+!"))
-            if Path(argv[0]).name == "torchwarm":
+            if argv and Path(argv[0]).name == "torchwarm":  # "ExecStart=" resets the list
                 found.append((unit, argv[1:]))
     return found
 
@@ -656,23 +959,30 @@ def test_systemd_units_keep_their_promises() -> None:
 
 
 def systemd_verify(units_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """`systemd-analyze verify` on copies whose absolute ExecStart binaries are stubs."""
+    """`systemd-analyze verify` on copies of the units and their drop-ins (found through
+    $SYSTEMD_UNIT_PATH) whose absolute ExecStart binaries are stubs."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze not installed (Debian package `systemd`)")
     work = tmp_path / "units"
     work.mkdir()
     stubs = tmp_path / "stubs"
-    for path in sorted(units_dir.glob("*.service")) + sorted(units_dir.glob("*.timer")):
+    files = [*units_dir.glob("*.service"), *units_dir.glob("*.timer"), *units_dir.glob("*.d/*")]
+    for path in sorted(files):
         text = path.read_text()
         for binary in set(re.findall(r"^ExecStart=[-@:+!]*(/\S+)", text, flags=re.M)):
             if not os.access(binary, os.X_OK):
                 fake = stubs / binary.lstrip("/")
                 stub(fake, "exit 0\n")
-                text = text.replace(f"={binary} ", f"={fake} ")
-        (work / path.name).write_text(text)
-    names = sorted(p.name for p in work.iterdir())
-    return run(analyze, "verify", "--man=no", *names, cwd=work)
+                text = re.sub(rf"^(ExecStart=[-@:+!]*){re.escape(binary)} ", rf"\g<1>{fake} ",
+                              text, flags=re.M)  # fmt: skip
+        copy_ = work / path.relative_to(units_dir)
+        copy_.parent.mkdir(exist_ok=True)
+        copy_.write_text(text)
+    names = sorted(p.name for p in work.iterdir() if p.is_file())
+    # The trailing ":" keeps systemd's own unit path after the work dir.
+    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{work}:"}
+    return run(analyze, "verify", "--man=no", *names, cwd=work, env=env)
 
 
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
@@ -690,6 +1000,149 @@ def test_systemd_analyze_verify_flags_a_bad_unit(tmp_path: Path) -> None:
         )
     proc = systemd_verify(bad, tmp_path)
     assert "TimeoutStartSec" in proc.stderr
+
+
+def test_systemd_analyze_verify_reads_the_dropins(tmp_path: Path) -> None:
+    """A mistake in a drop-in shows: verify is given the drop-ins, not only the units."""
+    bad = tmp_path / "bad"
+    shutil.copytree(SYSTEMD, bad)
+    dropin = bad / "example-app.service.d" / "selfseed.conf"
+    dropin.write_text(dropin.read_text().replace("InaccessiblePaths=", "InaccesiblePaths="))
+    proc = systemd_verify(bad, tmp_path)
+    assert "InaccesiblePaths" in proc.stderr
+
+
+SELFSEED = "torchwarm-selfseed.service"
+PULL_DROPIN = "torchwarm-pull.service.d/selfseed.conf"
+APP_DROPIN = "example-app.service.d/selfseed.conf"
+CREDENTIAL_KEYS = ("LoadCredential", "LoadCredentialEncrypted", "SetCredential",
+                   "SetCredentialEncrypted", "ImportCredential")  # fmt: skip
+
+
+def merged(*units: Unit) -> Unit:
+    """A unit with its drop-ins applied (enough here: lists appended; an empty value of
+    ExecStart= clears the list, as systemd does)."""
+    out: Unit = {}
+    for unit in units:
+        for section, pairs in unit.items():
+            for key, value in pairs:
+                target = out.setdefault(section, [])
+                if key == "ExecStart" and value == "":
+                    target[:] = [(k, v) for k, v in target if k != "ExecStart"]
+                else:
+                    target.append((key, value))
+    return out
+
+
+def selfseed_problems(units: dict[str, Unit], dropins: dict[str, Unit], marker: str) -> list[str]:
+    """The self-seeding unit's promises: it pulls and publishes as the app's user with
+    the node key from LoadCredential=, the pull unit waits for its marker, and the app's
+    unit can name neither the key nor the metadata service; [] when they hold."""
+    problems: list[str] = []
+    seed, app = units[SELFSEED], merged(units["example-app.service"], dropins[APP_DROPIN])
+    pull = merged(units["torchwarm-pull.service"], dropins[PULL_DROPIN])
+    (exec_start,) = get(seed, "Service", "ExecStart")
+    argv = shlex.split(exec_start)
+    if argv[1:2] != ["serve"] or "--publish" not in argv:
+        problems.append(f"{SELFSEED} runs {argv[1:]}, not serve --publish")
+    for key in ("User", "Group", "EnvironmentFile", "CacheDirectory"):
+        if get(seed, "Service", key) != get(app, "Service", key):
+            problems.append(f"{SELFSEED} {key}={get(seed, 'Service', key)}, the app's "
+                            f"{get(app, 'Service', key)}")  # fmt: skip
+    if "example-app.service" not in " ".join(get(seed, "Unit", "Before")).split():
+        problems.append(f"{SELFSEED} is not Before=example-app.service (nor stopped after it)")
+    if get(seed, "Service", "Restart") not in ([], ["no"]):
+        problems.append(f"{SELFSEED} restarts: a second pull would swap the app's cache dir")
+    creds = [v.split(":", 1)[0] for v in get(seed, "Service", "LoadCredential")]
+    named = [v for v in get(seed, "Service", "Environment") if KEY_VARS.match(v)]
+    if len(creds) != 1 or named != [f"TORCHWARM_NODE_KEY_FILE=%d/{creds[0]}"]:
+        problems.append(f"{SELFSEED}: the node key is {named}, not one LoadCredential= file")
+    given = [k for k in CREDENTIAL_KEYS if get(app, "Service", k)]
+    given += [v for v in get(app, "Service", "Environment") if KEY_VARS.match(v)]
+    if given:
+        problems.append(f"the app's unit gets {given}")
+    hidden = [p.lstrip("-") for p in " ".join(get(app, "Service", "InaccessiblePaths")).split()]
+    if not {"/run/credentials", f"/run/credentials/{SELFSEED}"} & set(hidden):
+        problems.append(f"the app's unit can read /run/credentials/{SELFSEED}")
+    if "169.254.169.254" not in " ".join(get(app, "Service", "IPAddressDeny")).split():
+        problems.append("the app's unit reaches the metadata service (the write credentials)")
+    waits = [shlex.split(line.lstrip("-")) for line in get(pull, "Service", "ExecStart")]
+    wait_argv = waits[0] if len(waits) == 1 else []
+    ok = wait_argv[1:2] == ["wait"] and "--marker" in wait_argv and "--timeout" in wait_argv
+    if not ok or wait_argv[wait_argv.index("--marker") + 1] != marker:
+        problems.append(f"the pull unit runs {waits}, not one wait --marker {marker}")
+    else:
+        timeout = float(wait_argv[wait_argv.index("--timeout") + 1])
+        deadline = float(argv[argv.index("--deadline") + 1])
+        (start,) = get(pull, "Service", "TimeoutStartSec")
+        if not deadline < timeout < float(start):
+            problems.append(f"wait --timeout {timeout} is not between the pull's deadline "
+                            f"{deadline} and TimeoutStartSec {start}")  # fmt: skip
+    if SELFSEED not in " ".join(get(pull, "Unit", "After")).split():
+        problems.append(f"the pull unit does not wait After={SELFSEED}")
+    return problems
+
+
+def test_selfseed_unit_keeps_its_promises() -> None:
+    """serve --publish as the app's user, the key by LoadCredential=, the pull unit waiting
+    for its marker, and the app's unit off the key and the metadata service."""
+    marker = str(cfgmod.load(SYSTEMD / "torchwarm.yaml", environ={}).marker_path)
+    assert selfseed_problems(systemd_units(), systemd_dropins(), marker) == []
+
+
+def test_selfseed_checker_catches_mistakes() -> None:
+    """The key in the app's unit, its copy left readable, a restart, the key in the
+    environment, a second pull: each is caught."""
+    marker = str(cfgmod.load(SYSTEMD / "torchwarm.yaml", environ={}).marker_path)
+
+    def broken(unit: str, edit: Any) -> list[str]:
+        units, dropins = copy.deepcopy(systemd_units()), copy.deepcopy(systemd_dropins())
+        edit({**units, **dropins}[unit]["Service"])
+        return selfseed_problems(units, dropins, marker)
+
+    node_key = ("LoadCredential", "node-key:/etc/torchwarm/node-key/node-1.secret")
+    assert broken("example-app.service", lambda s: s.append(node_key))
+    assert broken(APP_DROPIN, lambda s: s.remove(next(p for p in s if p[0] == "InaccessiblePaths")))
+    assert broken(SELFSEED, lambda s: s.append(("Restart", "on-failure")))
+    assert broken(SELFSEED, lambda s: s.append(("Environment", "TORCHWARM_NODE_KEY=node-1:x")))
+    pull = "/opt/example-app/venv/bin/torchwarm pull -c /etc/torchwarm/config.yaml"
+    assert broken(PULL_DROPIN, lambda s: s.append(("ExecStart", pull)))  # a second pull
+
+
+def selfseed_config_problems(text: str, tmp_path: Path) -> list[str]:
+    """The self-seeding node's config is torchwarm.yaml plus publishing, and waits on the
+    port example-app.service serves; [] when so."""
+    problems = []
+    ours = yaml.safe_load(text)
+    added = {k: ours.pop(k, None) for k in ("publish", "trusted_keys", "trusted_node_keys")}
+    if ours != yaml.safe_load((SYSTEMD / "torchwarm.yaml").read_text()):
+        problems.append("torchwarm-selfseed.yaml and torchwarm.yaml differ beyond publishing")
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    cfg = cfgmod.load(path, {"publish": True}, environ={})  # as `serve --publish` does
+    if not (cfg.trusted_keys and cfg.trusted_node_keys and all(added.values())):
+        problems.append("a self-seeding node needs trusted_keys and trusted_node_keys")
+    (app_start,) = get(systemd_units()["example-app.service"], "Service", "ExecStart")
+    argv = shlex.split(app_start)
+    want = f"http://127.0.0.1:{argv[argv.index('--port') + 1]}/healthz"
+    if cfg.publish.mode != "cold" or cfg.publish.ready_url != want:
+        problems.append(f"publish is {cfg.publish}, not cold on {want}")
+    return problems
+
+
+def test_selfseed_config(tmp_path: Path) -> None:
+    """The self-seeding node's config is torchwarm.yaml plus publishing on the app's port."""
+    text = (SYSTEMD / "torchwarm-selfseed.yaml").read_text()
+    assert selfseed_config_problems(text, tmp_path) == []
+
+
+def test_selfseed_config_checker_catches_mistakes(tmp_path: Path) -> None:
+    """Another port, a drifted setting, or no seed keys: each is caught."""
+    text = (SYSTEMD / "torchwarm-selfseed.yaml").read_text()
+    assert selfseed_config_problems(text.replace(":8080/", ":9090/"), tmp_path)
+    assert selfseed_config_problems(text.replace("format: cachedir", "format: megacache"), tmp_path)
+    no_seed_keys = re.sub(r"(?m)^trusted_keys:.*$", "", text)
+    assert selfseed_config_problems(no_seed_keys, tmp_path)
 
 
 # ----------------------------------------------------------------------------- Docker
