@@ -4,7 +4,9 @@ pull's report, and the "app" is the test writing files."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,23 @@ def test_a_link_in_the_cache_dir_does_not_bring_its_target(node, tmp_path):
 
     blob_path = store / "blobs" / "sha256" / blob["sha256"][:2] / blob["sha256"]
     assert archive.members(blob_path) == ["fxgraph/ab/k/entry"]
+
+
+def test_no_thread_for_the_watch_is_one_line_not_an_error(node, monkeypatch):
+    """Where no thread can be started (a full pids cgroup), starting the watch says so in
+    one line and returns: `run` has spawned the app already and must go on supervising."""
+    cfg, report = node
+    cfg = dataclasses.replace(
+        cfg, publish=dataclasses.replace(cfg.publish, ready_url="http://127.0.0.1:9/")
+    )
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    lines: list[str] = []
+    s = seeder(cfg, report, lines)
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    assert s.start() is s
+    (line,) = lines
+    assert line.startswith("publish: cannot watch the app for readiness"), line
+    assert s.counts["failed"] == 1

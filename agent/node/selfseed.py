@@ -115,10 +115,17 @@ class Seeder:
     def start(self) -> Seeder:
         """Watch readiness and quiet, where there is a ready_url (else only the app's end
         or a stop can publish)."""
-        if self.cfg.publish.ready_url is not None:
-            self._thread = threading.Thread(target=self._watch, name="torchwarm-publish",
-                                            daemon=True)  # fmt: skip
-            self._thread.start()
+        if self.cfg.publish.ready_url is None:
+            return self
+        thread = threading.Thread(target=self._watch, name="torchwarm-publish", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as e:  # no thread to be had (a full pids cgroup): the app runs on
+            self.counts["failed"] += 1
+            self.say(f"publish: cannot watch the app for readiness ({e}); only its exit 0 "
+                     "(run) can publish now")  # fmt: skip
+        else:
+            self._thread = thread
         return self
 
     def app_ended(self, code: int, stopped: str) -> None:
