@@ -141,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     _pull_options(pl)
 
     rn = cmd("run", _run, "pull, then exec COMMAND (same PID; a child while precompiled "
-             "entries are on) with TORCHINDUCTOR_CACHE_DIR set")  # fmt: skip
+             "entries are on, or with --publish) with TORCHINDUCTOR_CACHE_DIR set")  # fmt: skip
     rn.add_argument("--workload", help="only this workload (default: all)")
     _pull_options(rn)
     _publish_option(
