@@ -197,7 +197,7 @@ class Seeder:
     def _worth(self, entries: set[str]) -> bool:
         """Whether the cache dir holds what a publish is for: any entry (cold), or entries
         the installed node publish lacked (misses)."""
-        return bool(entries - self.plan.baseline) if self.plan.replaces else bool(entries)
+        return bool(entries - self.plan.baseline if self.plan.replaces is not None else entries)
 
     def _publish(self, trigger: str) -> tuple[str, str]:
         try:
