@@ -119,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     fp.add_argument("--torch", action="store_true",
                     help="also print what torch itself says (imports torch: slow)")  # fmt: skip
 
-    kg = cmd("keygen", _keygen, "write an ed25519 key pair for signing manifests",
+    kg = cmd("keygen", _keygen, "write an ed25519 key pair for signing manifests (a seed key, "
+             "or a node key for node publishes)",
              config=False)  # fmt: skip
     kg.add_argument("name", help="key name, e.g. seed-1 (bump the number when rotating)")
     kg.add_argument("--out", type=Path, default=Path("."), help="folder (default: here)")
@@ -269,8 +270,14 @@ def _keygen(args: argparse.Namespace) -> int:
             f.write(public.encode() + b"\n")
     except OSError as e:
         raise cfgmod.ConfigError(f"cannot write the key pair into {args.out}: {e}") from None
-    print(f"secret key: {secret_path} (seed: signing_key_file, or ${cfgmod.SIGNING_KEY_VAR})")
-    print(f"public key: {public_path} (nodes: add to trusted_keys)")
+    print(
+        f"secret key: {secret_path} (a seed's: signing_key_file or ${cfgmod.SIGNING_KEY_VAR}; "
+        f"a node's: node_key_file or ${cfgmod.NODE_KEY_VAR})"
+    )
+    print(
+        f"public key: {public_path} (on the nodes: trusted_keys for a seed key, "
+        "trusted_node_keys for a node key; never both)"
+    )
     print(public)
     return 0
 

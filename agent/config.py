@@ -482,7 +482,7 @@ def load(
         if cfg.node_key is not None:
             raise ConfigError(f"both ${NODE_KEY_VAR} and node_key_file are set; keep one")
         cfg = replace(cfg, node_key=signing.load_secret(node_secret, f"${NODE_KEY_VAR}"))
-    _check_keys_apart(cfg)
+    _check_keys(cfg)
     return cfg
 
 
@@ -497,9 +497,19 @@ def _publish_on(value: Any) -> Any:
     return value
 
 
-def _check_keys_apart(cfg: Config) -> None:
+def _check_keys(cfg: Config) -> None:
     """A node key is trusted for node publishes only: one that is also a seed key (by name
-    or by key), or the seed's own signing key, would let a node pass as the seed."""
+    or by key), or the seed's own signing key, would let a node pass as the seed. And a
+    node that trusts node keys must trust seed keys too: without them it takes unsigned
+    seed manifests, which whoever holds the write credentials of node publishes (any
+    self-seeding pod) could plant."""
+    if cfg.trusted_node_keys and not cfg.trusted_keys:
+        raise ConfigError(
+            f"{cfg.source}: trusted_node_keys needs trusted_keys too: without seed keys this "
+            "node takes unsigned seed manifests, which any pod holding the store's write "
+            "credentials (as self-seeding nodes do) could write; sign the seed "
+            "(`torchwarm keygen seed-1`, signing_key_file) and list its key in trusted_keys"
+        )
     seed = {name: key.public_bytes_raw() for name, key in cfg.trusted_keys.keys.items()}
     for name, key in cfg.trusted_node_keys.keys.items():
         if name in seed or key.public_bytes_raw() in seed.values():

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -99,3 +102,49 @@ def test_no_thread_for_the_watch_is_one_line_not_an_error(node, monkeypatch):
     (line,) = lines
     assert line.startswith("publish: cannot watch the app for readiness"), line
     assert s.counts["failed"] == 1
+
+
+def test_node_keys_without_seed_keys_are_refused(tmp_path):
+    """trusted_node_keys without trusted_keys is a config error: such a node would still
+    take unsigned seed manifests, which anyone holding the write credentials that node
+    publishes need could plant."""
+    _, public = signing.generate("node-1")
+    path = tmp_path / "torchwarm.yaml"
+    path.write_text(yaml.safe_dump({"store": "store", "cache_dir": "inductor",
+                                    "trusted_node_keys": [public]}))  # fmt: skip
+    with pytest.raises(cfgmod.ConfigError, match="trusted_node_keys needs trusted_keys"):
+        cfgmod.load(path, environ={})
+
+
+def test_a_publishing_agent_is_not_dumpable(node, tmp_path):
+    """Once a publish is planned the agent is made non-dumpable, so that a process of the
+    same user (the app `run` started) cannot read the node key from its /proc files."""
+    code = textwrap.dedent(
+        f"""
+        import ctypes
+        from torchwarm import config
+        from torchwarm.env import fingerprint
+        from torchwarm.node import selfseed
+        from torchwarm.node.report import PullReport, WorkloadOutcome
+        PR_GET_DUMPABLE = 3
+        before = ctypes.CDLL(None).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+        cfg = config.load({str(tmp_path / "torchwarm.yaml")!r}, environ={{}})
+        cold = WorkloadOutcome("app", "cold", "no cache", no_cache=True)
+        digest = fingerprint.digest(fingerprint.collect())
+        report = PullReport("cold", str(cfg.cache_dir), digest, cfg.store, [cold], {{}})
+        assert selfseed.prepare(cfg, report, print) is not None
+        print(before, ctypes.CDLL(None).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "0"], out
+
+
+def test_keygen_says_where_a_node_key_goes(tmp_path):
+    """keygen's lines name where the key goes for a seed and for a node, both ways."""
+    from conftest import torchwarm
+
+    out = torchwarm("keygen", "node-1", "--out", str(tmp_path)).stdout
+    assert "node_key_file" in out and "trusted_node_keys" in out, out
+    assert "signing_key_file" in out and "trusted_keys" in out, out
