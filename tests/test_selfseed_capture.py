@@ -116,23 +116,17 @@ def test_node_keys_without_seed_keys_are_refused(tmp_path):
         cfgmod.load(path, environ={})
 
 
-def test_a_publishing_agent_is_not_dumpable(node, tmp_path):
-    """Once a publish is planned the agent is made non-dumpable, so that a process of the
-    same user (the app `run` started) cannot read the node key from its /proc files."""
+def test_a_process_holding_a_node_key_is_not_dumpable(node, tmp_path):
+    """Once the node key is loaded the agent is non-dumpable, so that a process of the
+    same user (the app `run` started) cannot read the key from its /proc files."""
     code = textwrap.dedent(
         f"""
         import ctypes
         from torchwarm import config
-        from torchwarm.env import fingerprint
-        from torchwarm.node import selfseed
-        from torchwarm.node.report import PullReport, WorkloadOutcome
         PR_GET_DUMPABLE = 3
         before = ctypes.CDLL(None).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
         cfg = config.load({str(tmp_path / "torchwarm.yaml")!r}, environ={{}})
-        cold = WorkloadOutcome("app", "cold", "no cache", no_cache=True)
-        digest = fingerprint.digest(fingerprint.collect())
-        report = PullReport("cold", str(cfg.cache_dir), digest, cfg.store, [cold], {{}})
-        assert selfseed.prepare(cfg, report, print) is not None
+        assert cfg.node_key is not None
         print(before, ctypes.CDLL(None).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))
         """
     )

@@ -25,10 +25,8 @@ failure is one line (`publish: ...`) and a count on /metrics, never an exception
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
-import os
 import shutil
 import sys
 import threading
@@ -308,24 +306,7 @@ def prepare(cfg: Config | None, report: PullReport, say: Callable[[str], None],
         say(f"publish: {why}")
     if p is None or cfg is None:
         return None
-    _not_dumpable(say)
     return Seeder(cfg, p, report, say)
-
-
-_PR_SET_DUMPABLE = 4
-
-
-def _not_dumpable(say: Callable[[str], None]) -> None:
-    """Make this process non-dumpable: its /proc files (environ, mem, root) then belong to
-    root, so another process of the same user, such as the app `run` starts, cannot read
-    the node key out of it. The app is not affected: exec makes it dumpable again."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-    except (OSError, AttributeError) as e:  # not Linux: the key is as exposed as its file
-        say(f"publish: cannot make this process non-dumpable ({e}); a process of the same "
-            "user may read the node key from it")  # fmt: skip
 
 
 def stderr_line(line: str) -> None:

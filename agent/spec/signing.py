@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
+import logging
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +28,8 @@ if TYPE_CHECKING:
         Ed25519PrivateKey,
         Ed25519PublicKey,
     )
+
+log = logging.getLogger(__name__)
 
 ALGORITHM = "ed25519"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -74,10 +79,30 @@ def _split(text: str, where: str, size: int) -> tuple[str, bytes]:
 
 
 def load_secret(text: str, where: str) -> SigningKey:
+    """The secret key in `text`; from here on this process is not dumpable (hold_secret)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     name, raw = _split(text, where, 32)
+    hold_secret()
     return SigningKey(name, Ed25519PrivateKey.from_private_bytes(raw))
+
+
+_PR_SET_DUMPABLE = 4
+
+
+def hold_secret() -> None:
+    """Make this process non-dumpable, as a process holding a signing key must be: its
+    /proc files (environ, mem, root) then belong to root, so another process of the same
+    user (the app that `torchwarm run --publish` starts, an app beside the sidecar) cannot
+    read the key out of it. Children that exec are dumpable again, so the app is not
+    affected. Where prctl is missing (not Linux) the key is as exposed as its file."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as e:
+        log.warning("cannot make this process non-dumpable (%s): a process of the same "
+                    "user may read the signing key from it", e)  # fmt: skip
 
 
 def load_secret_file(path: Path) -> SigningKey:
