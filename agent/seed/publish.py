@@ -105,7 +105,7 @@ def publish_node(
     m: Manifest,
     files: dict[BlobRef, Path],
     node_key: SigningKey,
-    replaces: Manifest | None = None,
+    replaces: int | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     clock: Callable[[], int] = now_us,
 ) -> PublishReport:
@@ -114,9 +114,9 @@ def publish_node(
     With `replaces` None it only creates: a node finding any manifest at the key, or
     losing the race to create it, publishes nothing (outcome "skipped", with the
     reason), so the first node wins and a seed's manifest is never replaced. With
-    `replaces` (the node manifest this node installed: `publish: misses`) it replaces
-    that one only, by a compare-and-swap, and only while it is still the one stored.
-    Blobs first, the manifest last, as publish()."""
+    `replaces` (the serial of the node manifest this node installed: `publish: misses`)
+    it replaces that one only, by a compare-and-swap, and only while it is still the one
+    stored. Blobs first, the manifest last, as publish()."""
     key = keys.manifest_key(m.workload, m.fingerprint_digest)
     m = replace(m, publisher=mf.NODE)
 
@@ -134,7 +134,7 @@ def publish_node(
     uploaded, present, nbytes = _upload(store, m, files)
     if should_stop():
         raise Cancelled(f"publish of {m.workload!r} stopped before its manifest was written")
-    base = replaces.serial if replaces is not None else 0
+    base = replaces if replaces is not None else 0
     ours = sign(replace(m, serial=max(clock(), base + 1), signature=None), node_key)
     if not store.put_if_version(key, ours.to_json(), version):
         why = ("another publisher created it first" if replaces is None else
@@ -145,9 +145,9 @@ def publish_node(
                          "published" if replaces is None else "replaced")  # fmt: skip
 
 
-def _still(store: Store, key: str, installed: Manifest) -> tuple[Manifest | None, str | None, str]:
-    """The stored manifest and its version if it is still the node manifest `installed`
-    (same serial, publisher node); else None and why not."""
+def _still(store: Store, key: str, installed: int) -> tuple[Manifest | None, str | None, str]:
+    """The stored manifest and its version if it is still the node manifest this node
+    installed (serial `installed`, publisher node); else None and why not."""
     try:
         data, version = store.read(key, mf.MAX_MANIFEST_BYTES)
     except ObjectNotFound:
@@ -158,7 +158,7 @@ def _still(store: Store, key: str, installed: Manifest) -> tuple[Manifest | None
     if stored is not None and stored.publisher != mf.NODE:
         why = "a seed's manifest is stored for this fingerprint now; a node never replaces it"
         return None, None, why
-    if stored is None or stored.serial != installed.serial:
+    if stored is None or stored.serial != installed:
         return None, None, "the stored manifest changed since this node installed it"
     if version is None:
         return None, None, "the store gave no version token, which a safe replace needs"
