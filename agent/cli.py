@@ -409,7 +409,7 @@ def _run(args: argparse.Namespace) -> int:
 
         for signo in precompile_trial.STOPS:
             signal.signal(signo, end_now)
-        seeder.app_ended(ended.code, ended.stopped)
+        seeder.app_ended(ended.code, ended.how, ended.stopped)
     return precompile_trial.die_by(ended.signo) if ended.signo else ended.code
 
 

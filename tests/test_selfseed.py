@@ -272,7 +272,9 @@ def test_an_app_killed_by_a_signal_kills_run_by_it_and_publishes_nothing(make_no
     p = node.run("kill")
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert manifests(node.store) == []
-    assert len(said(p.stderr, "torchwarm: publish: nothing published for mlp: ")) == 1
+    assert said(p.stderr, "torchwarm: publish: nothing published for mlp: ") == [
+        "torchwarm: publish: nothing published for mlp: the app was killed by SIGKILL"
+    ]
 
 
 @pytest.mark.parametrize("publish", [True, False], ids=["publish", "no-publish"])

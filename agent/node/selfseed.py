@@ -128,9 +128,10 @@ class Seeder:
             self._thread = thread
         return self
 
-    def app_ended(self, code: int, stopped: str) -> None:
-        """`run`: the app ended with `code`; `stopped` names the stop signal passed on to
-        it, if any. Exit 0 without a stop, or a stop after readiness, publishes now."""
+    def app_ended(self, code: int, how: str, stopped: str) -> None:
+        """`run`: the app ended with `code` (`how`: in words, "was killed by SIGKILL");
+        `stopped` names the stop signal passed on to it, if any. Exit 0 without a stop, or
+        a stop after readiness, publishes now."""
         self._stop.set()
         self._join()
         if stopped:
@@ -138,7 +139,7 @@ class Seeder:
         elif code == 0:
             self.publish("the app exited 0")
         else:
-            self._not(f"the app exited {code}")
+            self._not(f"the app {how}")
 
     def stopping(self, what: str = "SIGTERM came") -> None:
         """A stop came: publish what is there if the app was ready, else nothing."""
