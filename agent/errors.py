@@ -87,6 +87,16 @@ class ObjectTooLarge(IntegrityError):
         self.where, self.limit, self.version = where, limit, version
 
 
+class RefusedNodePublish(IntegrityError):
+    """A node's publish that this node does not take (it trusts no node key, or not the
+    one that signed it, or the signature fails): a node that publishes may replace it
+    (node/selfseed.py), as it may not a seed's. `serial`: that manifest's."""
+
+    def __init__(self, message: str, serial: int) -> None:
+        super().__init__(message)
+        self.serial = serial
+
+
 class ManifestError(IntegrityError):
     """A manifest is malformed, of an unknown version, or for another fingerprint."""
 

@@ -404,6 +404,25 @@ def test_mode_misses_adds_the_apps_new_entries_to_a_node_publish(make_node, k, t
                         "cd/cdk2.py"}  # fmt: skip
 
 
+def test_a_node_manifest_signed_by_a_rotated_out_key_is_replaced(make_node, k, fields,
+                                                                  tmp_path):  # fmt: skip
+    """After a node key rotation, a node manifest signed by the old key (node-2, no longer
+    trusted) leaves the node cold with the reason, and its publish replaces it with one
+    signed by the key it trusts, a higher serial: the fingerprint does not stay cold until
+    someone deletes the old manifest."""
+    store = LocalStore(tmp_path / "store")
+    old = node_publish(store, tmp_path, fields, k.node2, {"fxgraph/ab/old/entry": b"old"})
+    node = make_node(**k.trusting_nodes())
+    p = node.run("exit", "0", "abnew")
+    assert p.returncode == 0, p.stderr
+    assert "'node-2', which is not a trusted key" in p.stderr, p.stderr
+    (line,) = said(p.stderr)
+    assert line.startswith("torchwarm: publish: replaced mlp"), line
+    m = the_manifest(node.store)
+    assert (m.publisher, m.signer) == ("node", "node-1") and m.serial > old.manifest.serial
+    assert node.pulled()["status"] == "warm"
+
+
 def test_mode_misses_never_replaces_a_seeds_manifest(make_node, k, fields, tmp_path):
     """With a seed's manifest installed, mode misses publishes nothing over it (one line
     says a node never replaces it) and the stored bytes are unchanged."""

@@ -44,6 +44,7 @@ from torchwarm.errors import (
     DeadlineExceeded,
     InternalError,
     NoCacheForFingerprint,
+    RefusedNodePublish,
     TorchwarmError,
     one_line,
 )
@@ -216,18 +217,17 @@ def _settle(rec: Recorded, require: bool, deadline_s: float) -> Settled:
     error = None
     if require and (failures or (rec.fatal is not None and not rec.names)):
         error = next(iter(failures.values()), rec.fatal)
-    outcomes = [
-        installed.get(n)
-        or WorkloadOutcome(
-            n,
-            "cold",
-            one_line(str(failures[n])),
-            no_cache=isinstance(failures[n], NoCacheForFingerprint),
-        )  # fmt: skip
-        for n in rec.names
-    ]
+    outcomes = [installed.get(n) or _cold(n, failures[n]) for n in rec.names]
     reason = one_line(str(rec.fatal)) if rec.fatal is not None and not rec.names else ""
     return Settled(outcomes, reason, timed_out, error)
+
+
+def _cold(name: str, e: TorchwarmError) -> WorkloadOutcome:
+    """A workload that starts cold because of `e`, with what a node publish needs of it."""
+    refused = getattr(e, "serial", None) if isinstance(e, RefusedNodePublish) else None
+    return WorkloadOutcome(name, "cold", one_line(str(e)),
+                           no_cache=isinstance(e, NoCacheForFingerprint),
+                           refused_node=refused if isinstance(refused, int) else None)  # fmt: skip
 
 
 class Supervisor:

@@ -23,6 +23,9 @@ class WorkloadOutcome:
     # TORCH_CACHING_PRECOMPILE=1 (`torchwarm run` does)
     precompile_reason: str = ""  # why a precompile capture's entries were left out
     no_cache: bool = False  # cold because the store has no manifest for this fingerprint
+    # Cold because a node's manifest for it was refused (errors.RefusedNodePublish): its
+    # serial, which a node that publishes replaces; None otherwise.
+    refused_node: int | None = None
     publisher: str = ""  # warm: who published the manifest installed ("seed" or "node")
     serial: int = 0  # warm: that manifest's serial
 

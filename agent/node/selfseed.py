@@ -60,7 +60,8 @@ class Plan:
 
     workload: str
     why: str  # why it publishes (for the manifest and the line)
-    replaces: int | None  # publish: misses: the serial of the node manifest installed
+    replaces: int | None  # the serial of the node manifest it replaces (misses: the one
+    # installed; cold: the one refused here); None: it only creates
     baseline: frozenset[str]  # misses: the compile entries installed (cold: none)
 
 
@@ -83,6 +84,11 @@ def plan(cfg: Config | None, report: PullReport, serve: bool = False) -> tuple[P
     if _published_in_this_boot(cfg, o.workload):
         return None, f"not for {o.workload}: it was published in this boot already"
     if o.status == "cold":
+        if o.refused_node is not None and _trusts_itself(cfg):
+            # A node's publish it refuses (a rotated-out key, say): replacing it is what
+            # keeps the fingerprint from staying cold until someone deletes it.
+            why = "the node manifest stored for this fingerprint is refused here"
+            return Plan(o.workload, why, o.refused_node, frozenset()), ""
         if not o.no_cache:
             return None, (f"not for {o.workload}: it starts cold for another reason than a "
                           "missing cache (see the pull's line)")  # fmt: skip
@@ -94,6 +100,14 @@ def plan(cfg: Config | None, report: PullReport, serve: bool = False) -> tuple[P
     if cfg.publish.mode == "misses":
         return None, f"not for {o.workload}: a seed published its cache; a node never replaces it"
     return None, ""
+
+
+def _trusts_itself(cfg: Config) -> bool:
+    """Whether this node takes what it publishes: its node key is in trusted_node_keys (a
+    node that does not would replace every node's publish with one it refuses too)."""
+    key = cfg.node_key
+    mine = key.key.public_key().public_bytes_raw() if key is not None else None
+    return any(k.public_bytes_raw() == mine for k in cfg.trusted_node_keys.keys.values())
 
 
 class Seeder:
@@ -196,9 +210,9 @@ class Seeder:
                 return
 
     def _worth(self, entries: set[str]) -> bool:
-        """Whether the cache dir holds what a publish is for: any entry (cold), or entries
-        the installed node publish lacked (misses)."""
-        return bool(entries - self.plan.baseline if self.plan.replaces is not None else entries)
+        """Whether the cache dir holds what a publish is for: entries beyond the baseline
+        (misses: the installed ones; else none, so any entry)."""
+        return bool(entries - self.plan.baseline)
 
     def _publish(self, trigger: str) -> tuple[str, str]:
         try:

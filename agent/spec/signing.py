@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from torchwarm.errors import ConfigError, IntegrityError
+from torchwarm.errors import ConfigError, IntegrityError, RefusedNodePublish
 from torchwarm.spec.manifest import NODE, Manifest
 
 # cryptography is imported where a key is used: a node without trusted keys never loads it.
@@ -145,12 +145,16 @@ def check(m: Manifest, trusted: TrustedKeys, trusted_node: TrustedKeys, where: s
     that says `publisher: seed` is checked against the seed keys alone."""
     if m.publisher == NODE:
         if not trusted_node:
-            raise IntegrityError(
+            raise RefusedNodePublish(
                 f"manifest {where}: it was published by a node (signed by "
                 f"{m.signer or 'no key'!r}), and this node trusts no node publishes "
-                "(trusted_node_keys is not set); refusing it"
+                "(trusted_node_keys is not set); refusing it",
+                m.serial,
             )
-        verify(m, trusted_node, where, "trusted_node_keys")
+        try:
+            verify(m, trusted_node, where, "trusted_node_keys")
+        except IntegrityError as e:
+            raise RefusedNodePublish(str(e), m.serial) from None
     elif trusted:
         verify(m, trusted, where)
 
