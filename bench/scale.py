@@ -31,6 +31,7 @@ the runs) against the issue's goals, and the blob size (compressed bytes per nod
 
     .venv/bin/python bench/scale.py [--sizes 1:12000,4:50000] [--rounds 3] [--quick]
                                     [--stores local,seaweedfs] [--work /var/tmp/torchwarm-scale]
+                                    [--s3-option KEY=VALUE ...]  (store_options of the S3 pulls)
 """
 
 from __future__ import annotations
@@ -369,7 +370,8 @@ def local_target(cache: Cache) -> Target:
     return Target("local folder", {"store": cache.store.as_uri()}, None)
 
 
-def seaweedfs_target(cache: Cache, endpoint: str) -> Target:
+def seaweedfs_target(cache: Cache, endpoint: str, extra: dict[str, object]) -> Target:
+    """The SeaweedFS store of `cache`; `extra`: more store_options for the pulls."""
     prefix = f"scale-{cache.size.key}"
     republish(cache, open_store(f"s3://{BUCKET}/{prefix}", s3_options(endpoint)))
     s5cmd = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
@@ -386,9 +388,11 @@ def seaweedfs_target(cache: Cache, endpoint: str) -> Target:
             "path_style": True,
             "region": "us-east-1",
             "request_checksum_calculation": "when_required",
+            **extra,
         },
     }
-    return Target("SeaweedFS (S3)", doc, fetch)
+    shown = ", ".join(f"{k}={v}" for k, v in extra.items())
+    return Target(f"SeaweedFS (S3{', ' + shown if shown else ''})", doc, fetch)
 
 
 # -- the report -------------------------------------------------------------------------
@@ -440,7 +444,16 @@ def main() -> int:
     ap.add_argument("--stores", default="local,seaweedfs", help="local, seaweedfs or both")
     ap.add_argument("--work", type=Path, default=Path("/var/tmp/torchwarm-scale"),
                     help="trees, stores and destinations (kept between runs)")  # fmt: skip
+    ap.add_argument("--s3-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a store_options entry for the SeaweedFS pulls, e.g. concurrency=4 "
+                    "or download_chunk_size=16777216 (repeatable)")  # fmt: skip
     a = ap.parse_args()
+    extra: dict[str, object] = {}
+    for item in a.s3_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            sys.exit(f"--s3-option {item!r}: expected KEY=VALUE")
+        extra[key] = yaml.safe_load(value)
     stores = a.stores.split(",")
     if not stores or set(stores) - {"local", "seaweedfs"} or a.rounds < 1:
         sys.exit("--stores takes local, seaweedfs or both; --rounds at least 1")
@@ -464,7 +477,7 @@ def main() -> int:
             if "local" in stores:
                 results.append((cache, t := local_target(cache), rounds(cache, t, work, a.rounds)))
             if weed is not None:
-                t = seaweedfs_target(cache, endpoint)
+                t = seaweedfs_target(cache, endpoint, extra)
                 results.append((cache, t, rounds(cache, t, work, a.rounds)))
     finally:
         if weed is not None:
