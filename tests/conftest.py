@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -129,11 +130,9 @@ class Seed:
         return self.root / fmt
 
 
-@pytest.fixture(scope="session")
-def seed(tmp_path_factory: pytest.TempPathFactory) -> Seed:
-    """One warm-up per capture format, kept on disk for every test to push. The two run at
-    once: each is a cold compile in a cache dir of its own, mostly one core's work."""
-    root = tmp_path_factory.mktemp("seed")
+def _warm_up_seed(root: Path) -> dict[str, dict]:
+    """The seed's warm-ups into `root`, one per capture format, at once: each is a cold
+    compile in a cache dir of its own, mostly one core's work. Their summaries by format."""
     runs = {}
     for fmt in ("cachedir", "megacache"):
         cfg = write_config(root / f"{fmt}.yaml", (root / "unused").as_uri(), root / f"c-{fmt}", fmt)
@@ -144,7 +143,30 @@ def seed(tmp_path_factory: pytest.TempPathFactory) -> Seed:
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, f"the seed's {fmt} warm-up exited {proc.returncode}\n{out}"
         cold[fmt] = json.loads((root / fmt / "mlp" / "warmup.json").read_text())["summary"]
-    return Seed(root, cold)
+    return cold
+
+
+@pytest.fixture(scope="session")
+def seed(tmp_path_factory: pytest.TempPathFactory) -> Seed:
+    """One warm-up per capture format, kept on disk for every test to push (none writes
+    there). Under xdist the workers share it, in their run's common temp folder: the first
+    to need it warms up under a lock and the others wait (a seed per worker was twice the
+    cold compiles on the same two cores)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.mktemp("seed")
+        return Seed(root, _warm_up_seed(root))
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp().parent  # the run's, above each worker's own
+    root, done = shared / "seed", shared / "seed.json"
+    with open(shared / "seed.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # let go when the file closes or its worker dies
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # half a seed, from a worker that died
+            root.mkdir()
+            (shared / "seed.json.tmp").write_text(json.dumps(_warm_up_seed(root)))
+            (shared / "seed.json.tmp").rename(done)  # whole or absent for the next worker
+        return Seed(root, json.loads(done.read_text()))
 
 
 @dataclass
