@@ -127,7 +127,10 @@ def clean_venv(tmp_path_factory) -> Path:
             if not (torch_only / top).exists() and (here / top).exists():
                 (torch_only / top).symlink_to(here / top)
     (site / "torch-only.pth").write_text(str(torch_only) + "\n")
-    subprocess.run([str(py), "-m", "pip", "install", "-q", str(ROOT)], check=True, timeout=900)
+    # --no-compile: pip's byte-compiling of every installed module (botocore's thousands)
+    # was half the install, and nothing here reads a .pyc (PYTHONDONTWRITEBYTECODE or not).
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-compile", str(ROOT)],
+                   check=True, timeout=900)  # fmt: skip
     return venv
 
 
