@@ -26,7 +26,7 @@ from test_precompile_command import APP, TOLERANCE, app_report, app_workload, st
 from torchwarm.seed.warmup import WarmupResult
 from torchwarm.spec import archive
 
-pytestmark = pytest.mark.compile
+pytestmark = [pytest.mark.compile, pytest.mark.usefixtures("trust_the_vector_isa")]
 
 CRASH = "'_Missing' object has no attribute '__name__'"
 MODEL = {"name": "model", "model": "pcapp:Decorated", "inputs": [[{"shape": [4, 16]}]]}

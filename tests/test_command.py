@@ -285,7 +285,8 @@ def test_ls_shows_the_command_and_no_made_up_counters(seeded):
     """ls: the command in place of input sets, '-' for graphs; --json: counters null."""
     out = torchwarm("ls", "-c", str(seeded.config)).stdout.splitlines()
     row = out[1].split()
-    assert row[0] == "app" and row[6] == "-" and row[7:9] == ["command:", sys.executable]
+    assert row[0] == "app" and row[6] == "-" and row[7] == "seed"
+    assert row[8:10] == ["command:", sys.executable]
     (doc,) = [json.loads(line) for line in torchwarm("ls", "-c", str(seeded.config),
                                                      "--json").stdout.splitlines()]  # fmt: skip
     assert doc["counters"] is None and doc["command"][0] == sys.executable

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import torchwarm
 
-pytestmark = pytest.mark.compile
+pytestmark = [pytest.mark.compile, pytest.mark.usefixtures("trust_the_vector_isa")]
 
 REPO = Path(__file__).resolve().parent.parent
 GRAPHS = 2  # the script compiles batch 4 (dynamic) and batch 1

@@ -35,6 +35,8 @@ from factories import COMMAND, COMMAND_ENV, INJECT, alive, inject_env
 from faultproxy import FaultProxy, _ProxyHandler
 from servers import BUCKET, FAKE_AWS_ENV, S3Server, free_port, s3_client
 
+pytestmark = pytest.mark.usefixtures("trust_the_vector_isa")
+
 TINY = {
     "name": "tiny",
     "model": "torchwarm.models:mlp",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.compile
+pytestmark = [pytest.mark.compile, pytest.mark.usefixtures("trust_the_vector_isa")]
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCKER = """import sys

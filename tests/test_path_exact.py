@@ -31,6 +31,8 @@ from torchwarm import config
 from torchwarm.errors import Cancelled, ConfigError, WarmupError
 from torchwarm.seed import kinds, nodepath, warmup
 
+pytestmark = pytest.mark.usefixtures("trust_the_vector_isa")
+
 APP = Path(__file__).with_name("path_app.py")
 ROOT_ENV = {"APP_CACHE_ROOT": "{cache_dir}/app"}
 

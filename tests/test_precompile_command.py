@@ -28,6 +28,8 @@ from torchwarm.seed.processes import code_digest
 from torchwarm.spec import manifest as mf
 from torchwarm.spec.manifest import Manifest
 
+pytestmark = pytest.mark.usefixtures("trust_the_vector_isa")
+
 APP = Path(__file__).resolve().parent / "pc_app.py"
 TOLERANCE = 1e-4
 

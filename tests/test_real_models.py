@@ -28,6 +28,8 @@ from torchwarm.config import TensorSpec
 from torchwarm.errors import WarmupError
 from torchwarm.seed import child
 
+pytestmark = pytest.mark.usefixtures("trust_the_vector_isa")
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 CLOSE = 1e-4  # compiled vs eager, float32 on CPU

@@ -27,6 +27,8 @@ from servers import free_port
 
 from torchwarm.spec import signing
 
+pytestmark = pytest.mark.usefixtures("trust_the_vector_isa")
+
 REPO = Path(__file__).resolve().parent.parent
 MLP = REPO / "examples" / "compile_mlp.py"
 SERVER = REPO / "examples" / "server_app.py"
@@ -34,11 +36,14 @@ SERVER = REPO / "examples" / "server_app.py"
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> dict[str, Any]:
-    """A store, a node folder, and a node key that the nodes trust for node publishes."""
+    """A store, a node folder, a node key that the nodes trust for node publishes, and the
+    seed key they trust too (no seed runs: a node trusting node keys must trust one)."""
     secret, public = signing.generate("node-1")
     key = tmp_path / "node-1.secret"
     key.write_text(secret + "\n")
-    return {"store": tmp_path / "store", "node": tmp_path / "node", "key": key, "pub": public}
+    seed_public = signing.generate("seed-1")[1]
+    return {"store": tmp_path / "store", "node": tmp_path / "node", "key": key, "pub": public,
+            "seed_pub": seed_public}  # fmt: skip
 
 
 def config(tmp_path: Path, fleet: dict[str, Any], **publish: Any) -> Path:
@@ -46,6 +51,7 @@ def config(tmp_path: Path, fleet: dict[str, Any], **publish: Any) -> Path:
         "store": str(fleet["store"]),
         "cache_dir": str(fleet["node"] / "inductor"),
         "node_key_file": str(fleet["key"]),
+        "trusted_keys": [fleet["seed_pub"]],
         "trusted_node_keys": [fleet["pub"]],
         "workloads": [{"name": "app", "command": [sys.executable, str(MLP)]}],
     }

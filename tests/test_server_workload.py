@@ -28,6 +28,8 @@ from torchwarm.seed import processes
 from torchwarm.seed import server as server_mod
 from torchwarm.seed.warmup import warmup_key
 
+pytestmark = pytest.mark.usefixtures("trust_the_vector_isa")
+
 FAKE = Path(__file__).with_name("server_fake.py")
 REPO = Path(__file__).resolve().parent.parent
 PREDICT = {"method": "POST", "path": "/predict", "json": {"input_ids": [[1, 2, 3]]}, "repeat": 2}
