@@ -27,7 +27,7 @@ from torchwarm.seed.warmup import WarmupResult
 from torchwarm.spec.manifest import Manifest
 from torchwarm.stores.local import LocalStore
 
-pytestmark = pytest.mark.compile
+pytestmark = [pytest.mark.compile, pytest.mark.usefixtures("trust_the_vector_isa")]
 
 LAYERS = """import torch
 
@@ -101,7 +101,7 @@ class PcSeed:
         return {c.role: c.path for c in self.result.captured}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # after trust_the_vector_isa, which is module-scoped
 def pc_seed(tmp_path_factory: pytest.TempPathFactory) -> PcSeed:
     """One precompile warm-up of the tiny package (a compile: ~20 s on 2 cores)."""
     root = tmp_path_factory.mktemp("pcseed")
