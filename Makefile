@@ -24,7 +24,8 @@ demo: $(STAMP)
 ## files that compile most first); TEST_WORKERS=0 runs it in this process. Then the tests
 ## marked `timed` (a deadline held, interpreter start included), none of which compiles
 ## (tests/conftest.py refuses one that does), on TIMED_WORKERS workers, test by test:
-## they mostly wait, so 3 took 69-74 s where 2 took 91 s (4: 58-64 s, less margin).
+## they mostly wait, so 3 took 69-74 s where 2 took 91 s (4: 58-64 s, less margin);
+## TIMED_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
 TIMED_WORKERS ?= 3
 test: $(STAMP)
