@@ -519,10 +519,9 @@ def _check_keys(cfg: Config) -> None:
             )
     if cfg.node_key is None:
         return
-    mine = cfg.node_key.key.public_key().public_bytes_raw()
-    signing_key = cfg.signing_key
+    mine = cfg.node_key.public_raw()
     if mine in seed.values() or (
-        signing_key is not None and mine == signing_key.key.public_key().public_bytes_raw()
+        cfg.signing_key is not None and mine == cfg.signing_key.public_raw()
     ):
         raise ConfigError(f"{cfg.source}: node_key is a seed key (the signing key, or one of "
                           "trusted_keys); give nodes a key of their own "

@@ -11,14 +11,13 @@ it, is a config error (torchwarm.config), never a boot id that every boot would 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from torchwarm.config import BOOT_ID_VAR, boot_id_variable
 from torchwarm.errors import WaitTimeout
-from torchwarm.util.fs import atomic_write_bytes, read_json
+from torchwarm.util.fs import atomic_write_json, read_json
 
 _KERNEL_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
@@ -36,8 +35,7 @@ def boot_id(environ: dict[str, str] | None = None) -> str:
 
 def write(path: Path, doc: dict[str, Any]) -> None:
     """Write the marker atomically, stamped with this boot's identity."""
-    data = json.dumps({**doc, "boot_id": boot_id()}, indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(path, data.encode())
+    atomic_write_json(path, {**doc, "boot_id": boot_id()})
 
 
 def clear(path: Path) -> None:

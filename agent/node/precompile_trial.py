@@ -28,7 +28,6 @@ does not parse as a record of this boot is no record.
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import resource
@@ -43,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from torchwarm.errors import one_line, printable
 from torchwarm.node import marker
-from torchwarm.util.fs import atomic_write_bytes, read_json
+from torchwarm.util.fs import atomic_write_json, read_json
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -308,7 +307,7 @@ def _write(t: Trial, state: str, how: str) -> None:
         "how": how,
         "at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    atomic_write_bytes(t.path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_json(t.path, doc)
 
 
 def _same(doc: Mapping[str, Any], t: Trial) -> bool:

@@ -25,7 +25,6 @@ failure is one line (`publish: ...`) and a count on /metrics, never an exception
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
 import sys
@@ -44,7 +43,7 @@ from torchwarm.node.report import PullReport
 from torchwarm.seed.server import http_check
 from torchwarm.spec import archive
 from torchwarm.spec import manifest as mf
-from torchwarm.util.fs import atomic_write_bytes, read_json
+from torchwarm.util.fs import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +104,7 @@ def plan(cfg: Config | None, report: PullReport, serve: bool = False) -> tuple[P
 def _trusts_itself(cfg: Config) -> bool:
     """Whether this node takes what it publishes: its node key is in trusted_node_keys (a
     node that does not would replace every node's publish with one it refuses too)."""
-    key = cfg.node_key
-    mine = key.key.public_key().public_bytes_raw() if key is not None else None
+    mine = cfg.node_key.public_raw() if cfg.node_key is not None else None
     return any(k.public_bytes_raw() == mine for k in cfg.trusted_node_keys.keys.values())
 
 
@@ -282,7 +280,7 @@ class Seeder:
         doc = _this_boot(path)
         doc[self.plan.workload] = outcome
         try:
-            atomic_write_bytes(path, _json({"boot_id": marker.boot_id(), "published": doc}))
+            atomic_write_json(path, {"boot_id": marker.boot_id(), "published": doc})
         except OSError as e:  # only the once-per-boot memory is lost
             log.warning("cannot record the publish in %s (%s)", path, e.strerror or e)
 
@@ -296,16 +294,13 @@ def _this_boot(path: Path) -> dict[str, str]:
     if not isinstance(doc, dict) or doc.get("boot_id") != marker.boot_id():
         return {}
     published = doc.get("published")
-    return {k: v for k, v in published.items() if isinstance(v, str)} if isinstance(
-        published, dict) else {}  # fmt: skip
+    if not isinstance(published, dict):
+        return {}
+    return {k: v for k, v in published.items() if isinstance(v, str)}
 
 
 def _published_in_this_boot(cfg: Config, workload: str) -> bool:
     return workload in _this_boot(_record_path(cfg))
-
-
-def _json(doc: dict[str, object]) -> bytes:
-    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
 def prepare(cfg: Config | None, report: PullReport, say: Callable[[str], None],

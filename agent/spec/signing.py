@@ -40,9 +40,12 @@ class SigningKey:
     name: str
     key: Ed25519PrivateKey
 
+    def public_raw(self) -> bytes:
+        """The public key's 32 bytes (what compares keys whatever their names)."""
+        return self.key.public_key().public_bytes_raw()
+
     def public_text(self) -> str:
-        raw = self.key.public_key().public_bytes_raw()
-        return f"{self.name}:{base64.b64encode(raw).decode()}"
+        return f"{self.name}:{base64.b64encode(self.public_raw()).decode()}"
 
 
 @dataclass(frozen=True)

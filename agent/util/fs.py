@@ -70,6 +70,12 @@ def atomic_write_bytes(target: Path, data: bytes) -> None:
         f.write(data)
 
 
+def atomic_write_json(target: Path, doc: Any) -> None:
+    """`doc` as indented JSON with sorted keys and a final newline, written atomically
+    (the ready marker and the records kept beside it)."""
+    atomic_write_bytes(target, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+
+
 def walk(root: Path) -> Iterator[tuple[str, list[str]]]:
     """(folder path, names of its non-folder entries) for `root` and every folder under it,
     parents first, without recursion; a link is an entry, never followed. An unreadable
